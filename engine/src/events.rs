@@ -1,0 +1,86 @@
+//! The JSON-lines protocol on the engine's stdout (and in `RUN_DIR/metrics.jsonl`), read by the runner.
+//! Documented in `engine/PROTOCOL.md`; bump [`PROTOCOL_VERSION`] on incompatible changes.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the event protocol, sent in the `start` event.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Exit code of an engine that stopped on SIGINT/SIGTERM after writing a checkpoint.
+pub const EXIT_INTERRUPTED: i32 = 130;
+/// Exit code of an engine that stopped on an error (the `error` event says which).
+pub const EXIT_ERROR: i32 = 1;
+
+/// One line of the protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Event {
+    /// The run started (or resumed at `step`).
+    Start {
+        protocol: u32,
+        run_dir: String,
+        step: u64,
+        total_steps: Option<u64>,
+        params: u64,
+        resumed: bool,
+        device: String,
+        /// Ranks of a data-parallel run (1 for a single process).
+        world_size: usize,
+    },
+    /// Training progress, every `log_every` steps.
+    Step {
+        step: u64,
+        loss: f64,
+        lr: f64,
+        tokens: u64,
+        tokens_per_s: f64,
+        elapsed_s: f64,
+        grad_norm: f64,
+    },
+    /// Validation on the fixed val batches.
+    Eval { step: u64, val_loss: f64, val_bpb: f64 },
+    /// A checkpoint was written (atomically) at `path`.
+    Checkpoint { step: u64, path: String, bytes: u64 },
+    /// The run reached its length.
+    Done {
+        step: u64,
+        tokens: u64,
+        elapsed_s: f64,
+        val_loss: Option<f64>,
+        val_bpb: Option<f64>,
+    },
+    /// Stopped by a signal after checkpointing; resume continues from `step`.
+    Interrupted { step: u64, signal: String },
+    /// Stopped on an error.
+    Error { message: String },
+}
+
+impl Event {
+    /// The single JSON line (no newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("events serialise")
+    }
+
+    /// Parse one line; `None` for lines that are not protocol events.
+    pub fn parse(line: &str) -> Option<Event> {
+        serde_json::from_str(line.trim()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip_and_carry_the_event_tag() {
+        let e = Event::Eval {
+            step: 3,
+            val_loss: 2.5,
+            val_bpb: 1.25,
+        };
+        let line = e.to_line();
+        assert!(line.starts_with("{\"event\":\"eval\""), "{line}");
+        assert_eq!(Event::parse(&line), Some(e));
+        assert_eq!(Event::parse("not json"), None);
+    }
+}

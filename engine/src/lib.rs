@@ -1,0 +1,7 @@
+//! Bit-Llama engine: the model, its training loop, checkpoints and generation.
+//!
+//! The library is what the runner depends on: the config schema (so sweep keys are validated by the same
+//! code), the memory estimate and the event types of the JSON-lines protocol.
+
+pub mod model;
+pub mod events;

@@ -1,0 +1,158 @@
+//! BitLinear (BitNet b1.58, Ma et al. 2024, arXiv 2402.17764): ternary weights, 8-bit activations.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use super::config::WeightKind;
+
+/// ε guarding the absmean / absmax scales against division by zero.
+const QUANT_EPS: f64 = 1e-5;
+
+/// Weight quantisation, eq. (1)–(3): W̃ = RoundClip(W / (γ + ε), −1, 1), γ = mean|W|.
+/// Returns the ternary matrix {-1, 0, +1} (as floats) and γ.
+pub fn ternary_quantize(w: &Tensor) -> Result<(Tensor, f64)> {
+    let gamma = w.abs()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let q = (w / (gamma + QUANT_EPS))?.round()?.clamp(-1.0, 1.0)?;
+    Ok((q, gamma))
+}
+
+/// Activation quantisation (BitNet eq. (4)–(5), per token): x̃ = Clip(round(x · 127 / max|x|), −128, 127),
+/// de-quantised back to x̃ · max|x| / 127.
+pub fn quantize_activations(x: &Tensor) -> Result<Tensor> {
+    let scale = (x.abs()?.max_keepdim(D::Minus1)? + QUANT_EPS)?.affine(1.0 / 127.0, 0.0)?;
+    x.broadcast_div(&scale)?
+        .round()?
+        .clamp(-128.0, 127.0)?
+        .broadcast_mul(&scale)
+}
+
+/// Straight-through estimator: the forward value of `quantized`, the gradient of `latent`.
+fn ste(latent: &Tensor, quantized: &Tensor) -> Result<Tensor> {
+    latent + (quantized - latent)?.detach()
+}
+
+/// A bias-free linear layer whose weights are ternary in the forward pass (or plain with `WeightKind::Float`).
+#[derive(Debug, Clone)]
+pub struct BitLinear {
+    /// Latent full-precision weights, shape (out, in).
+    weight: Tensor,
+    kind: WeightKind,
+}
+
+impl BitLinear {
+    /// A BitLinear of shape (out_dim, in_dim) named `{vb}.weight`, initialised N(0, std²).
+    pub fn new(in_dim: usize, out_dim: usize, kind: WeightKind, std: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        Ok(Self { weight, kind })
+    }
+
+    /// The latent weights (out, in).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Ternary or float.
+    pub fn kind(&self) -> WeightKind {
+        self.kind
+    }
+
+    /// The weights the forward pass multiplies by: γ·W̃ (through the STE) or the latent weights.
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        match self.kind {
+            WeightKind::Float => Ok(self.weight.clone()),
+            WeightKind::Ternary => {
+                let (q, gamma) = ternary_quantize(&self.weight)?;
+                ste(&self.weight, &q.affine(gamma, 0.0)?)
+            }
+        }
+    }
+}
+
+impl Module for BitLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match self.kind {
+            WeightKind::Float => x.clone(),
+            WeightKind::Ternary => ste(x, &quantize_activations(x)?)?,
+        };
+        let w = self.effective_weight()?;
+        // y = x̃ W̃ᵀ, flattening leading dims into one matmul.
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn quantized_weights_take_three_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let lin = BitLinear::new(64, 32, WeightKind::Ternary, 0.02, vb.pp("lin"))?;
+        let (q, gamma) = ternary_quantize(lin.weight())?;
+        let mut values: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        values.sort_by(f32::total_cmp);
+        values.dedup();
+        assert_eq!(values, vec![-1.0, 0.0, 1.0]);
+        assert!(gamma > 0.0);
+        let w = lin.effective_weight()?;
+        let mut eff: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        eff.sort_by(f32::total_cmp);
+        eff.dedup_by(|a, b| (*a - *b).abs() < 1e-7);
+        assert_eq!(eff.len(), 3, "effective weights {eff:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_reach_latent_weights_through_ste() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::randn(0f32, 0.02, (16, 32), &dev)?;
+        let lin = BitLinear {
+            weight: w.as_tensor().clone(),
+            kind: WeightKind::Ternary,
+        };
+        let x = Var::randn(0f32, 1.0, (3, 5, 32), &dev)?;
+        let y = lin.forward(x.as_tensor())?;
+        let loss = y.sqr()?.sum_all()?;
+        let grads = loss.backward()?;
+        for t in [w.as_tensor(), x.as_tensor()] {
+            let g: Vec<f32> = grads.get(t).expect("gradient").flatten_all()?.to_vec1()?;
+            assert!(g.iter().all(|v| v.is_finite()));
+            assert!(g.iter().any(|v| *v != 0.0));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn activations_are_on_an_8bit_grid_per_token() -> Result<()> {
+        let x = Tensor::new(&[[0.5f32, -1.0, 0.25], [10.0, 3.0, -7.0]], &Device::Cpu)?;
+        let q = quantize_activations(&x)?;
+        let rows: Vec<Vec<f32>> = q.to_vec2()?;
+        for (row, src) in rows.iter().zip([[0.5f32, -1.0, 0.25], [10.0, 3.0, -7.0]]) {
+            let absmax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = (absmax + QUANT_EPS as f32) / 127.0;
+            for (v, s) in row.iter().zip(src) {
+                let level = v / scale;
+                assert!((level - level.round()).abs() < 1e-3, "{v} not on the grid");
+                assert!((v - s).abs() <= absmax / 127.0);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,255 @@
+//! `ModelConfig`: every architectural choice of a Bit-Llama model. Stored with every checkpoint.
+
+use serde::{Deserialize, Serialize};
+
+/// Which token mixer a block uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixerKind {
+    /// TTT-Linear (Sun et al. 2024): a d×d linear hidden state per head trained at test time.
+    Ttt,
+    /// Causal multi-head softmax attention with RoPE.
+    Attention,
+}
+
+/// Whether block linears are ternary (BitNet b1.58) or plain full-precision linears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightKind {
+    /// {-1, 0, +1}·γ weights, 8-bit activations, straight-through estimator.
+    Ternary,
+    /// Plain full-precision linears (for comparison in sweeps).
+    Float,
+}
+
+impl std::fmt::Display for MixerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MixerKind::Ttt => "ttt",
+            MixerKind::Attention => "attention",
+        })
+    }
+}
+
+impl std::fmt::Display for WeightKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightKind::Ternary => "ternary",
+            WeightKind::Float => "float",
+        })
+    }
+}
+
+/// A model configuration that fails validation.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("vocab_size must be at least 1 (got 0): point data_dir at a data_prep build")]
+    ZeroVocab,
+    #[error("{0} must be at least 1 (got 0)")]
+    Zero(&'static str),
+    #[error("dim = {dim} is not divisible by n_heads = {n_heads}: pick n_heads that divides dim")]
+    HeadsDoNotDivide { dim: usize, n_heads: usize },
+    #[error("head size dim/n_heads = {0} is odd: RoPE in the attention mixer needs an even head size")]
+    OddHeadDim(usize),
+    #[error("ttt_base_lr must be a finite number > 0 (got {0})")]
+    BadTttLr(f64),
+}
+
+/// Every field of a Bit-Llama model (see the crate README for the architecture).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Tokenizer vocabulary size (from the data dir's `meta.json`).
+    pub vocab_size: usize,
+    /// Model width D.
+    pub dim: usize,
+    /// Number of blocks N.
+    pub n_layers: usize,
+    /// Heads H; head size d = D / H.
+    pub n_heads: usize,
+    /// Token mixer of every block.
+    pub mixer: MixerKind,
+    /// Ternary (BitLinear) or float block linears.
+    pub weights: WeightKind,
+    /// SwiGLU hidden size; `None` = 4·D rounded up to a multiple of 64.
+    pub mlp_hidden: Option<usize>,
+    /// TTT inner-loop mini-batch size b (tokens per inner gradient step).
+    pub ttt_mini_batch: usize,
+    /// TTT inner learning rate base η_base.
+    pub ttt_base_lr: f64,
+    /// Share the embedding matrix with the output head.
+    pub tie_embeddings: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 16_384,
+            dim: 256,
+            n_layers: 4,
+            n_heads: 4,
+            mixer: MixerKind::Ttt,
+            weights: WeightKind::Ternary,
+            mlp_hidden: None,
+            ttt_mini_batch: 16,
+            ttt_base_lr: 1.0,
+            tie_embeddings: false,
+        }
+    }
+}
+
+/// Bytes per element of a training dtype name (`f32`, `bf16`, `f16`, `f64`).
+pub fn dtype_bytes(dtype: &str) -> usize {
+    match dtype {
+        "f64" => 8,
+        "bf16" | "f16" => 2,
+        _ => 4,
+    }
+}
+
+impl ModelConfig {
+    /// Check that the configuration describes a model that can be built.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vocab_size == 0 {
+            return Err(ConfigError::ZeroVocab);
+        }
+        for (name, v) in [
+            ("dim", self.dim),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("ttt_mini_batch", self.ttt_mini_batch),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.mlp_hidden == Some(0) {
+            return Err(ConfigError::Zero("mlp_hidden"));
+        }
+        if self.dim % self.n_heads != 0 {
+            return Err(ConfigError::HeadsDoNotDivide {
+                dim: self.dim,
+                n_heads: self.n_heads,
+            });
+        }
+        if self.mixer == MixerKind::Attention && self.head_dim() % 2 == 1 {
+            return Err(ConfigError::OddHeadDim(self.head_dim()));
+        }
+        if !(self.ttt_base_lr.is_finite() && self.ttt_base_lr > 0.0) {
+            return Err(ConfigError::BadTttLr(self.ttt_base_lr));
+        }
+        Ok(())
+    }
+
+    /// Head size d = D / H.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+
+    /// SwiGLU hidden size: `mlp_hidden`, or 4·D rounded up to a multiple of 64.
+    pub fn mlp_hidden(&self) -> usize {
+        self.mlp_hidden.unwrap_or((4 * self.dim).div_ceil(64) * 64)
+    }
+
+    /// Parameters of one block's mixer.
+    fn mixer_params(&self) -> usize {
+        let (d_model, h, d) = (self.dim, self.n_heads, self.head_dim());
+        match self.mixer {
+            // θ_Q, θ_K, θ_V, θ_O + θ_lr (D→H) + W0 (H·d·d) + b0 (H·d) + inner LN γ, β (2·H·d)
+            MixerKind::Ttt => 4 * d_model * d_model + d_model * h + h * d * d + 3 * h * d,
+            MixerKind::Attention => 4 * d_model * d_model,
+        }
+    }
+
+    /// Exact number of trainable scalars (equals the element count of the model's VarMap).
+    pub fn param_count(&self) -> usize {
+        let d_model = self.dim;
+        let block = 2 * d_model + self.mixer_params() + 3 * d_model * self.mlp_hidden();
+        let head = if self.tie_embeddings {
+            0
+        } else {
+            self.vocab_size * d_model
+        };
+        self.vocab_size * d_model + self.n_layers * block + d_model + head
+    }
+
+    /// Rough peak memory in bytes of one training step at (batch, context, dtype): weights, gradients and
+    /// AdamW moments in f32 plus the activations kept for backward. An estimate (within ~2×), meant for
+    /// refusing configurations that cannot fit a device, not for accounting.
+    pub fn training_memory_estimate(&self, batch: usize, context: usize, dtype: &str) -> u64 {
+        let p = self.param_count() as u64;
+        let act_bytes = dtype_bytes(dtype) as u64;
+        // f32 master weights + grads + two Adam moments, plus a low-precision copy when not f32.
+        let states = p * 16 + if act_bytes < 4 { p * act_bytes } else { 0 };
+        let (b, t, d) = (batch as u64, context as u64, self.dim as u64);
+        let hidden = self.mlp_hidden() as u64;
+        let h = self.n_heads as u64;
+        let hd = self.head_dim() as u64;
+        // Per block, activations saved for backward (counted in elements): norms, projections,
+        // quantised copies, SwiGLU intermediates, and the mixer's own.
+        let mixer = match self.mixer {
+            MixerKind::Ttt => {
+                let mb = self.ttt_mini_batch as u64;
+                // Q, K, V, targets, inner LN intermediates, and per mini-batch the b×b attention-like
+                // matrix plus the carried d×d state.
+                b * t * d * 14 + b * h * t * mb * 3 + b * h * t.div_ceil(mb) * hd * hd * 2
+            }
+            MixerKind::Attention => b * t * d * 8 + b * h * t * t * 3,
+        };
+        let block = b * t * d * 10 + b * t * hidden * 6 + mixer;
+        let logits = b * t * self.vocab_size as u64 * 3;
+        let activations = (self.n_layers as u64 * block + b * t * d * 4) * act_bytes + logits * 4;
+        states + activations
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_problem() {
+        let ok = ModelConfig::default();
+        assert!(ok.validate().is_ok());
+        let bad = ModelConfig {
+            dim: 250,
+            ..ok.clone()
+        };
+        let msg = bad.validate().unwrap_err().to_string();
+        assert!(msg.contains("dim = 250") && msg.contains("n_heads = 4"), "{msg}");
+        let bad = ModelConfig {
+            ttt_mini_batch: 0,
+            ..ok.clone()
+        };
+        assert_eq!(bad.validate(), Err(ConfigError::Zero("ttt_mini_batch")));
+        let bad = ModelConfig {
+            vocab_size: 0,
+            ..ok.clone()
+        };
+        assert_eq!(bad.validate(), Err(ConfigError::ZeroVocab));
+        let bad = ModelConfig {
+            ttt_base_lr: f64::NAN,
+            ..ok
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn mlp_hidden_rounds_to_64() {
+        let c = ModelConfig {
+            dim: 100,
+            n_heads: 4,
+            ..Default::default()
+        };
+        assert_eq!(c.mlp_hidden(), 448);
+    }
+
+    #[test]
+    fn memory_estimate_grows_with_batch_and_context() {
+        let c = ModelConfig::default();
+        let small = c.training_memory_estimate(8, 128, "f32");
+        assert!(small > c.param_count() as u64 * 16);
+        assert!(c.training_memory_estimate(16, 128, "f32") > small);
+        assert!(c.training_memory_estimate(8, 256, "f32") > small);
+    }
+}

@@ -1,0 +1,163 @@
+//! Whole-model tests: parameter count, causality, chunked state, finite-difference gradient check.
+
+use super::ttt_linear::max_rel_diff;
+use super::*;
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarMap;
+
+fn tiny(mixer: MixerKind, weights: WeightKind) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 37,
+        dim: 16,
+        n_layers: 2,
+        n_heads: 2,
+        mixer,
+        weights,
+        mlp_hidden: Some(24),
+        ttt_mini_batch: 4,
+        ttt_base_lr: 1.0,
+        tie_embeddings: false,
+    }
+}
+
+fn build(cfg: &ModelConfig, dtype: DType) -> Result<(VarMap, BitLlama)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let model = BitLlama::new(cfg, vb)?;
+    Ok((varmap, model))
+}
+
+fn ids(b: usize, t: usize, vocab: u32, seed: u32) -> Result<Tensor> {
+    let v: Vec<u32> = (0..(b * t) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97)) % vocab)
+        .collect();
+    Tensor::from_vec(v, (b, t), &Device::Cpu)
+}
+
+#[test]
+fn param_count_equals_varmap_elements() -> Result<()> {
+    for mixer in [MixerKind::Ttt, MixerKind::Attention] {
+        for tie in [false, true] {
+            let cfg = ModelConfig {
+                tie_embeddings: tie,
+                ..tiny(mixer, WeightKind::Ternary)
+            };
+            let (varmap, _) = build(&cfg, DType::F32)?;
+            let n: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+            assert_eq!(cfg.param_count(), n, "{mixer} tie={tie}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn outputs_are_causal_for_both_mixers() -> Result<()> {
+    for mixer in [MixerKind::Ttt, MixerKind::Attention] {
+        let cfg = tiny(mixer, WeightKind::Ternary);
+        let (_vm, model) = build(&cfg, DType::F32)?;
+        let a = ids(2, 11, 37, 1)?;
+        let logits_a = model.forward(&a)?;
+        for t in [0usize, 3, 4, 9] {
+            // Change every token after t.
+            let head = a.narrow(1, 0, t + 1)?;
+            let tail = ids(2, 10 - t, 37, 7 + t as u32)?;
+            let b = if t < 10 {
+                Tensor::cat(&[&head, &tail], 1)?
+            } else {
+                head
+            };
+            let logits_b = model.forward(&b)?;
+            let rel = max_rel_diff(&logits_a.narrow(1, 0, t + 1)?, &logits_b.narrow(1, 0, t + 1)?)?;
+            assert!(rel == 0.0, "{mixer}: changing tokens after {t} changed earlier outputs ({rel})");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn chunked_forward_with_state_equals_one_call() -> Result<()> {
+    for mixer in [MixerKind::Ttt, MixerKind::Attention] {
+        let cfg = tiny(mixer, WeightKind::Float);
+        let (_vm, model) = build(&cfg, DType::F64)?;
+        let x = ids(2, 13, 37, 3)?;
+        let whole = model.forward(&x)?;
+        let (a, s) = model.forward_with_state(&x.narrow(1, 0, 6)?, None)?;
+        let (b, _) = model.forward_with_state(&x.narrow(1, 6, 7)?, Some(s))?;
+        let rel = max_rel_diff(&whole, &Tensor::cat(&[a, b], 1)?)?;
+        assert!(rel < 1e-10, "{mixer}: rel diff {rel}");
+    }
+    Ok(())
+}
+
+/// Finite differences in f64 against autograd on a tiny float model, for both mixers.
+#[test]
+fn gradients_match_finite_differences() -> Result<()> {
+    for mixer in [MixerKind::Ttt, MixerKind::Attention] {
+        let cfg = tiny(mixer, WeightKind::Float);
+        let (varmap, model) = build(&cfg, DType::F64)?;
+        let x = ids(2, 7, 37, 5)?;
+        let y = ids(2, 7, 37, 11)?;
+        let loss_of = |m: &BitLlama| -> Result<Tensor> {
+            let logits = m.forward(&x)?;
+            candle_nn::loss::cross_entropy(&logits.reshape((14, 37))?, &y.flatten_all()?)
+        };
+        let loss = loss_of(&model)?;
+        let grads = loss.backward()?;
+        let data = varmap.data().lock().expect("varmap lock").clone();
+        let mut names: Vec<_> = data.keys().cloned().collect();
+        names.sort();
+        let mut checked = 0;
+        for name in names {
+            let var = &data[&name];
+            let g = grads.get(var.as_tensor()).expect("every parameter gets a gradient");
+            let g: Vec<f64> = g.flatten_all()?.to_vec1()?;
+            let orig = var.as_tensor().copy()?;
+            let flat: Vec<f64> = orig.flatten_all()?.to_vec1()?;
+            // Probe the two largest-gradient entries of every tensor.
+            let mut idx: Vec<usize> = (0..g.len()).collect();
+            idx.sort_by(|a, b| g[*b].abs().total_cmp(&g[*a].abs()));
+            for &i in idx.iter().take(2) {
+                let eps = 1e-6;
+                let mut plus = flat.clone();
+                plus[i] += eps;
+                var.set(&Tensor::from_vec(plus, orig.shape(), &Device::Cpu)?)?;
+                let lp = loss_of(&model)?.to_scalar::<f64>()?;
+                let mut minus = flat.clone();
+                minus[i] -= eps;
+                var.set(&Tensor::from_vec(minus, orig.shape(), &Device::Cpu)?)?;
+                let lm = loss_of(&model)?.to_scalar::<f64>()?;
+                var.set(&orig)?;
+                let fd = (lp - lm) / (2.0 * eps);
+                let err = (fd - g[i]).abs() / (fd.abs().max(g[i].abs()).max(1e-8));
+                assert!(
+                    err < 1e-4 || (fd - g[i]).abs() < 1e-9,
+                    "{mixer} {name}[{i}]: autograd {} vs finite difference {fd}",
+                    g[i]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 20);
+    }
+    Ok(())
+}
+
+#[test]
+fn ternary_model_trains_latent_weights() -> Result<()> {
+    let cfg = tiny(MixerKind::Ttt, WeightKind::Ternary);
+    let (varmap, model) = build(&cfg, DType::F32)?;
+    let x = ids(2, 9, 37, 2)?;
+    let logits = model.forward(&x)?;
+    let loss = candle_nn::loss::cross_entropy(&logits.reshape((18, 37))?, &x.flatten_all()?)?;
+    let grads = loss.backward()?;
+    for (name, var) in varmap.data().lock().expect("lock").iter() {
+        let g = grads.get(var.as_tensor());
+        assert!(g.is_some(), "{name} gets no gradient");
+        let g: Vec<f32> = g.expect("checked").flatten_all()?.to_vec1()?;
+        assert!(g.iter().all(|v| v.is_finite()), "{name} has a non-finite gradient");
+        if name.ends_with("q.weight") || name.ends_with("gate.weight") {
+            assert!(g.iter().any(|v| *v != 0.0), "{name} gradient is all zero");
+        }
+    }
+    Ok(())
+}
