@@ -38,7 +38,11 @@ pub enum Event {
         grad_norm: f64,
     },
     /// Validation on the fixed val batches.
-    Eval { step: u64, val_loss: f64, val_bpb: f64 },
+    Eval {
+        step: u64,
+        val_loss: f64,
+        val_bpb: f64,
+    },
     /// A checkpoint was written (atomically) at `path`.
     Checkpoint { step: u64, path: String, bytes: u64 },
     /// The run reached its length.

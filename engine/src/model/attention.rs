@@ -67,7 +67,14 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 impl Attention {
-    pub fn new(dim: usize, n_heads: usize, kind: WeightKind, std: f64, out_std: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        n_heads: usize,
+        kind: WeightKind,
+        std: f64,
+        out_std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             q: BitLinear::new(dim, dim, kind, std, vb.pp("q"))?,
             k: BitLinear::new(dim, dim, kind, std, vb.pp("k"))?,
@@ -80,7 +87,11 @@ impl Attention {
 
     /// Attend from the chunk x (B,T,D) to the cached tokens and to itself; returns the output and the cache
     /// extended by this chunk.
-    pub fn forward_with_cache(&self, x: &Tensor, cache: Option<KvCache>) -> Result<(Tensor, KvCache)> {
+    pub fn forward_with_cache(
+        &self,
+        x: &Tensor,
+        cache: Option<KvCache>,
+    ) -> Result<(Tensor, KvCache)> {
         let (b, t, dim) = x.dims3()?;
         let offset = cache.as_ref().map_or(0, KvCache::len);
         let heads = |y: Tensor| -> Result<Tensor> {
@@ -99,7 +110,15 @@ impl Attention {
         let s = offset + t;
         // softmax(Q Kᵀ / √d + M) V with M = −∞ above the causal diagonal.
         let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..s).map(move |j| {
+                    if j > offset + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?;
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(&mask)?;

@@ -11,7 +11,11 @@ const QUANT_EPS: f64 = 1e-5;
 /// Weight quantisation, eq. (1)–(3): W̃ = RoundClip(W / (γ + ε), −1, 1), γ = mean|W|.
 /// Returns the ternary matrix {-1, 0, +1} (as floats) and γ.
 pub fn ternary_quantize(w: &Tensor) -> Result<(Tensor, f64)> {
-    let gamma = w.abs()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let gamma = w
+        .abs()?
+        .mean_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
     let q = (w / (gamma + QUANT_EPS))?.round()?.clamp(-1.0, 1.0)?;
     Ok((q, gamma))
 }
@@ -41,7 +45,13 @@ pub struct BitLinear {
 
 impl BitLinear {
     /// A BitLinear of shape (out_dim, in_dim) named `{vb}.weight`, initialised N(0, std²).
-    pub fn new(in_dim: usize, out_dim: usize, kind: WeightKind, std: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        kind: WeightKind,
+        std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let weight = vb.get_with_hints(
             (out_dim, in_dim),
             "weight",

@@ -26,15 +26,21 @@ pub enum MixerState {
 }
 
 impl Mixer {
-    fn forward_with_state(&self, x: &Tensor, state: Option<MixerState>) -> Result<(Tensor, MixerState)> {
+    fn forward_with_state(
+        &self,
+        x: &Tensor,
+        state: Option<MixerState>,
+    ) -> Result<(Tensor, MixerState)> {
         match (self, state) {
-            (Mixer::Ttt(m), Some(MixerState::Ttt(s))) => {
-                m.forward_with_state(x, Some(s)).map(|(y, s)| (y, MixerState::Ttt(s)))
-            }
-            (Mixer::Ttt(m), None) => m.forward_with_state(x, None).map(|(y, s)| (y, MixerState::Ttt(s))),
-            (Mixer::Attention(m), Some(MixerState::Attention(c))) => {
-                m.forward_with_cache(x, Some(c)).map(|(y, c)| (y, MixerState::Attention(c)))
-            }
+            (Mixer::Ttt(m), Some(MixerState::Ttt(s))) => m
+                .forward_with_state(x, Some(s))
+                .map(|(y, s)| (y, MixerState::Ttt(s))),
+            (Mixer::Ttt(m), None) => m
+                .forward_with_state(x, None)
+                .map(|(y, s)| (y, MixerState::Ttt(s))),
+            (Mixer::Attention(m), Some(MixerState::Attention(c))) => m
+                .forward_with_cache(x, Some(c))
+                .map(|(y, c)| (y, MixerState::Attention(c))),
             (Mixer::Attention(m), None) => m
                 .forward_with_cache(x, None)
                 .map(|(y, c)| (y, MixerState::Attention(c))),
@@ -77,13 +83,26 @@ impl Block {
             norm1: RmsNorm::new(cfg.dim, RMS_EPS, vb.pp("norm1"))?,
             mixer,
             norm2: RmsNorm::new(cfg.dim, RMS_EPS, vb.pp("norm2"))?,
-            mlp: SwiGlu::new(cfg.dim, cfg.mlp_hidden(), cfg.weights, std, out_std, vb.pp("mlp"))?,
+            mlp: SwiGlu::new(
+                cfg.dim,
+                cfg.mlp_hidden(),
+                cfg.weights,
+                std,
+                out_std,
+                vb.pp("mlp"),
+            )?,
         })
     }
 
     /// The block on a chunk, continuing the mixer's state.
-    pub fn forward_with_state(&self, x: &Tensor, state: Option<MixerState>) -> Result<(Tensor, MixerState)> {
-        let (mixed, state) = self.mixer.forward_with_state(&self.norm1.forward(x)?, state)?;
+    pub fn forward_with_state(
+        &self,
+        x: &Tensor,
+        state: Option<MixerState>,
+    ) -> Result<(Tensor, MixerState)> {
+        let (mixed, state) = self
+            .mixer
+            .forward_with_state(&self.norm1.forward(x)?, state)?;
         let x = (x + mixed)?;
         let x = (&x + self.mlp.forward(&self.norm2.forward(&x)?)?)?;
         Ok((x, state))

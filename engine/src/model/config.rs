@@ -49,7 +49,9 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("dim = {dim} is not divisible by n_heads = {n_heads}: pick n_heads that divides dim")]
     HeadsDoNotDivide { dim: usize, n_heads: usize },
-    #[error("head size dim/n_heads = {0} is odd: RoPE in the attention mixer needs an even head size")]
+    #[error(
+        "head size dim/n_heads = {0} is odd: RoPE in the attention mixer needs an even head size"
+    )]
     OddHeadDim(usize),
     #[error("ttt_base_lr must be a finite number > 0 (got {0})")]
     BadTttLr(f64),
@@ -216,7 +218,10 @@ mod tests {
             ..ok.clone()
         };
         let msg = bad.validate().unwrap_err().to_string();
-        assert!(msg.contains("dim = 250") && msg.contains("n_heads = 4"), "{msg}");
+        assert!(
+            msg.contains("dim = 250") && msg.contains("n_heads = 4"),
+            "{msg}"
+        );
         let bad = ModelConfig {
             ttt_mini_batch: 0,
             ..ok.clone()

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod bit_linear;
 pub mod block;
 pub mod config;
+pub mod init;
 pub mod rms_norm;
 pub mod swiglu;
 pub mod ttt_linear;
@@ -14,6 +15,7 @@ use candle_nn::{Init, VarBuilder};
 
 pub use block::{Block, MixerState};
 pub use config::{ConfigError, MixerKind, ModelConfig, WeightKind};
+pub use init::build_seeded;
 
 /// Standard deviation of the weight initialisation (GPT-2).
 pub const INIT_STD: f64 = 0.02;
@@ -35,7 +37,8 @@ pub type ModelState = Vec<MixerState>;
 impl BitLlama {
     /// Build the model; parameters are created (or loaded) through `vb` by name.
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        cfg.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let normal = Init::Randn {
             mean: 0.0,
             stdev: INIT_STD,
@@ -66,12 +69,16 @@ impl BitLlama {
     }
 
     /// Logits (B,T,V) for token ids (B,T), continuing from `state` (None = start of the sequences).
-    pub fn forward_with_state(&self, ids: &Tensor, state: Option<ModelState>) -> Result<(Tensor, ModelState)> {
+    pub fn forward_with_state(
+        &self,
+        ids: &Tensor,
+        state: Option<ModelState>,
+    ) -> Result<(Tensor, ModelState)> {
         let (b, t) = ids.dims2()?;
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.dim))?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, self.cfg.dim))?;
         let mut states: Vec<Option<MixerState>> = match state {
             Some(s) => s.into_iter().map(Some).collect(),
             None => vec![None; self.blocks.len()],

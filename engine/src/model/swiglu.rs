@@ -14,7 +14,14 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
-    pub fn new(dim: usize, hidden: usize, kind: WeightKind, std: f64, out_std: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        hidden: usize,
+        kind: WeightKind,
+        std: f64,
+        out_std: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             gate: BitLinear::new(dim, hidden, kind, std, vb.pp("gate"))?,
             up: BitLinear::new(dim, hidden, kind, std, vb.pp("up"))?,

@@ -67,8 +67,14 @@ fn outputs_are_causal_for_both_mixers() -> Result<()> {
                 head
             };
             let logits_b = model.forward(&b)?;
-            let rel = max_rel_diff(&logits_a.narrow(1, 0, t + 1)?, &logits_b.narrow(1, 0, t + 1)?)?;
-            assert!(rel == 0.0, "{mixer}: changing tokens after {t} changed earlier outputs ({rel})");
+            let rel = max_rel_diff(
+                &logits_a.narrow(1, 0, t + 1)?,
+                &logits_b.narrow(1, 0, t + 1)?,
+            )?;
+            assert!(
+                rel == 0.0,
+                "{mixer}: changing tokens after {t} changed earlier outputs ({rel})"
+            );
         }
     }
     Ok(())
@@ -109,7 +115,9 @@ fn gradients_match_finite_differences() -> Result<()> {
         let mut checked = 0;
         for name in names {
             let var = &data[&name];
-            let g = grads.get(var.as_tensor()).expect("every parameter gets a gradient");
+            let g = grads
+                .get(var.as_tensor())
+                .expect("every parameter gets a gradient");
             let g: Vec<f64> = g.flatten_all()?.to_vec1()?;
             let orig = var.as_tensor().copy()?;
             let flat: Vec<f64> = orig.flatten_all()?.to_vec1()?;
@@ -154,7 +162,10 @@ fn ternary_model_trains_latent_weights() -> Result<()> {
         let g = grads.get(var.as_tensor());
         assert!(g.is_some(), "{name} gets no gradient");
         let g: Vec<f32> = g.expect("checked").flatten_all()?.to_vec1()?;
-        assert!(g.iter().all(|v| v.is_finite()), "{name} has a non-finite gradient");
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "{name} has a non-finite gradient"
+        );
         if name.ends_with("q.weight") || name.ends_with("gate.weight") {
             assert!(g.iter().any(|v| *v != 0.0), "{name} gradient is all zero");
         }

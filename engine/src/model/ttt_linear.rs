@@ -113,8 +113,16 @@ impl TttLinear {
     /// The state before the first token: W0, b0 of every head, for `batch` sequences.
     pub fn initial_state(&self, batch: usize) -> Result<TttState> {
         let (h, d) = (self.n_heads, self.head_dim);
-        let w = self.w0.unsqueeze(0)?.broadcast_as((batch, h, d, d))?.contiguous()?;
-        let b = self.b0.unsqueeze(0)?.broadcast_as((batch, h, 1, d))?.contiguous()?;
+        let w = self
+            .w0
+            .unsqueeze(0)?
+            .broadcast_as((batch, h, d, d))?
+            .contiguous()?;
+        let b = self
+            .b0
+            .unsqueeze(0)?
+            .broadcast_as((batch, h, 1, d))?
+            .contiguous()?;
         Ok(TttState {
             w_base: w.clone(),
             b_base: b.clone(),
@@ -127,15 +135,24 @@ impl TttLinear {
     /// LN of the inner model with the learned per-head scale and shift.
     fn inner_ln(&self, z: &Tensor) -> Result<Tensor> {
         let (xhat, _) = normalize(z)?;
-        xhat.broadcast_mul(&self.ln_weight)?.broadcast_add(&self.ln_bias)
+        xhat.broadcast_mul(&self.ln_weight)?
+            .broadcast_add(&self.ln_bias)
     }
 
     /// ∂ℓ/∂Z of the inner loss ℓ = ½‖LN(Z) − (v − k)‖² at Z = k W_base + b_base (the reconstruction
     /// target is v − k because f has a residual connection), through the layer norm's backward.
-    fn inner_grad_z(&self, k: &Tensor, v: &Tensor, w_base: &Tensor, b_base: &Tensor) -> Result<Tensor> {
+    fn inner_grad_z(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        w_base: &Tensor,
+        b_base: &Tensor,
+    ) -> Result<Tensor> {
         let z = k.matmul(w_base)?.broadcast_add(b_base)?;
         let (xhat, inv_std) = normalize(&z)?;
-        let ln_out = xhat.broadcast_mul(&self.ln_weight)?.broadcast_add(&self.ln_bias)?;
+        let ln_out = xhat
+            .broadcast_mul(&self.ln_weight)?
+            .broadcast_add(&self.ln_bias)?;
         let g = (ln_out - (v - k)?)?.broadcast_mul(&self.ln_weight)?; // ∂ℓ/∂x̂
         let g_mean = g.mean_keepdim(D::Minus1)?;
         let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
@@ -197,7 +214,11 @@ impl TttLinear {
 
     /// Mix a chunk x (B,T,D) continuing from `state` (or from W0 when `None`); returns the output and the
     /// state after the chunk. Chunks may end anywhere, also inside a mini-batch.
-    pub fn forward_with_state(&self, x: &Tensor, state: Option<TttState>) -> Result<(Tensor, TttState)> {
+    pub fn forward_with_state(
+        &self,
+        x: &Tensor,
+        state: Option<TttState>,
+    ) -> Result<(Tensor, TttState)> {
         let (b, t, dim) = x.dims3()?;
         let (q, k, v, eta) = self.project(x)?;
         let mut state = match state {
@@ -222,7 +243,9 @@ impl TttLinear {
             }
             start += len;
         }
-        let y = Tensor::cat(&outs, 2)?.transpose(1, 2)?.reshape((b, t, dim))?;
+        let y = Tensor::cat(&outs, 2)?
+            .transpose(1, 2)?
+            .reshape((b, t, dim))?;
         Ok((self.o.forward(&y)?, state))
     }
 
@@ -247,7 +270,8 @@ impl TttLinear {
             // ∇_W, ∇_b of ½‖f(k) − v‖² at the mini-batch's starting W (autograd).
             let wv = Var::from_tensor(&w_base)?;
             let bv = Var::from_tensor(&b_base)?;
-            let f_k = (&ki + self.inner_ln(&ki.matmul(wv.as_tensor())?.broadcast_add(bv.as_tensor())?)?)?;
+            let f_k = (&ki
+                + self.inner_ln(&ki.matmul(wv.as_tensor())?.broadcast_add(bv.as_tensor())?)?)?;
             let loss = ((f_k - &vi)?.sqr()?.sum_all()? * 0.5)?;
             let grads = loss.backward()?;
             let gw = grads.get(wv.as_tensor()).expect("grad W").clone();
@@ -257,7 +281,9 @@ impl TttLinear {
             let zq = qi.matmul(&w)?.broadcast_add(&b)?;
             outs.push((&qi + self.inner_ln(&zq)?)?);
         }
-        let y = Tensor::cat(&outs, 2)?.transpose(1, 2)?.reshape((bsz, t, dim))?;
+        let y = Tensor::cat(&outs, 2)?
+            .transpose(1, 2)?
+            .reshape((bsz, t, dim))?;
         self.o.forward(&y)
     }
 }

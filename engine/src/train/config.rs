@@ -1,0 +1,386 @@
+//! `TrainConfig`: the flat key space of `engine train` (the contract sweep files and scripts rely on).
+//!
+//! Layers, later ones win: built-in defaults → `--config` TOML → `ENGINE_<KEY>` environment → `--set k=v`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{MixerKind, ModelConfig, WeightKind};
+
+/// Every setting of a training run. Each key has a default except `data_dir`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    // --- model ---
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub mixer: MixerKind,
+    pub weights: WeightKind,
+    pub mlp_hidden: Option<usize>,
+    pub ttt_mini_batch: usize,
+    pub ttt_base_lr: f64,
+    pub tie_embeddings: bool,
+    // --- data ---
+    /// A `data_prep build` output folder; the vocab comes from its `meta.json`.
+    pub data_dir: Option<PathBuf>,
+    /// Sequences per optimizer step (the global batch, split into `grad_accum` micro-batches).
+    pub batch_size: usize,
+    pub context_len: usize,
+    // --- length: the first limit reached ends the run ---
+    pub steps: Option<u64>,
+    pub max_tokens: Option<u64>,
+    pub max_seconds: Option<f64>,
+    // --- optimisation ---
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub grad_accum: usize,
+    // --- bookkeeping ---
+    pub log_every: u64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `f32` (or `bf16` on CUDA).
+    pub dtype: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let m = ModelConfig::default();
+        Self {
+            dim: m.dim,
+            n_layers: m.n_layers,
+            n_heads: m.n_heads,
+            mixer: m.mixer,
+            weights: m.weights,
+            mlp_hidden: m.mlp_hidden,
+            ttt_mini_batch: m.ttt_mini_batch,
+            ttt_base_lr: m.ttt_base_lr,
+            tie_embeddings: m.tie_embeddings,
+            data_dir: None,
+            batch_size: 16,
+            context_len: 128,
+            steps: None,
+            max_tokens: None,
+            max_seconds: None,
+            lr: 3e-3,
+            warmup_steps: 50,
+            min_lr: 3e-4,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            grad_accum: 1,
+            log_every: 10,
+            eval_every: 100,
+            eval_batches: 8,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
+            seed: 0,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        }
+    }
+}
+
+/// Default run length when none of `steps`, `max_tokens`, `max_seconds` is set.
+pub const DEFAULT_STEPS: u64 = 1000;
+
+/// The key names of the flat config (for validating sweep files and filtering the environment).
+pub fn known_keys() -> Vec<String> {
+    match toml::Value::try_from(TrainConfig {
+        data_dir: Some(PathBuf::new()),
+        steps: Some(0),
+        max_tokens: Some(0),
+        max_seconds: Some(0.0),
+        mlp_hidden: Some(0),
+        ..TrainConfig::default()
+    }) {
+        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Parse `key=value`; the value is read as a TOML value (`8`, `0.5`, `true`, `"x"`) or else as a string.
+pub fn parse_set(kv: &str) -> Result<(String, toml::Value)> {
+    let Some((key, value)) = kv.split_once('=') else {
+        bail!("--set {kv:?} is not key=value: write e.g. --set steps=100");
+    };
+    let key = key.trim().to_string();
+    let value = value.trim();
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    Ok((key, parsed))
+}
+
+impl TrainConfig {
+    /// Resolve defaults → `file` → `ENGINE_*` env → `sets`. Unknown keys are errors that name them.
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(TrainConfig::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                bail!(
+                    "config file {} not found: pass an existing TOML file to --config",
+                    path.display()
+                );
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            text.parse::<toml::Table>().map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not valid TOML: {}",
+                    path.display(),
+                    one_line(&e.to_string())
+                )
+            })?;
+            fig = fig.merge(Toml::file(path));
+        }
+        let keys = known_keys();
+        fig = fig.merge(
+            Env::prefixed("ENGINE_").filter(move |k| keys.iter().any(|n| n.as_str() == k.as_str())),
+        );
+        for kv in sets {
+            let (key, value) = parse_set(kv)?;
+            fig = fig.merge(Serialized::default(&key, value));
+        }
+        let cfg: TrainConfig = fig.extract().map_err(|e| {
+            let msg = e.to_string();
+            anyhow::anyhow!("invalid run config: {}", one_line(&msg))
+        })?;
+        Ok(cfg)
+    }
+
+    /// Overlay `--set` values on an existing config (used on resume).
+    pub fn with_sets(&self, sets: &[String]) -> Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(self.clone()));
+        for kv in sets {
+            let (key, value) = parse_set(kv)?;
+            fig = fig.merge(Serialized::default(&key, value));
+        }
+        fig.extract()
+            .map_err(|e| anyhow::anyhow!("invalid run config: {}", one_line(&e.to_string())))
+    }
+
+    /// Check the settings that do not need the data folder.
+    pub fn validate(&self) -> Result<()> {
+        if self.data_dir.is_none() {
+            bail!("data_dir is not set: add data_dir = \"DIR\" (a `data_prep build` output) to the config or --set data_dir=DIR");
+        }
+        for (name, v) in [
+            ("batch_size", self.batch_size),
+            ("context_len", self.context_len),
+            ("grad_accum", self.grad_accum),
+            ("eval_batches", self.eval_batches),
+            ("keep_checkpoints", self.keep_checkpoints),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1 (got 0)");
+            }
+        }
+        for (name, v) in [
+            ("log_every", self.log_every),
+            ("eval_every", self.eval_every),
+            ("checkpoint_every", self.checkpoint_every),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1 (got 0)");
+            }
+        }
+        if self.batch_size % self.grad_accum != 0 {
+            bail!(
+                "batch_size = {} is not divisible by grad_accum = {}: batch_size is the whole batch per step, split into grad_accum micro-batches",
+                self.batch_size,
+                self.grad_accum
+            );
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
+            bail!(
+                "need 0 <= min_lr <= lr and lr > 0 (got lr = {}, min_lr = {})",
+                self.lr,
+                self.min_lr
+            );
+        }
+        if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
+            bail!("weight_decay and grad_clip must be >= 0 (0 turns clipping off)");
+        }
+        if !matches!(self.dtype.as_str(), "f32" | "bf16") {
+            bail!(
+                "dtype = {:?} is not supported: use \"f32\" (or \"bf16\" on CUDA)",
+                self.dtype
+            );
+        }
+        if self.dtype == "bf16" && !self.device.starts_with("cuda") {
+            bail!("dtype = \"bf16\" is for CUDA devices: use dtype = \"f32\" on cpu");
+        }
+        if self.device != "cpu" && !self.device.starts_with("cuda") {
+            bail!(
+                "device = {:?} is not known: use \"cpu\" or \"cuda:N\"",
+                self.device
+            );
+        }
+        if matches!(self.steps, Some(0)) || matches!(self.max_tokens, Some(0)) {
+            bail!("steps and max_tokens must be at least 1 when set");
+        }
+        if let Some(s) = self.max_seconds {
+            if !(s > 0.0) {
+                bail!("max_seconds must be > 0 when set (got {s})");
+            }
+        }
+        Ok(())
+    }
+
+    /// The model part of the config, with the vocab of the data.
+    pub fn model_config(&self, vocab_size: usize) -> ModelConfig {
+        ModelConfig {
+            vocab_size,
+            dim: self.dim,
+            n_layers: self.n_layers,
+            n_heads: self.n_heads,
+            mixer: self.mixer,
+            weights: self.weights,
+            mlp_hidden: self.mlp_hidden,
+            ttt_mini_batch: self.ttt_mini_batch,
+            ttt_base_lr: self.ttt_base_lr,
+            tie_embeddings: self.tie_embeddings,
+        }
+    }
+
+    /// Steps the cosine schedule decays over: `steps`, or what `max_tokens` implies; `None` with only
+    /// `max_seconds` (the rate stays at `lr` after warm-up).
+    pub fn schedule_horizon(&self) -> Option<u64> {
+        let tokens_per_step = (self.batch_size * self.context_len) as u64;
+        match (self.steps, self.max_tokens, self.max_seconds) {
+            (Some(s), _, _) => Some(s),
+            (None, Some(t), _) => Some(t.div_ceil(tokens_per_step)),
+            (None, None, Some(_)) => None,
+            (None, None, None) => Some(DEFAULT_STEPS),
+        }
+    }
+
+    /// Whether the run is over after `step` steps, `tokens` tokens and `elapsed_s` seconds.
+    pub fn finished(&self, step: u64, tokens: u64, elapsed_s: f64) -> bool {
+        let by_steps = match (self.steps, self.max_tokens, self.max_seconds) {
+            (None, None, None) => step >= DEFAULT_STEPS,
+            _ => self.steps.is_some_and(|s| step >= s),
+        };
+        by_steps
+            || self.max_tokens.is_some_and(|t| tokens >= t)
+            || self.max_seconds.is_some_and(|s| elapsed_s >= s)
+    }
+
+    /// TOML text of the resolved config (written to `RUN_DIR/config.toml`).
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+}
+
+/// Figment errors can span lines; the CLI prints one.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(
+            &file,
+            "dim = 64\nn_heads = 2\nsteps = 5\nmixer = \"attention\"\n",
+        )
+        .unwrap();
+        let cfg =
+            TrainConfig::load(Some(&file), &["steps=7".into(), "weights=float".into()]).unwrap();
+        assert_eq!((cfg.dim, cfg.n_heads, cfg.steps), (64, 2, Some(7)));
+        assert_eq!(cfg.mixer, MixerKind::Attention);
+        assert_eq!(cfg.weights, WeightKind::Float);
+        assert_eq!(cfg.batch_size, TrainConfig::default().batch_size);
+
+        std::fs::write(&file, "dimm = 64\n").unwrap();
+        let err = TrainConfig::load(Some(&file), &[]).unwrap_err().to_string();
+        assert!(err.contains("dimm"), "{err}");
+        let err = TrainConfig::load(None, &["bogus_key=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus_key"), "{err}");
+        std::fs::write(&file, "dim = [\n").unwrap();
+        let err = TrainConfig::load(Some(&file), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("not valid TOML") && !err.contains('\n'),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg = TrainConfig {
+            data_dir: Some("d".into()),
+            steps: Some(3),
+            ..TrainConfig::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(TrainConfig::load(Some(&file), &[]).unwrap(), cfg);
+    }
+
+    #[test]
+    fn known_keys_cover_the_contract() {
+        let keys = known_keys();
+        for k in [
+            "dim",
+            "n_layers",
+            "mixer",
+            "data_dir",
+            "steps",
+            "max_seconds",
+            "dtype",
+            "mlp_hidden",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing");
+        }
+    }
+
+    #[test]
+    fn validation_rejects_bad_settings() {
+        let ok = TrainConfig {
+            data_dir: Some("d".into()),
+            ..TrainConfig::default()
+        };
+        assert!(ok.validate().is_ok());
+        assert!(TrainConfig::default()
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("data_dir"));
+        let bad = TrainConfig {
+            grad_accum: 3,
+            ..ok.clone()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("grad_accum"));
+        let bad = TrainConfig {
+            dtype: "bf16".into(),
+            ..ok
+        };
+        assert!(bad.validate().is_err());
+    }
+}

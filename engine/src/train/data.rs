@@ -1,0 +1,164 @@
+//! Memory-mapped token files and batch sampling: random training windows from a seeded RNG, and a fixed
+//! set of validation windows so that every eval of every run with the same context is comparable.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// A `data_prep build` output folder opened for training.
+pub struct TokenData {
+    pub dir: PathBuf,
+    pub meta: data_prep::Meta,
+    train: Mmap,
+    val: Mmap,
+}
+
+fn map(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).with_context(|| {
+        format!(
+            "cannot open {}: is data_dir a `data_prep build` output?",
+            path.display()
+        )
+    })?;
+    // SAFETY: the token files are written once by data_prep (temp file + rename) and only read here.
+    let mmap = unsafe { Mmap::map(&file) }
+        .with_context(|| format!("memory-mapping {}", path.display()))?;
+    if mmap.len() % 2 != 0 {
+        bail!(
+            "{} has an odd size: not a u16 token file; rebuild it with `data_prep build`",
+            path.display()
+        );
+    }
+    Ok(mmap)
+}
+
+impl TokenData {
+    /// Open `dir` (meta.json, train.bin, val.bin) and check the files agree with the meta.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("data_dir {} does not exist: create it with `data_prep build --input FILE --out {}`", dir.display(), dir.display());
+        }
+        let meta = data_prep::Meta::load(dir).with_context(|| {
+            format!(
+                "data_dir {} has no valid meta.json: run `data_prep build` into it",
+                dir.display()
+            )
+        })?;
+        let train = map(&dir.join("train.bin"))?;
+        let val = map(&dir.join("val.bin"))?;
+        for (name, mmap, tokens) in [
+            ("train.bin", &train, meta.train.tokens),
+            ("val.bin", &val, meta.val.tokens),
+        ] {
+            if mmap.len() as u64 != tokens * 2 {
+                bail!(
+                    "{}/{name} holds {} tokens but meta.json says {tokens}: the build is incomplete, rerun `data_prep build --force`",
+                    dir.display(),
+                    mmap.len() / 2
+                );
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            train,
+            val,
+        })
+    }
+
+    pub fn train_tokens(&self) -> usize {
+        self.train.len() / 2
+    }
+
+    pub fn val_tokens(&self) -> usize {
+        self.val.len() / 2
+    }
+
+    /// Refuse a context the data cannot fill.
+    pub fn check_context(&self, context_len: usize) -> Result<()> {
+        for (split, n) in [("train", self.train_tokens()), ("val", self.val_tokens())] {
+            if n < context_len + 1 {
+                bail!(
+                    "context_len = {context_len} needs at least {} tokens but the {split} split of {} has {n}: lower context_len or use more data",
+                    context_len + 1,
+                    self.dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Token i of a u16 little-endian buffer.
+    fn window(buf: &[u8], start: usize, len: usize, out: &mut Vec<u32>) {
+        out.extend(
+            buf[start * 2..(start + len) * 2]
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32),
+        );
+    }
+
+    /// Inputs and targets (B,T) from windows starting at `starts`.
+    fn batch(buf: &[u8], starts: &[usize], t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let mut x = Vec::with_capacity(starts.len() * t);
+        let mut y = Vec::with_capacity(starts.len() * t);
+        let mut w = Vec::with_capacity(t + 1);
+        for &s in starts {
+            w.clear();
+            Self::window(buf, s, t + 1, &mut w);
+            x.extend_from_slice(&w[..t]);
+            y.extend_from_slice(&w[1..]);
+        }
+        let b = starts.len();
+        Ok((
+            Tensor::from_vec(x, (b, t), device)?,
+            Tensor::from_vec(y, (b, t), device)?,
+        ))
+    }
+
+    /// Window starts of one training batch of `b` windows, drawn from `rng` (whose state is checkpointed).
+    pub fn sample_starts(&self, rng: &mut ChaCha8Rng, b: usize, t: usize) -> Vec<usize> {
+        let max_start = self.train_tokens() - (t + 1);
+        (0..b).map(|_| rng.gen_range(0..=max_start)).collect()
+    }
+
+    /// A training batch from given window starts.
+    pub fn train_batch(
+        &self,
+        starts: &[usize],
+        t: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        Self::batch(&self.train, starts, t, device)
+    }
+
+    /// The fixed validation batches: `n_batches` × `b` windows spread evenly over the val split.
+    pub fn val_batches(
+        &self,
+        n_batches: usize,
+        b: usize,
+        t: usize,
+        device: &Device,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let n = n_batches * b;
+        let span = self.val_tokens() - (t + 1);
+        let starts: Vec<usize> = (0..n)
+            .map(|i| if n > 1 { i * span / (n - 1) } else { 0 })
+            .collect();
+        starts
+            .chunks(b)
+            .map(|chunk| Self::batch(&self.val, chunk, t, device))
+            .collect()
+    }
+
+    /// Bits per UTF-8 byte of the val split for a mean loss in nats per token.
+    pub fn bits_per_byte(&self, loss_nats: f64) -> f64 {
+        let tokens = self.meta.val.tokens as f64;
+        let bytes = self.meta.val.bytes.max(1) as f64;
+        loss_nats / std::f64::consts::LN_2 * tokens / bytes
+    }
+}

@@ -1,0 +1,442 @@
+//! `engine train`: one training run with periodic evals, atomic checkpoints, exact resume and a JSON-lines
+//! event stream (see `engine/PROTOCOL.md`).
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod emitter;
+pub mod optim;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::events::{Event, PROTOCOL_VERSION};
+use crate::model::{build_seeded, BitLlama, ModelConfig};
+use checkpoint::{config_hash, CheckpointDir, CheckpointState, CHECKPOINT_FORMAT};
+pub use config::TrainConfig;
+use data::TokenData;
+use emitter::Emitter;
+use optim::{clip_grad_norm, lr_at, AdamW};
+
+/// Windows per validation batch: fixed, so evals of runs with different batch sizes compare.
+pub const VAL_BATCH: usize = 8;
+
+/// What `engine train` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct TrainArgs {
+    pub config: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub sets: Vec<String>,
+}
+
+/// How a run ended (errors are `Err`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Interrupted,
+}
+
+/// The device named by `device = "cpu" | "cuda:N"`.
+pub fn device_from_name(name: &str) -> Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let Some(ordinal) = name
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        bail!("device = {name:?} is not known: use \"cpu\" or \"cuda:N\"");
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!("device = {name:?} needs an engine built with `--features cuda`: this build is CPU-only, use device = \"cpu\"");
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// Mean next-token cross entropy of `model` on (x, y).
+pub fn lm_loss(model: &BitLlama, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let logits = model.forward(x)?;
+    let (b, t, v) = logits.dims3()?;
+    let loss = candle_nn::loss::cross_entropy(
+        &logits.reshape((b * t, v))?.to_dtype(DType::F32)?,
+        &y.flatten_all()?,
+    )?;
+    Ok(loss)
+}
+
+/// Sum two gradient stores (gradient accumulation).
+fn add_grads(mut acc: GradStore, g: GradStore, vars: &[Var]) -> Result<GradStore> {
+    for v in vars {
+        if let Some(new) = g.get(v.as_tensor()) {
+            let sum = match acc.remove(v.as_tensor()) {
+                Some(old) => (old + new)?,
+                None => new.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
+}
+
+/// Mean loss over the fixed validation batches.
+fn evaluate(model: &BitLlama, batches: &[(Tensor, Tensor)]) -> Result<f64> {
+    let mut sum = 0.0;
+    for (x, y) in batches {
+        sum += lm_loss(model, x, y)?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum / batches.len() as f64)
+}
+
+/// Load a checkpoint's tensors into the model's variables, refusing another architecture.
+fn restore(
+    varmap: &candle_nn::VarMap,
+    ck: &checkpoint::LoadedCheckpoint,
+    model_cfg: &ModelConfig,
+) -> Result<()> {
+    if ck.state.model_config.vocab_size != model_cfg.vocab_size {
+        bail!(
+            "checkpoint {} was trained with vocab {} but data_dir's meta.json has vocab {}: point data_dir at the data the run was trained on",
+            ck.path.display(),
+            ck.state.model_config.vocab_size,
+            model_cfg.vocab_size
+        );
+    }
+    if ck.state.config_hash != config_hash(model_cfg) {
+        bail!(
+            "checkpoint {} is from a different model config ({:?}) than the run's ({:?}): model keys cannot change on resume",
+            ck.path.display(),
+            ck.state.model_config,
+            model_cfg
+        );
+    }
+    let data = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        let Some(t) = ck.model.get(name) else {
+            bail!("checkpoint {} has no tensor {name}", ck.path.display());
+        };
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)
+            .with_context(|| format!("restoring {name}"))?;
+    }
+    Ok(())
+}
+
+/// Take the run directory's lock so two engines never write the same run.
+fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
+    let path = run_dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!(
+                "run dir {} is in use by another engine process",
+                run_dir.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the run dir"),
+    }
+}
+
+/// Register SIGINT/SIGTERM: the first sets the returned flag (finish the step, checkpoint, exit); a second
+/// one exits at once with the interrupted code.
+fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(
+            sig,
+            crate::events::EXIT_INTERRUPTED,
+            flag.clone(),
+        )?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// Run `engine train`. Events go to stdout and `RUN_DIR/metrics.jsonl`; an error is also emitted as an
+/// `error` event before it is returned.
+pub fn train(args: &TrainArgs) -> Result<Outcome> {
+    let mut emitter = Emitter::stdout_only();
+    let result = train_inner(args, &mut emitter);
+    if let Err(e) = &result {
+        emitter.emit(&Event::Error {
+            message: format!("{e:#}"),
+        });
+    }
+    result
+}
+
+fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
+    // 1. Resolve the run dir and config.
+    let (run_dir, cfg, resuming) = match (&args.resume, &args.out) {
+        (Some(dir), _) => {
+            let file = dir.join("config.toml");
+            if !file.is_file() {
+                bail!("{} has no config.toml: --resume needs a run dir made by `engine train --out`", dir.display());
+            }
+            (dir.clone(), TrainConfig::load(Some(&file), &args.sets)?, true)
+        }
+        (None, Some(out)) => {
+            let cfg = TrainConfig::load(args.config.as_deref(), &args.sets)?;
+            if CheckpointDir::new(out).any() {
+                bail!("{} already holds checkpoints: continue it with `engine train --resume {}` or pick a new --out", out.display(), out.display());
+            }
+            (out.clone(), cfg, false)
+        }
+        (None, None) => bail!("say where the run goes: `engine train --config RUN.toml --out RUN_DIR` (or --resume RUN_DIR)"),
+    };
+    cfg.validate()?;
+    let data_dir = cfg.data_dir.clone().expect("validated");
+    let data = TokenData::open(&data_dir)?;
+    data.check_context(cfg.context_len)?;
+    let model_cfg = cfg.model_config(data.meta.vocab_size);
+    model_cfg.validate()?;
+    let device = device_from_name(&cfg.device)?;
+
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating run dir {}", run_dir.display()))?;
+    let _lock = lock_run_dir(&run_dir)?;
+    checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let tok_src = data_dir.join("tokenizer.json");
+    if tok_src.is_file() {
+        std::fs::copy(&tok_src, run_dir.join("tokenizer.json"))
+            .context("copying tokenizer.json into the run dir")?;
+    }
+    emitter.attach_file(&run_dir.join("metrics.jsonl"))?;
+
+    // 2. Model, optimizer, data RNG — fresh or from the newest valid checkpoint.
+    let (varmap, model) = build_seeded(&model_cfg, cfg.seed, DType::F32, &device)?;
+    let named = varmap.data().lock().expect("varmap lock").clone();
+    let vars: Vec<Var> = varmap.all_vars();
+    let mut opt = AdamW::new(&named, cfg.weight_decay)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let (mut step, mut tokens, mut elapsed_before) = (0u64, 0u64, 0f64);
+    let ckpts = CheckpointDir::new(&run_dir);
+    let mut last_val: Option<f64> = None;
+    if resuming {
+        match ckpts.load_latest(&device)? {
+            Some(ck) => {
+                restore(&varmap, &ck, &model_cfg)?;
+                opt.load_state(&ck.optimizer, ck.state.step)?;
+                rng = ChaCha8Rng::seed_from_u64(ck.state.rng_seed);
+                rng.set_word_pos(
+                    ck.state
+                        .rng_word_pos
+                        .parse()
+                        .context("rng_word_pos in state.json")?,
+                );
+                (step, tokens, elapsed_before) =
+                    (ck.state.step, ck.state.tokens, ck.state.elapsed_s);
+                last_val = ck.state.last_val_loss;
+                tracing::info!("resuming from {} (step {step})", ck.path.display());
+            }
+            None => tracing::warn!(
+                "no valid checkpoint in {}: starting from step 0",
+                run_dir.display()
+            ),
+        }
+    }
+
+    let horizon = cfg.schedule_horizon();
+    emitter.emit(&Event::Start {
+        protocol: PROTOCOL_VERSION,
+        run_dir: run_dir.display().to_string(),
+        step,
+        total_steps: horizon,
+        params: model_cfg.param_count() as u64,
+        resumed: resuming,
+        device: cfg.device.clone(),
+        world_size: 1,
+    });
+    let stop = install_signal_handlers()?;
+    let val_batches = data.val_batches(cfg.eval_batches, VAL_BATCH, cfg.context_len, &device)?;
+    let micro = cfg.batch_size / cfg.grad_accum;
+    let t = cfg.context_len;
+    let bar = progress_bar(horizon, step);
+
+    let save = |step: u64,
+                tokens: u64,
+                elapsed: f64,
+                rng: &ChaCha8Rng,
+                opt: &AdamW,
+                last_val: Option<f64>|
+     -> Result<Event> {
+        let state = CheckpointState {
+            format_version: CHECKPOINT_FORMAT,
+            step,
+            tokens,
+            elapsed_s: elapsed,
+            rng_seed: cfg.seed,
+            rng_word_pos: rng.get_word_pos().to_string(),
+            config_hash: config_hash(&model_cfg),
+            model_config: model_cfg.clone(),
+            world_size: 1,
+            model_sha256: String::new(),
+            optimizer_sha256: String::new(),
+            last_val_loss: last_val,
+        };
+        let tensors = named
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let (path, bytes) =
+            ckpts.save(state, &tensors, &opt.state_tensors(), cfg.keep_checkpoints)?;
+        Ok(Event::Checkpoint {
+            step,
+            path: path.display().to_string(),
+            bytes,
+        })
+    };
+
+    // 3. The loop.
+    let started = Instant::now();
+    let mut window = (Instant::now(), tokens);
+    let elapsed = |started: &Instant| elapsed_before + started.elapsed().as_secs_f64();
+    let mut saved_at = step;
+    while !cfg.finished(step, tokens, elapsed(&started)) {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, horizon);
+        let starts = data.sample_starts(&mut rng, cfg.batch_size, t);
+        let (mut grads, mut loss_sum) = (None::<GradStore>, 0f64);
+        for chunk in starts.chunks(micro) {
+            let (x, y) = data.train_batch(chunk, t, &device)?;
+            let loss = lm_loss(&model, &x, &y)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = (loss / cfg.grad_accum as f64)?.backward()?;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => add_grads(acc, g, &vars)?,
+            });
+        }
+        let mut grads = grads.expect("at least one micro-batch");
+        let grad_norm = clip_grad_norm(&mut grads, &vars, cfg.grad_clip)?;
+        opt.update(&grads, lr)?;
+        let loss = loss_sum / cfg.grad_accum as f64;
+        if !loss.is_finite() {
+            bail!(
+                "loss became {loss} at step {}: lower lr or raise warmup_steps",
+                step + 1
+            );
+        }
+        step += 1;
+        tokens += (cfg.batch_size * t) as u64;
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss:.4}"));
+
+        if step % cfg.log_every == 0 {
+            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            let tps = (tokens - window.1) as f64 / secs;
+            window = (Instant::now(), tokens);
+            bar.set_message(format!("loss {loss:.4} · {tps:.0} tok/s"));
+            emitter.emit(&Event::Step {
+                step,
+                loss,
+                lr,
+                tokens,
+                tokens_per_s: tps,
+                elapsed_s: elapsed(&started),
+                grad_norm,
+            });
+        }
+        let finishing = cfg.finished(step, tokens, elapsed(&started));
+        if step % cfg.eval_every == 0 && !finishing {
+            let val_loss = evaluate(&model, &val_batches)?;
+            last_val = Some(val_loss);
+            emitter.emit(&Event::Eval {
+                step,
+                val_loss,
+                val_bpb: data.bits_per_byte(val_loss),
+            });
+        }
+        if step % cfg.checkpoint_every == 0 && !finishing {
+            emitter.emit(&save(
+                step,
+                tokens,
+                elapsed(&started),
+                &rng,
+                &opt,
+                last_val,
+            )?);
+            saved_at = step;
+        }
+    }
+    bar.finish_and_clear();
+
+    // 4. Interrupted: checkpoint and stop. Finished: final eval and checkpoint.
+    if stop.load(Ordering::SeqCst) && !cfg.finished(step, tokens, elapsed(&started)) {
+        if saved_at != step {
+            emitter.emit(&save(
+                step,
+                tokens,
+                elapsed(&started),
+                &rng,
+                &opt,
+                last_val,
+            )?);
+        }
+        emitter.emit(&Event::Interrupted {
+            step,
+            signal: "SIGINT/SIGTERM".into(),
+        });
+        return Ok(Outcome::Interrupted);
+    }
+    let val_loss = evaluate(&model, &val_batches)?;
+    let val_bpb = data.bits_per_byte(val_loss);
+    emitter.emit(&Event::Eval {
+        step,
+        val_loss,
+        val_bpb,
+    });
+    emitter.emit(&save(
+        step,
+        tokens,
+        elapsed(&started),
+        &rng,
+        &opt,
+        Some(val_loss),
+    )?);
+    emitter.emit(&Event::Done {
+        step,
+        tokens,
+        elapsed_s: elapsed(&started),
+        val_loss: Some(val_loss),
+        val_bpb: Some(val_bpb),
+    });
+    Ok(Outcome::Done)
+}
+
+/// An indicatif bar on a terminal; hidden otherwise (the step events are the plain-text progress).
+fn progress_bar(total: Option<u64>, pos: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::no_length(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{elapsed_precise} eta {eta}] {bar:30} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(pos);
+    bar
+}

@@ -1,0 +1,261 @@
+//! AdamW (Loshchilov & Hutter 2019) whose state (moments, step count) can be checkpointed, a warm-up +
+//! cosine learning-rate schedule, and global-norm gradient clipping.
+//!
+//! candle-nn's `AdamW` keeps its moments private, so it cannot be saved; this one follows the same update
+//! rule (checked against candle-nn's in a test).
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+/// β1, β2, ε of AdamW.
+pub const BETA1: f64 = 0.9;
+pub const BETA2: f64 = 0.95;
+pub const EPS: f64 = 1e-8;
+
+/// One trainable tensor with its AdamW moments.
+struct Slot {
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+/// AdamW over named parameters.
+pub struct AdamW {
+    slots: BTreeMap<String, Slot>,
+    /// Optimizer steps taken so far (bias correction uses it).
+    pub step: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+}
+
+/// No weight decay on norms, embeddings, biases and other vectors: only matrices of linears decay.
+pub fn decays(name: &str, rank: usize) -> bool {
+    rank >= 2
+        && !name.starts_with("embed")
+        && !name.contains("norm")
+        && !name.contains(".ln.")
+        && !name.ends_with("b0")
+}
+
+impl AdamW {
+    pub fn new(vars: &HashMap<String, Var>, weight_decay: f64) -> Result<Self> {
+        Self::with_betas(vars, weight_decay, BETA1, BETA2)
+    }
+
+    pub fn with_betas(
+        vars: &HashMap<String, Var>,
+        weight_decay: f64,
+        beta1: f64,
+        beta2: f64,
+    ) -> Result<Self> {
+        let slots = vars
+            .iter()
+            .map(|(name, var)| {
+                let t = var.as_tensor();
+                Ok((
+                    name.clone(),
+                    Slot {
+                        var: var.clone(),
+                        m: t.zeros_like()?,
+                        v: t.zeros_like()?,
+                        decay: decays(name, t.rank()),
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            slots,
+            step: 0,
+            beta1,
+            beta2,
+            weight_decay,
+        })
+    }
+
+    /// One update with learning rate `lr` from gradients `grads` (already accumulated and clipped).
+    pub fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.beta1.powi(t);
+        let bc2 = 1.0 - self.beta2.powi(t);
+        for (name, slot) in self.slots.iter_mut() {
+            let Some(g) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
+            let g = g
+                .to_dtype(slot.m.dtype())
+                .with_context(|| format!("gradient of {name}"))?;
+            // m ← β1 m + (1−β1) g ;  v ← β2 v + (1−β2) g²
+            slot.m = ((&slot.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            slot.v = ((&slot.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            // θ ← θ(1 − lr·λ) − lr · m̂ / (√v̂ + ε)
+            let m_hat = (&slot.m / bc1)?;
+            let v_hat = (&slot.v / bc2)?;
+            let theta = slot.var.as_tensor();
+            let theta = if slot.decay && self.weight_decay > 0.0 {
+                (theta * (1.0 - lr * self.weight_decay))?
+            } else {
+                theta.clone()
+            };
+            let next = (theta - (m_hat / (v_hat.sqrt()? + EPS)?)? * lr)?;
+            slot.var.set(&next)?;
+        }
+        Ok(())
+    }
+
+    /// Moments as named tensors (`m.NAME`, `v.NAME`) for the checkpoint.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::with_capacity(self.slots.len() * 2);
+        for (name, slot) in &self.slots {
+            out.insert(format!("m.{name}"), slot.m.clone());
+            out.insert(format!("v.{name}"), slot.v.clone());
+        }
+        out
+    }
+
+    /// Restore moments saved by [`Self::state_tensors`]; every parameter must be present with its shape.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        for (name, slot) in self.slots.iter_mut() {
+            for (prefix, dst) in [("m", &mut slot.m), ("v", &mut slot.v)] {
+                let key = format!("{prefix}.{name}");
+                let Some(t) = tensors.get(&key) else {
+                    bail!("optimizer state has no {key}: the checkpoint is from a different model");
+                };
+                if t.shape() != dst.shape() {
+                    bail!(
+                        "optimizer state {key} has shape {:?}, the model needs {:?}",
+                        t.dims(),
+                        dst.dims()
+                    );
+                }
+                *dst = t.to_dtype(dst.dtype())?.to_device(dst.device())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Learning rate at `step` (0-based): linear warm-up to `lr`, then cosine to `min_lr` at `horizon`
+/// (constant `lr` after warm-up when the horizon is unknown, i.e. `max_seconds` runs).
+pub fn lr_at(step: u64, lr: f64, min_lr: f64, warmup: u64, horizon: Option<u64>) -> f64 {
+    if step < warmup {
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let Some(h) = horizon else { return lr };
+    if step >= h || h <= warmup {
+        return min_lr;
+    }
+    let progress = (step - warmup) as f64 / (h - warmup) as f64;
+    min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Scale gradients so their global L2 norm is at most `max_norm` (0 = no clipping). Returns the norm
+/// before clipping.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::{Optimizer, ParamsAdamW};
+
+    #[test]
+    fn matches_candle_nn_adamw() -> Result<()> {
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1.0, (4, 3), &dev)?;
+        let ours = Var::from_tensor(&init)?;
+        let theirs = Var::from_tensor(&init)?;
+        let target = Tensor::randn(0f32, 1.0, (4, 3), &dev)?;
+        let mut vars = HashMap::new();
+        vars.insert("blocks.0.w.weight".to_string(), ours.clone());
+        let mut opt = AdamW::new(&vars, 0.1)?;
+        let params = ParamsAdamW {
+            lr: 0.01,
+            beta1: BETA1,
+            beta2: BETA2,
+            eps: EPS,
+            weight_decay: 0.1,
+        };
+        let mut reference = candle_nn::AdamW::new(vec![theirs.clone()], params)?;
+        for _ in 0..5 {
+            let g_ours = (ours.as_tensor() - &target)?.sqr()?.sum_all()?.backward()?;
+            opt.update(&g_ours, 0.01)?;
+            let loss = (theirs.as_tensor() - &target)?.sqr()?.sum_all()?;
+            reference.backward_step(&loss)?;
+        }
+        let diff = (ours.as_tensor() - theirs.as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "ours and candle-nn's AdamW differ by {diff}");
+        assert_eq!(opt.step, 5);
+        Ok(())
+    }
+
+    #[test]
+    fn state_round_trips() -> Result<()> {
+        let dev = Device::Cpu;
+        let v = Var::zeros((2, 2), DType::F32, &dev)?;
+        let mut vars = HashMap::new();
+        vars.insert("a.weight".to_string(), v.clone());
+        let mut opt = AdamW::new(&vars, 0.0)?;
+        let g = (v.as_tensor() + 1.0)?.sum_all()?.backward()?;
+        opt.update(&g, 0.1)?;
+        let saved = opt.state_tensors();
+        let mut fresh = AdamW::new(&vars, 0.0)?;
+        fresh.load_state(&saved, opt.step)?;
+        assert_eq!(fresh.step, 1);
+        let a: Vec<f32> = fresh.state_tensors()["m.a.weight"]
+            .flatten_all()?
+            .to_vec1()?;
+        let b: Vec<f32> = saved["m.a.weight"].flatten_all()?.to_vec1()?;
+        assert_eq!(a, b);
+        Ok(())
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        assert!((lr_at(0, 1.0, 0.1, 10, Some(100)) - 0.1).abs() < 1e-12);
+        assert!((lr_at(9, 1.0, 0.1, 10, Some(100)) - 1.0).abs() < 1e-12);
+        assert!((lr_at(10, 1.0, 0.1, 10, Some(100)) - 1.0).abs() < 1e-12);
+        assert!((lr_at(55, 1.0, 0.1, 10, Some(100)) - 0.55).abs() < 1e-9);
+        assert!((lr_at(100, 1.0, 0.1, 10, Some(100)) - 0.1).abs() < 1e-12);
+        assert_eq!(lr_at(500, 1.0, 0.1, 10, None), 1.0);
+    }
+
+    #[test]
+    fn no_decay_on_norms_and_embeddings() {
+        assert!(decays("blocks.0.mlp.up.weight", 2));
+        assert!(!decays("embed.weight", 2));
+        assert!(!decays("blocks.0.norm1.weight", 1));
+        assert!(!decays("blocks.0.mixer.ln.weight", 3));
+        assert!(!decays("blocks.0.mixer.b0", 3));
+    }
+}

@@ -1,0 +1,316 @@
+//! End-to-end: `engine train` runs, streams events, checkpoints, resumes exactly after SIGKILL, and refuses
+//! bad input with one clear line.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn trains_and_streams_the_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        tiny_config(&data, "steps = 12\nmixer = \"attention\"\n"),
+    )
+    .unwrap();
+    let run_dir = dir.path().join("run");
+    let out = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let ev = events(&stdout);
+    assert_eq!(ev.first().unwrap()["event"], "start");
+    assert_eq!(ev.first().unwrap()["protocol"], 1);
+    assert_eq!(ev.last().unwrap()["event"], "done");
+    assert!(ev
+        .iter()
+        .any(|e| e["event"] == "eval" && e["val_bpb"].as_f64().unwrap() > 0.0));
+    assert!(ev
+        .iter()
+        .any(|e| e["event"] == "checkpoint" && e["step"] == 12));
+    assert_eq!(step_losses(&stdout).len(), 12);
+    // stdout and metrics.jsonl carry the same lines; the run dir is self-contained.
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap(),
+        stdout
+    );
+    assert!(run_dir.join("config.toml").is_file() && run_dir.join("tokenizer.json").is_file());
+    assert!(run_dir
+        .join("checkpoints/step-00000012/model.safetensors")
+        .is_file());
+
+    // The same run dir is refused without --resume.
+    let again = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run_dir.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+
+    // Resume may extend the run.
+    let more = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "steps=15",
+    ]);
+    assert!(
+        more.status.success(),
+        "{}",
+        String::from_utf8_lossy(&more.stderr)
+    );
+    let steps: Vec<u64> = step_losses(&String::from_utf8(more.stdout).unwrap())
+        .iter()
+        .map(|s| s.0)
+        .collect();
+    assert_eq!(steps, vec![13, 14, 15]);
+}
+
+/// A run of 40 steps, and the same run SIGKILLed at a random moment after step 20's checkpoint and then
+/// resumed, log the same per-step losses and end with a byte-identical model.
+#[test]
+fn resume_after_sigkill_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 40\ngrad_accum = 2\n")).unwrap();
+    let reference = dir.path().join("ref");
+    let out = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        reference.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: BTreeMap<u64, f64> = step_losses(&String::from_utf8(out.stdout).unwrap())
+        .into_iter()
+        .collect();
+    assert_eq!(want.len(), 40);
+    let want_model =
+        std::fs::read(reference.join("checkpoints/step-00000040/model.safetensors")).unwrap();
+
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ std::process::id() as u64;
+    for attempt in 0..3 {
+        let run_dir = dir.path().join(format!("killed-{attempt}"));
+        let mut child = engine()
+            .args([
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--out",
+                run_dir.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        // Wait for step 20's checkpoint, then kill after a random delay (0–150 ms).
+        loop {
+            let line = lines
+                .next()
+                .expect("engine ended before step 20's checkpoint")
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["event"] == "checkpoint" && v["step"] == 20 {
+                break;
+            }
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 150));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        drop(lines);
+
+        let resumed = run(&["train", "--resume", run_dir.to_str().unwrap()]);
+        assert!(
+            resumed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&resumed.stderr)
+        );
+        let got = step_losses(&String::from_utf8(resumed.stdout).unwrap());
+        assert!(!got.is_empty() && got.last().unwrap().0 == 40);
+        for (step, loss) in got {
+            assert_eq!(
+                want[&step], loss,
+                "attempt {attempt}: step {step} differs after resume"
+            );
+        }
+        let model =
+            std::fs::read(run_dir.join("checkpoints/step-00000040/model.safetensors")).unwrap();
+        assert!(
+            model == want_model,
+            "attempt {attempt}: final model differs"
+        );
+    }
+}
+
+#[test]
+fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 100000\n")).unwrap();
+    let run_dir = dir.path().join("run");
+    let mut child = engine()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            run_dir.to_str().unwrap(),
+        ])
+        .args(["--set", "checkpoint_every=1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let t0 = Instant::now();
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if v["event"] == "step" && v["step"] == 3 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60));
+    }
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    assert_eq!(last["event"], "interrupted");
+    let step = last["step"].as_u64().unwrap();
+    assert!(run_dir
+        .join(format!("checkpoints/step-{step:08}/state.json"))
+        .is_file());
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    let cases: Vec<(String, Vec<String>, &str)> = vec![
+        (tiny_config(&data, "dimm = 3\n"), vec![], "dimm"),
+        ("dim = [\n".into(), vec![], "not valid TOML"),
+        ("steps = 3\n".into(), vec![], "data_dir"),
+        (
+            tiny_config(&data, ""),
+            vec!["data_dir=/nonexistent/data".into()],
+            "does not exist",
+        ),
+        (
+            tiny_config(&data, ""),
+            vec!["context_len=100000".into()],
+            "context_len",
+        ),
+        (tiny_config(&data, ""), vec!["dim=33".into()], "n_heads"),
+        (tiny_config(&data, ""), vec!["device=tpu".into()], "device"),
+    ];
+    for (i, (text, sets, needle)) in cases.into_iter().enumerate() {
+        std::fs::write(&cfg, text).unwrap();
+        let run_dir = dir.path().join(format!("bad-{i}"));
+        let mut args = vec![
+            "train".to_string(),
+            "--config".into(),
+            cfg.display().to_string(),
+            "--out".into(),
+            run_dir.display().to_string(),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s);
+        }
+        let out = engine().args(&args).output().unwrap();
+        assert!(!out.status.success(), "case {i} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("case {i}: {stderr}"));
+        assert!(line.contains(needle), "case {i}: {line}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("\"event\":\"error\""),
+            "case {i}: no error event"
+        );
+    }
+    // A missing config file and an unknown run to resume.
+    let out = run(&[
+        "train",
+        "--config",
+        "/nonexistent.toml",
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    let out = run(&[
+        "train",
+        "--resume",
+        dir.path().join("nope").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("config.toml"));
+}
+
+#[test]
+fn a_checkpoint_from_another_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 5\n")).unwrap();
+    let run_dir = dir.path().join("run");
+    assert!(run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run_dir.to_str().unwrap()
+    ])
+    .status
+    .success());
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "dim=64",
+        "--set",
+        "steps=8",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("different model config"));
+}
