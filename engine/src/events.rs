@@ -1,6 +1,8 @@
 //! The JSON-lines protocol on the engine's stdout (and in `RUN_DIR/metrics.jsonl`), read by the runner.
 //! Documented in `engine/PROTOCOL.md`; bump [`PROTOCOL_VERSION`] on incompatible changes.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Version of the event protocol, sent in the `start` event.
@@ -36,6 +38,9 @@ pub enum Event {
         tokens_per_s: f64,
         elapsed_s: f64,
         grad_norm: f64,
+        /// Further scalar metrics by name (optional; absent when empty).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        extra: BTreeMap<String, f64>,
     },
     /// Validation on the fixed val batches.
     Eval {

@@ -162,6 +162,15 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// Resolve defaults → a table of settings (e.g. a sweep's `[base]` plus swept values). Unknown keys are
+    /// errors that name them.
+    pub fn from_table(table: &toml::Table) -> Result<Self> {
+        Figment::from(Serialized::defaults(TrainConfig::default()))
+            .merge(Serialized::defaults(table))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))
+    }
+
     /// Overlay `--set` values on an existing config (used on resume).
     pub fn with_sets(&self, sets: &[String]) -> Result<Self> {
         let mut fig = Figment::from(Serialized::defaults(self.clone()));

@@ -168,6 +168,16 @@ fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// Ask the kernel to send SIGTERM when the launching process (e.g. the runner) dies, so no engine outlives
+/// its runner as an orphan; SIGTERM checkpoints and stops as usual.
+fn die_with_parent() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and has no memory effects.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+    }
+}
+
 /// Run `engine train`. Events go to stdout and `RUN_DIR/metrics.jsonl`; an error is also emitted as an
 /// `error` event before it is returned.
 pub fn train(args: &TrainArgs) -> Result<Outcome> {
@@ -264,6 +274,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         world_size: 1,
     });
     let stop = install_signal_handlers()?;
+    die_with_parent();
     let val_batches = data.val_batches(cfg.eval_batches, VAL_BATCH, cfg.context_len, &device)?;
     let micro = cfg.batch_size / cfg.grad_accum;
     let t = cfg.context_len;
@@ -353,6 +364,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 tokens_per_s: tps,
                 elapsed_s: elapsed(&started),
                 grad_norm,
+                extra: Default::default(),
             });
         }
         let finishing = cfg.finished(step, tokens, elapsed(&started));

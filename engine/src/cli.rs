@@ -1,0 +1,82 @@
+//! The `engine` command line, in the library so that the runner can start the same engine from its own
+//! binary when no separate `engine` executable is installed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::events::{EXIT_ERROR, EXIT_INTERRUPTED};
+use crate::train::{train, Outcome, TrainArgs};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "engine",
+    version,
+    about = "Bit-Llama engine: train ternary-weight TTT language models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a run, or resume one. Prints one JSON event per line on stdout (see engine/PROTOCOL.md) and
+    /// the same lines to RUN_DIR/metrics.jsonl; human progress goes to stderr. SIGINT/SIGTERM finish the
+    /// step, write a checkpoint and exit with code 130; a second signal exits at once.
+    ///
+    /// Settings are layered: built-in defaults → --config TOML → ENGINE_<KEY> environment → --set key=value.
+    #[command(
+        after_help = "Examples:\n  engine train --config run.toml --out runs/a --set steps=200\n  engine train --resume runs/a --set steps=400"
+    )]
+    Train {
+        /// A flat TOML table of run settings (dim, n_layers, data_dir, steps, lr, ...).
+        #[arg(long, value_name = "RUN.toml", conflicts_with = "resume")]
+        config: Option<PathBuf>,
+        /// The run directory to create (config.toml, metrics.jsonl, checkpoints/).
+        #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
+        out: Option<PathBuf>,
+        /// Continue the run in RUN_DIR from its newest valid checkpoint.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
+        resume: Option<PathBuf>,
+        /// Override one setting, e.g. --set steps=500 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+}
+
+/// Parse `args` (the first is the program name) and run the command.
+pub fn run_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .try_init();
+    let cli = Cli::parse_from(args);
+    match cli.command {
+        Command::Train {
+            config,
+            out,
+            resume,
+            sets,
+        } => match train(&TrainArgs {
+            config,
+            out,
+            resume,
+            sets,
+        }) {
+            Ok(Outcome::Done) => ExitCode::SUCCESS,
+            Ok(Outcome::Interrupted) => ExitCode::from(EXIT_INTERRUPTED as u8),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_ERROR as u8)
+            }
+        },
+    }
+}

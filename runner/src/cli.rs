@@ -1,0 +1,525 @@
+//! The `runner` command line: argument parsing in one place; the work is in the library modules.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use engine::events::Event;
+
+use crate::ingest;
+use crate::report::{self, ReportRow};
+use crate::scheduler::{self, EngineCommand, Summary};
+use crate::spec::{self, Sweep, SweepFile};
+use crate::store::{Id, RunStatus, RunStore};
+
+#[derive(Parser)]
+#[command(
+    name = "runner",
+    version,
+    about = "Hyperparameter sweeps over Bit-Llama runs, tracked in SQLite",
+    long_about = "Hyperparameter sweeps over Bit-Llama runs: expands sweep files into runs, launches one `engine train` \
+                  process per run on free devices, records metrics, checkpoints and status in HOME/runs.db (SQLite), \
+                  resumes interrupted work and reports results."
+)]
+pub struct Cli {
+    /// Folder holding runs.db and one folder per run.
+    #[arg(long, global = true, env = "RUNNER_HOME", default_value = "runs")]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Expand sweep files into runs, record them, run them all over the free devices, and print the report.
+    /// Several files share one queue. Ctrl-C asks running engines to checkpoint and stop; `runner resume`
+    /// continues. Exits non-zero when any run failed.
+    Sweep {
+        /// Sweep TOML files (e.g. experiments/*.toml).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Print the expanded runs with parameter counts and memory estimates; launch nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Continue a run (ID like 7) from its latest checkpoint, or a sweep (ID like s3): its interrupted and
+    /// failed runs resume and never-started ones launch. Completed runs are not rerun.
+    Resume { id: String },
+    /// Compare runs: one row per run with swept parameters, steps, final/best val loss, bpb, tokens/s, wall
+    /// time and the latest checkpoint.
+    Report {
+        /// Only this sweep (e.g. s3); all runs by default.
+        sweep: Option<String>,
+        /// Column to sort by: id, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s.
+        #[arg(long, default_value = "id")]
+        sort: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Also write a self-contained HTML page (loss curves, val loss vs each swept parameter, the table).
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+    },
+    /// List sweeps and runs with their status.
+    Ls,
+    /// Show a run (config, status events, checkpoints, last metrics, why it failed) or a sweep's runs.
+    Show { id: String },
+    /// Benchmark ingestion: synthetic engine streams through the real parse + SQLite path. Leaves the DB in
+    /// --home so `runner report` can be timed on it.
+    BenchIngest {
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        #[arg(long, default_value_t = 1000)]
+        steps: usize,
+        /// Metrics per step event (at least 4: loss, lr, tokens_per_s, grad_norm).
+        #[arg(long, default_value_t = 4)]
+        metrics: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The embedded engine (`runner engine train ...`), used to launch runs when RUNNER_ENGINE is not set.
+    #[command(hide = true, disable_help_flag = true)]
+    Engine {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The embedded engine runs without a tokio runtime and with the engine's own CLI.
+    if args.get(1).is_some_and(|a| a == "engine") {
+        let mut engine_args = vec![std::ffi::OsString::from("engine")];
+        engine_args.extend(args[2..].iter().cloned());
+        return engine::cli::run_from(engine_args);
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_target(false)
+        .try_init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Sweep { files, dry_run } => sweep(&cli.home, &files, dry_run).await,
+        Command::Resume { id } => resume(&cli.home, &id).await,
+        Command::Report {
+            sweep,
+            sort,
+            format,
+            html,
+        } => {
+            let store = open_existing(&cli.home).await?;
+            let sweep_id = match sweep.as_deref().map(str::parse::<Id>).transpose()? {
+                Some(Id::Sweep(s)) => Some(store.sweep(s).await?.id),
+                Some(Id::Run(r)) => bail!(
+                    "{r} is a run id; report takes a sweep id like s{r} (or none for all runs)"
+                ),
+                None => None,
+            };
+            report_runs(&store, sweep_id, &sort, format, html.as_deref()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ls => ls(&cli.home).await,
+        Command::Show { id } => show(&cli.home, &id).await,
+        Command::BenchIngest {
+            runs,
+            steps,
+            metrics,
+            json,
+        } => bench_ingest(&cli.home, runs, steps, metrics, json).await,
+        Command::Engine { .. } => unreachable!("handled before parsing"),
+    }
+}
+
+async fn open_existing(home: &Path) -> Result<RunStore> {
+    if !home.join("runs.db").is_file() {
+        bail!("no runs.db in {}: start a sweep first (`runner sweep experiments/quickstart.toml`) or pass --home", home.display());
+    }
+    RunStore::open(home).await
+}
+
+async fn report_runs(
+    store: &RunStore,
+    sweep: Option<i64>,
+    sort: &str,
+    format: Format,
+    html: Option<&Path>,
+) -> Result<()> {
+    let mut rows: Vec<ReportRow> = store
+        .runs(sweep)
+        .await?
+        .iter()
+        .map(ReportRow::from)
+        .collect();
+    report::sort_rows(&mut rows, sort)?;
+    match format {
+        Format::Table => print!("{}", report::table(&rows)),
+        Format::Csv => print!("{}", report::csv(&rows)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+    }
+    if let Some(path) = html {
+        let title = match sweep {
+            Some(s) => format!("sweep s{s}: {}", store.sweep(s).await?.name),
+            None => "all runs".to_string(),
+        };
+        let page = report::html(store, &rows, &title).await?;
+        std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn exit_for(summary: &Summary) -> ExitCode {
+    if summary.failed > 0 {
+        ExitCode::FAILURE
+    } else if summary.interrupted > 0 {
+        ExitCode::from(engine::events::EXIT_INTERRUPTED as u8)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_summary(s: &Summary) {
+    eprintln!(
+        "{} completed, {} failed, {} interrupted, {} skipped (memory), {} not started",
+        s.completed, s.failed, s.interrupted, s.skipped_oom, s.left_queued
+    );
+}
+
+async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool) -> Result<ExitCode> {
+    // Validate every file before anything launches.
+    let mut sweeps = Vec::new();
+    for file in files {
+        let spec = SweepFile::load(file)?;
+        let vocab = spec::ensure_data(file, &spec.data)?;
+        sweeps.push(Sweep::from_spec(file, spec, vocab)?);
+    }
+    let mem = |cfg: &engine::train::TrainConfig, vocab: usize| {
+        cfg.model_config(vocab).training_memory_estimate(
+            cfg.batch_size / cfg.grad_accum,
+            cfg.context_len,
+            &cfg.dtype,
+        )
+    };
+    let vocab_of = |s: &Sweep| data_prep::Meta::load(&s.spec.data.dir).map(|m| m.vocab_size);
+    if dry_run {
+        for s in &sweeps {
+            let vocab = vocab_of(s)?;
+            println!(
+                "sweep {} ({}): {} runs",
+                s.spec.name,
+                s.file.display(),
+                s.runs.len()
+            );
+            for (i, r) in s.runs.iter().enumerate() {
+                let p: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let m = r.config.model_config(vocab);
+                println!(
+                    "  {i:>3}  {:<50} params {:>12}  memory ~{:.2} GiB",
+                    p.join(" "),
+                    m.param_count(),
+                    mem(&r.config, vocab) as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let store = RunStore::open(home).await?;
+    let recovered = store.recover_orphans().await?;
+    if !recovered.is_empty() {
+        eprintln!("marked runs {recovered:?} interrupted (their processes are gone); `runner resume` continues them");
+    }
+    let mut sweep_ids = Vec::new();
+    for s in &sweeps {
+        let vocab = vocab_of(s)?;
+        let spec_json = serde_json::to_string(&s.spec)?;
+        let id = store
+            .create_sweep(&s.spec.name, &s.file.display().to_string(), &spec_json)
+            .await?;
+        let rows = s
+            .runs
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.params.clone(),
+                    r.config.to_toml()?,
+                    r.config.model_config(vocab).param_count() as u64,
+                    mem(&r.config, vocab),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        store.add_runs(id, &rows).await?;
+        eprintln!(
+            "sweep s{id} {}: {} runs queued (home {})",
+            s.spec.name,
+            s.runs.len(),
+            home.display()
+        );
+        sweep_ids.push(id);
+    }
+    let mut runs = Vec::new();
+    for id in &sweep_ids {
+        runs.extend(store.runs(Some(*id)).await?);
+    }
+    let engine = EngineCommand::detect()?;
+    let summary = scheduler::execute(&store, runs, &sweeps[0].spec.resources, &engine).await?;
+    for id in &sweep_ids {
+        println!("sweep s{id}:");
+        report_runs(&store, Some(*id), "id", Format::Table, None).await?;
+    }
+    print_summary(&summary);
+    Ok(exit_for(&summary))
+}
+
+async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
+    let id: Id = id.parse()?;
+    let store = open_existing(home).await?;
+    store.recover_orphans().await?;
+    let (sweep_id, runs) = match id {
+        Id::Run(r) => {
+            let run = store.run(r).await?;
+            match run.status.as_str() {
+                "completed" => {
+                    println!(
+                        "run {r} already completed at step {}; nothing to do",
+                        run.step
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                "running" => bail!(
+                    "run {r} is running (pid {:?}); wait for it or stop its runner first",
+                    run.pid
+                ),
+                _ => {}
+            }
+            (run.sweep_id, vec![run])
+        }
+        Id::Sweep(s) => {
+            store.sweep(s).await?;
+            let all = store.runs(Some(s)).await?;
+            let todo: Vec<_> = all
+                .into_iter()
+                .filter(|r| matches!(r.status.as_str(), "queued" | "interrupted" | "failed"))
+                .collect();
+            if todo.is_empty() {
+                println!("sweep s{s}: every run is completed (or skipped); nothing to do");
+                return Ok(ExitCode::SUCCESS);
+            }
+            (s, todo)
+        }
+    };
+    let sweep = store.sweep(sweep_id).await?;
+    let spec_json: String = sqlx::query_scalar("SELECT spec FROM sweeps WHERE id = ?")
+        .bind(sweep_id)
+        .fetch_one(&store.pool)
+        .await?;
+    let spec: SweepFile =
+        serde_json::from_str(&spec_json).context("reading the sweep's stored spec")?;
+    eprintln!(
+        "resuming {} run(s) of sweep s{} {}",
+        runs.len(),
+        sweep.id,
+        sweep.name
+    );
+    // A skipped run stays skipped; queued/interrupted/failed ones are claimed again.
+    let runs: Vec<_> = runs
+        .into_iter()
+        .filter(|r| r.status != RunStatus::SkippedOom.as_str())
+        .collect();
+    let engine = EngineCommand::detect()?;
+    let summary = scheduler::execute(&store, runs, &spec.resources, &engine).await?;
+    report_runs(&store, Some(sweep_id), "id", Format::Table, None).await?;
+    print_summary(&summary);
+    Ok(exit_for(&summary))
+}
+
+async fn ls(home: &Path) -> Result<ExitCode> {
+    let store = open_existing(home).await?;
+    for s in store.sweeps().await? {
+        let runs = store.runs(Some(s.id)).await?;
+        let mut counts = std::collections::BTreeMap::new();
+        for r in &runs {
+            *counts.entry(r.status.clone()).or_insert(0) += 1;
+        }
+        let c: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        println!(
+            "s{}  {}  {}  ({})  {}",
+            s.id,
+            s.name,
+            s.created_at,
+            s.file,
+            c.join(", ")
+        );
+        for r in runs {
+            let p: Vec<String> = r
+                .params
+                .as_object()
+                .map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
+            println!(
+                "  {:>5}  {:<11}  step {:>6}  {}",
+                r.id,
+                r.status,
+                r.step,
+                p.join(" ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(home: &Path, id: &str) -> Result<ExitCode> {
+    let store = open_existing(home).await?;
+    match id.parse::<Id>()? {
+        Id::Sweep(s) => {
+            let sw = store.sweep(s).await?;
+            println!(
+                "sweep s{}: {} ({}), created {}",
+                sw.id, sw.name, sw.file, sw.created_at
+            );
+            report_runs(&store, Some(s), "id", Format::Table, None).await?;
+        }
+        Id::Run(r) => {
+            let run = store.run(r).await?;
+            println!("run {} of sweep s{}: {}", run.id, run.sweep_id, run.status);
+            println!("run dir: {}", run.run_dir);
+            if let Some(e) = &run.error {
+                println!("reason: {e}");
+            }
+            println!("params: {}", run.params);
+            println!(
+                "step {}/{}  loss {}  val_loss {}  best {}  bpb {}  tokens/s {}",
+                run.step,
+                run.total_steps.map(|t| t.to_string()).unwrap_or("-".into()),
+                fmt_opt(run.loss),
+                fmt_opt(run.val_loss),
+                fmt_opt(run.best_val_loss),
+                fmt_opt(run.val_bpb),
+                fmt_opt(run.tokens_per_s)
+            );
+            println!("\nconfig:\n{}", run.config.trim_end());
+            println!("\nevents:");
+            for (time, kind, status, reason) in store.events(r).await? {
+                println!(
+                    "  {time}  {kind:<7} {:<11} {}",
+                    status.unwrap_or_default(),
+                    reason.unwrap_or_default()
+                );
+            }
+            println!("\ncheckpoints:");
+            for (step, path, bytes, _) in store.checkpoints(r).await? {
+                println!("  step {step:>6}  {bytes:>10} bytes  {path}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
+}
+
+async fn bench_ingest(
+    home: &Path,
+    runs: usize,
+    steps: usize,
+    metrics: usize,
+    json: bool,
+) -> Result<ExitCode> {
+    let store = RunStore::open(home).await?;
+    let sweep = store
+        .create_sweep("bench-ingest", "(synthetic)", "{}")
+        .await?;
+    let rows: Vec<_> = (0..runs)
+        .map(|i| {
+            let mut p = std::collections::BTreeMap::new();
+            p.insert("i".to_string(), toml::Value::Integer(i as i64));
+            (p, String::new(), 0u64, 0u64)
+        })
+        .collect();
+    let ids = store.add_runs(sweep, &rows).await?;
+    let extra_names: Vec<String> = (0..metrics.saturating_sub(4))
+        .map(|i| format!("m{i}"))
+        .collect();
+    // Synthetic protocol lines, made before the clock starts: the benchmark times parse + ingest.
+    let mut lines = Vec::with_capacity(runs * steps);
+    for step in 1..=steps as u64 {
+        for (r, id) in ids.iter().enumerate() {
+            let x = step as f64 + r as f64 * 1e-3;
+            let ev = Event::Step {
+                step,
+                loss: 10.0 / x.sqrt(),
+                lr: 1e-3,
+                tokens: step * 4096,
+                tokens_per_s: 1e5,
+                elapsed_s: step as f64 * 0.1,
+                grad_norm: 1.0,
+                extra: extra_names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.clone(), x * i as f64))
+                    .collect(),
+            };
+            lines.push((*id, ev.to_line()));
+        }
+    }
+    let start = Instant::now();
+    let (tx, writer) = ingest::spawn_writer(store.clone());
+    for (id, line) in &lines {
+        let ev = Event::parse(line).context("synthetic line does not parse")?;
+        let _ = tx.send(ingest::Msg::Event(*id, ev));
+    }
+    drop(tx);
+    writer.await??;
+    let secs = start.elapsed().as_secs_f64();
+    for id in &ids {
+        store
+            .set_status(*id, RunStatus::Completed, "synthetic")
+            .await?;
+    }
+    let points = runs * steps * metrics.max(4);
+    let rate = points as f64 / secs;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"points": points, "seconds": secs, "points_per_s": rate, "runs": runs, "steps": steps, "metrics": metrics.max(4)})
+        );
+    } else {
+        println!(
+            "{points} points in {secs:.3} s: {rate:.0} points/s (sweep s{sweep} in {})",
+            home.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,256 @@
+//! Ingestion: engine protocol events in, SQLite rows out. One writer task owns all writes and commits
+//! batches in single transactions (metrics as multi-row upserts, one progress update per run per batch).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use engine::events::Event;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{now, RunStore};
+
+/// What the writer task is told.
+pub enum Msg {
+    /// A protocol event of run `run`.
+    Event(i64, Event),
+    /// Reply once everything sent before has been committed.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Latest progress of a run within one batch.
+#[derive(Default)]
+struct Progress {
+    step: Option<i64>,
+    total_steps: Option<i64>,
+    tokens: Option<i64>,
+    loss: Option<f64>,
+    tokens_per_s: Option<f64>,
+    wall_s: Option<f64>,
+    val_loss: Option<f64>,
+    best_val_loss: Option<f64>,
+    val_bpb: Option<f64>,
+    checkpoint: Option<String>,
+}
+
+/// Rows per multi-row INSERT (5 bound values each, under SQLite's 32,766-variable limit).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Sha256 of the model file, as recorded in the checkpoint's own state.json.
+fn checkpoint_sha(path: &str) -> Option<String> {
+    let text = std::fs::read_to_string(std::path::Path::new(path).join("state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["model_sha256"].as_str().map(str::to_string)
+}
+
+/// Commit a batch of events in one transaction.
+pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
+    let t = unix_now();
+    let mut points: Vec<(i64, &str, i64, f64)> = Vec::new();
+    let mut progress: HashMap<i64, Progress> = HashMap::new();
+    let mut checkpoints = Vec::new();
+    let mut notes = Vec::new();
+    for (run, ev) in batch {
+        let p = progress.entry(*run).or_default();
+        match ev {
+            Event::Start {
+                step,
+                total_steps,
+                resumed,
+                ..
+            } => {
+                p.step = Some(*step as i64);
+                p.total_steps = total_steps.map(|s| s as i64);
+                let what = if *resumed { "resumed" } else { "started" };
+                notes.push((*run, "engine", format!("engine {what} at step {step}")));
+            }
+            Event::Step {
+                step,
+                loss,
+                lr,
+                tokens,
+                tokens_per_s,
+                elapsed_s,
+                grad_norm,
+                extra,
+            } => {
+                let s = *step as i64;
+                points.extend([
+                    (*run, "loss", s, *loss),
+                    (*run, "lr", s, *lr),
+                    (*run, "tokens_per_s", s, *tokens_per_s),
+                    (*run, "grad_norm", s, *grad_norm),
+                ]);
+                points.extend(extra.iter().map(|(k, v)| (*run, k.as_str(), s, *v)));
+                p.step = Some(s);
+                p.loss = Some(*loss);
+                p.tokens = Some(*tokens as i64);
+                p.tokens_per_s = Some(*tokens_per_s);
+                p.wall_s = Some(*elapsed_s);
+            }
+            Event::Eval {
+                step,
+                val_loss,
+                val_bpb,
+            } => {
+                let s = *step as i64;
+                points.extend([
+                    (*run, "val_loss", s, *val_loss),
+                    (*run, "val_bpb", s, *val_bpb),
+                ]);
+                p.val_loss = Some(*val_loss);
+                p.val_bpb = Some(*val_bpb);
+                p.best_val_loss = Some(p.best_val_loss.map_or(*val_loss, |b| b.min(*val_loss)));
+            }
+            Event::Checkpoint { step, path, bytes } => {
+                checkpoints.push((
+                    *run,
+                    *step as i64,
+                    path.clone(),
+                    *bytes as i64,
+                    checkpoint_sha(path),
+                ));
+                p.checkpoint = Some(path.clone());
+            }
+            Event::Done {
+                step,
+                tokens,
+                elapsed_s,
+                ..
+            } => {
+                p.step = Some(*step as i64);
+                p.tokens = Some(*tokens as i64);
+                p.wall_s = Some(*elapsed_s);
+            }
+            Event::Interrupted { step, signal } => {
+                notes.push((
+                    *run,
+                    "engine",
+                    format!("engine interrupted by {signal} at step {step}"),
+                ));
+            }
+            Event::Error { message } => notes.push((*run, "error", message.clone())),
+        }
+    }
+
+    let mut tx = store.pool.begin().await?;
+    for chunk in points.chunks(ROWS_PER_STATEMENT) {
+        let mut q = String::with_capacity(40 + chunk.len() * 12);
+        q.push_str("INSERT OR REPLACE INTO metrics (run_id, name, step, value, time) VALUES ");
+        for i in 0..chunk.len() {
+            q.push_str(if i == 0 {
+                "(?,?,?,?,?)"
+            } else {
+                ",(?,?,?,?,?)"
+            });
+        }
+        let mut query = sqlx::query(&q);
+        for (run, name, step, value) in chunk {
+            query = query
+                .bind(*run)
+                .bind(*name)
+                .bind(*step)
+                .bind(*value)
+                .bind(t);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    for (run, step, path, bytes, sha) in checkpoints {
+        sqlx::query("INSERT OR REPLACE INTO checkpoints (run_id, step, path, bytes, sha256, time) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(run)
+            .bind(step)
+            .bind(path)
+            .bind(bytes)
+            .bind(sha)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+    }
+    for (run, kind, reason) in notes {
+        sqlx::query("INSERT INTO events (run_id, time, kind, reason) VALUES (?, ?, ?, ?)")
+            .bind(run)
+            .bind(now())
+            .bind(kind)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for (run, p) in progress {
+        sqlx::query(
+            "UPDATE runs SET step = COALESCE(?, step), total_steps = COALESCE(?, total_steps), tokens = COALESCE(?, tokens), \
+             loss = COALESCE(?, loss), tokens_per_s = COALESCE(?, tokens_per_s), wall_s = COALESCE(?, wall_s), \
+             val_loss = COALESCE(?, val_loss), val_bpb = COALESCE(?, val_bpb), \
+             best_val_loss = CASE WHEN ? IS NULL THEN best_val_loss WHEN best_val_loss IS NULL OR ? < best_val_loss THEN ? ELSE best_val_loss END, \
+             checkpoint = COALESCE(?, checkpoint) WHERE id = ?",
+        )
+        .bind(p.step)
+        .bind(p.total_steps)
+        .bind(p.tokens)
+        .bind(p.loss)
+        .bind(p.tokens_per_s)
+        .bind(p.wall_s)
+        .bind(p.val_loss)
+        .bind(p.val_bpb)
+        .bind(p.best_val_loss)
+        .bind(p.best_val_loss)
+        .bind(p.best_val_loss)
+        .bind(p.checkpoint)
+        .bind(run)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Most events one transaction takes.
+const MAX_BATCH: usize = 20_000;
+
+/// Start the single writer task. Events are committed in batches of whatever has queued up.
+pub fn spawn_writer(
+    store: RunStore,
+) -> (
+    mpsc::UnboundedSender<Msg>,
+    tokio::task::JoinHandle<Result<()>>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+    let handle = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        let mut waiters = Vec::new();
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Event(run, ev) => batch.push((run, ev)),
+                    Msg::Flush(w) => waiters.push(w),
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                apply(&store, &batch).await?;
+                batch.clear();
+            }
+            for w in waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+        Ok(())
+    });
+    (tx, handle)
+}
+
+/// Wait until everything sent so far is committed.
+pub async fn flush(tx: &mpsc::UnboundedSender<Msg>) {
+    let (done, wait) = oneshot::channel();
+    if tx.send(Msg::Flush(done)).is_ok() {
+        let _ = wait.await;
+    }
+}

@@ -1,0 +1,454 @@
+//! `runner report`: one row per run as a table, CSV or JSON, and a self-contained HTML page (inline SVG)
+//! with loss curves, best val loss against each swept parameter, and the table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use crate::store::{RunRow, RunStore};
+
+/// One report row (also the JSON object and the CSV columns).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportRow {
+    pub id: i64,
+    pub sweep_id: String,
+    pub status: String,
+    pub params: serde_json::Value,
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub val_bpb: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub wall_s: f64,
+    pub param_count: Option<i64>,
+    pub checkpoint: Option<String>,
+    pub error: Option<String>,
+}
+
+impl From<&RunRow> for ReportRow {
+    fn from(r: &RunRow) -> Self {
+        Self {
+            id: r.id,
+            sweep_id: format!("s{}", r.sweep_id),
+            status: r.status.clone(),
+            params: r.params.clone(),
+            step: r.step,
+            total_steps: r.total_steps,
+            val_loss: r.val_loss,
+            best_val_loss: r.best_val_loss,
+            val_bpb: r.val_bpb,
+            tokens_per_s: r.tokens_per_s,
+            wall_s: r.wall_s,
+            param_count: r.param_count,
+            checkpoint: r.checkpoint.clone(),
+            error: r.error.clone(),
+        }
+    }
+}
+
+/// Sort keys `--sort` accepts.
+pub const SORT_KEYS: [&str; 6] = [
+    "id",
+    "val_loss",
+    "best_val_loss",
+    "val_bpb",
+    "tokens_per_s",
+    "wall_s",
+];
+
+pub fn sort_rows(rows: &mut [ReportRow], key: &str) -> Result<()> {
+    let val = |r: &ReportRow| -> f64 {
+        match key {
+            "val_loss" => r.val_loss,
+            "best_val_loss" => r.best_val_loss,
+            "val_bpb" => r.val_bpb,
+            // Fastest first.
+            "tokens_per_s" => r.tokens_per_s.map(|v| -v),
+            "wall_s" => Some(r.wall_s),
+            _ => Some(r.id as f64),
+        }
+        .unwrap_or(f64::INFINITY)
+    };
+    if !SORT_KEYS.contains(&key) {
+        bail!(
+            "--sort {key}: not a column; use one of {}",
+            SORT_KEYS.join(", ")
+        );
+    }
+    rows.sort_by(|a, b| val(a).total_cmp(&val(b)).then(a.id.cmp(&b.id)));
+    Ok(())
+}
+
+/// Keys swept in these rows, in order.
+fn param_keys(rows: &[ReportRow]) -> Vec<String> {
+    let mut keys = BTreeSet::new();
+    for r in rows {
+        if let Some(o) = r.params.as_object() {
+            keys.extend(o.keys().cloned());
+        }
+    }
+    keys.into_iter().collect()
+}
+
+fn param_str(r: &ReportRow, k: &str) -> String {
+    match r.params.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn columns(rows: &[ReportRow]) -> (Vec<String>, Vec<Vec<String>>) {
+    let keys = param_keys(rows);
+    let mut head: Vec<String> = vec!["id".into(), "sweep".into(), "status".into()];
+    head.extend(keys.iter().cloned());
+    head.extend(
+        [
+            "step",
+            "val_loss",
+            "best_val_loss",
+            "val_bpb",
+            "tokens_per_s",
+            "wall_s",
+            "checkpoint",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let body = rows
+        .iter()
+        .map(|r| {
+            let mut cells = vec![r.id.to_string(), r.sweep_id.clone(), r.status.clone()];
+            cells.extend(keys.iter().map(|k| param_str(r, k)));
+            cells.push(match r.total_steps {
+                Some(t) => format!("{}/{t}", r.step),
+                None => r.step.to_string(),
+            });
+            cells.push(opt(r.val_loss, 4));
+            cells.push(opt(r.best_val_loss, 4));
+            cells.push(opt(r.val_bpb, 4));
+            cells.push(opt(r.tokens_per_s, 0));
+            cells.push(format!("{:.1}", r.wall_s));
+            cells.push(r.checkpoint.clone().unwrap_or_else(|| "-".into()));
+            cells
+        })
+        .collect();
+    (head, body)
+}
+
+/// A plain aligned text table.
+pub fn table(rows: &[ReportRow]) -> String {
+    let (head, body) = columns(rows);
+    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for row in &body {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let fmt_row = |cells: &[String], out: &mut String| {
+        let line: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    };
+    fmt_row(&head, &mut out);
+    for row in &body {
+        fmt_row(row, &mut out);
+    }
+    out
+}
+
+fn csv_cell(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// CSV with the JSON's columns (`params` flattened to one column per swept key).
+pub fn csv(rows: &[ReportRow]) -> String {
+    let keys = param_keys(rows);
+    let mut out = String::new();
+    let mut head = vec!["id", "sweep_id", "status"];
+    head.extend(keys.iter().map(String::as_str));
+    head.extend([
+        "step",
+        "val_loss",
+        "best_val_loss",
+        "val_bpb",
+        "tokens_per_s",
+        "wall_s",
+        "checkpoint",
+        "error",
+    ]);
+    let _ = writeln!(out, "{}", head.join(","));
+    let o = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+    for r in rows {
+        let mut cells = vec![r.id.to_string(), r.sweep_id.clone(), r.status.clone()];
+        cells.extend(keys.iter().map(|k| param_str(r, k)));
+        cells.extend([
+            r.step.to_string(),
+            o(r.val_loss),
+            o(r.best_val_loss),
+            o(r.val_bpb),
+            o(r.tokens_per_s),
+            r.wall_s.to_string(),
+            r.checkpoint.clone().unwrap_or_default(),
+            r.error.clone().unwrap_or_default(),
+        ]);
+        let cells: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
+        let _ = writeln!(out, "{}", cells.join(","));
+    }
+    out
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const PALETTE: [&str; 10] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
+
+/// A line chart (or scatter when `points_only`) as inline SVG.
+fn svg_chart(
+    title: &str,
+    x_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    points_only: bool,
+) -> String {
+    let (w, h, ml, mr, mt, mb) = (640.0, 320.0, 60.0, 150.0, 30.0, 40.0);
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.1.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
+    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">");
+    let _ = write!(
+        svg,
+        "<text x=\"{ml}\" y=\"18\" font-size=\"13\">{}</text>",
+        esc(title)
+    );
+    if all.is_empty() {
+        svg.push_str("<text x=\"60\" y=\"160\">no data yet</text></svg>");
+        return svg;
+    }
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (x, y) in &all {
+        x0 = x0.min(*x);
+        x1 = x1.max(*x);
+        y0 = y0.min(*y);
+        y1 = y1.max(*y);
+    }
+    if x1 - x0 < 1e-12 {
+        x0 -= 1.0;
+        x1 += 1.0;
+    }
+    if y1 - y0 < 1e-12 {
+        y0 -= 0.5;
+        y1 += 0.5;
+    }
+    let (pw, ph) = (w - ml - mr, h - mt - mb);
+    let sx = |x: f64| ml + (x - x0) / (x1 - x0) * pw;
+    let sy = |y: f64| mt + ph - (y - y0) / (y1 - y0) * ph;
+    let _ = write!(svg, "<rect x=\"{ml}\" y=\"{mt}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>");
+    for i in 0..=4 {
+        let fy = y0 + (y1 - y0) * i as f64 / 4.0;
+        let fx = x0 + (x1 - x0) * i as f64 / 4.0;
+        let _ = write!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{fy:.3}</text>",
+            ml - 4.0,
+            sy(fy) + 4.0
+        );
+        let _ = write!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            sx(fx),
+            mt + ph + 14.0,
+            trim_num(fx)
+        );
+    }
+    let _ = write!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+        ml + pw / 2.0,
+        h - 6.0,
+        esc(x_label)
+    );
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        if points_only {
+            for (x, y) in pts {
+                let _ = write!(
+                    svg,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\"/>",
+                    sx(*x),
+                    sy(*y)
+                );
+            }
+        } else {
+            let path: Vec<String> = pts
+                .iter()
+                .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+                .collect();
+            let _ = write!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+                path.join(" ")
+            );
+        }
+        let ly = mt + 12.0 + i as f64 * 14.0;
+        if i < 18 {
+            let _ = write!(svg, "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{}</text>", w - mr + 8.0, ly - 9.0, w - mr + 22.0, ly, esc(name));
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn trim_num(x: f64) -> String {
+    if x.abs() >= 100.0 || x.fract().abs() < 1e-9 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// The self-contained HTML report.
+pub async fn html(store: &RunStore, rows: &[ReportRow], title: &str) -> Result<String> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let hist = store.histories(&ids).await?;
+    let label = |r: &ReportRow| {
+        let p: Vec<String> = param_keys(std::slice::from_ref(r))
+            .iter()
+            .map(|k| format!("{k}={}", param_str(r, k)))
+            .collect();
+        format!("{} {}", r.id, p.join(" "))
+    };
+    let curve = |metric: &str| -> Vec<(String, Vec<(f64, f64)>)> {
+        rows.iter()
+            .filter_map(|r| {
+                let pts = hist.get(&r.id)?.get(metric)?;
+                Some((label(r), pts.iter().map(|(s, v)| (*s as f64, *v)).collect()))
+            })
+            .collect()
+    };
+    let mut body = String::new();
+    let _ = write!(body, "<h1>{}</h1>", esc(title));
+    body.push_str(&svg_chart("train loss", "step", &curve("loss"), false));
+    body.push_str(&svg_chart("val loss", "step", &curve("val_loss"), false));
+    for key in param_keys(rows) {
+        let mut by_value: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        for r in rows {
+            let Some(best) = r.best_val_loss else {
+                continue;
+            };
+            let x = r.params.get(&key).and_then(|v| v.as_f64());
+            match x {
+                Some(x) => by_value.entry("runs".into()).or_default().push((x, best)),
+                None => by_value
+                    .entry(param_str(r, &key))
+                    .or_default()
+                    .push((0.0, best)),
+            }
+        }
+        let series: Vec<_> = by_value.into_iter().collect();
+        body.push_str(&svg_chart(
+            &format!("best val loss vs {key}"),
+            &key,
+            &series,
+            true,
+        ));
+    }
+    let (head, cells) = columns(rows);
+    body.push_str("<table><tr>");
+    for h in &head {
+        let _ = write!(body, "<th>{}</th>", esc(h));
+    }
+    body.push_str("</tr>");
+    for row in cells {
+        body.push_str("<tr>");
+        for c in row {
+            let _ = write!(body, "<td>{}</td>", esc(&c));
+        }
+        body.push_str("</tr>");
+    }
+    body.push_str("</table>");
+    Ok(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{}</title><style>body{{font-family:sans-serif;margin:24px}}svg{{display:block;margin:12px 0}}table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style></head><body>{body}</body></html>",
+        esc(title)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, loss: Option<f64>) -> ReportRow {
+        ReportRow {
+            id,
+            sweep_id: "s1".into(),
+            status: "completed".into(),
+            params: serde_json::json!({"n_layers": id, "mixer": "ttt"}),
+            step: 10,
+            total_steps: Some(10),
+            val_loss: loss,
+            best_val_loss: loss,
+            val_bpb: loss,
+            tokens_per_s: Some(100.0),
+            wall_s: 1.0,
+            param_count: Some(5),
+            checkpoint: Some("a,b".into()),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn sorting_puts_missing_values_last() {
+        let mut rows = vec![row(1, None), row(2, Some(3.0)), row(3, Some(2.0))];
+        sort_rows(&mut rows, "val_loss").unwrap();
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3, 2, 1]);
+        assert!(sort_rows(&mut rows, "nope").is_err());
+    }
+
+    #[test]
+    fn table_and_csv_have_param_columns() {
+        let rows = vec![row(1, Some(2.0))];
+        let t = table(&rows);
+        assert!(t.lines().next().unwrap().contains("n_layers"));
+        let c = csv(&rows);
+        assert!(c.starts_with("id,sweep_id,status,mixer,n_layers,step"));
+        assert!(c.contains("\"a,b\""));
+    }
+
+    #[test]
+    fn svg_is_self_contained() {
+        let s = svg_chart(
+            "t",
+            "step",
+            &[("a".into(), vec![(0.0, 1.0), (1.0, 0.5)])],
+            false,
+        );
+        assert!(
+            s.starts_with("<svg") && s.contains("polyline") && !s.contains("http://")
+                || s.contains("xmlns")
+        );
+    }
+}

@@ -1,0 +1,542 @@
+//! The scheduler: hands free devices to queued runs, launches one `engine train` process per run, streams
+//! its protocol into the writer task, and records how each process ended.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use engine::events::{Event, EXIT_INTERRUPTED};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::ingest::{self, Msg};
+use crate::spec::{Devices, Resources};
+use crate::store::{RunRow, RunStatus, RunStore};
+
+/// How to start an engine: a separate `engine` binary, or this runner's hidden `engine` subcommand.
+#[derive(Debug, Clone)]
+pub struct EngineCommand {
+    pub program: PathBuf,
+    pub prefix: Vec<String>,
+}
+
+impl EngineCommand {
+    /// `RUNNER_ENGINE` (path to an engine binary, e.g. a CUDA build) or else this runner itself, which
+    /// embeds the same engine (`runner engine train ...`), so the two can never be out of date.
+    pub fn detect() -> Result<Self> {
+        if let Ok(p) = std::env::var("RUNNER_ENGINE") {
+            let program = PathBuf::from(p);
+            if !program.is_file() {
+                anyhow::bail!(
+                    "RUNNER_ENGINE={} is not a file: point it at an engine binary",
+                    program.display()
+                );
+            }
+            return Ok(Self {
+                program,
+                prefix: Vec::new(),
+            });
+        }
+        Ok(Self {
+            program: std::env::current_exe().context("locating the runner binary")?,
+            prefix: vec!["engine".into()],
+        })
+    }
+}
+
+/// Free devices, handed out `per_run` at a time.
+#[derive(Debug)]
+pub struct DeviceSlots {
+    free: Vec<String>,
+    per_run: usize,
+}
+
+impl DeviceSlots {
+    /// CPU: `max_parallel` slots named `cpu`. GPUs: each device once, at most `max_parallel` runs.
+    pub fn new(devices: &[String], per_run: usize, max_parallel: usize) -> Self {
+        let free = if devices.iter().all(|d| d == "cpu") {
+            vec!["cpu".to_string(); max_parallel]
+        } else {
+            devices.iter().rev().cloned().collect()
+        };
+        Self {
+            free,
+            per_run: if devices.iter().all(|d| d == "cpu") {
+                1
+            } else {
+                per_run
+            },
+        }
+    }
+
+    pub fn take(&mut self) -> Option<Vec<String>> {
+        if self.free.len() < self.per_run {
+            return None;
+        }
+        Some((0..self.per_run).filter_map(|_| self.free.pop()).collect())
+    }
+
+    pub fn give(&mut self, devices: Vec<String>) {
+        self.free.extend(devices);
+    }
+
+    pub fn capacity_for_one(&self) -> bool {
+        self.free.len() >= self.per_run
+    }
+}
+
+/// GPUs `nvidia-smi` reports, as `cuda:N`; empty without it.
+fn detect_gpus() -> Vec<(String, Option<f64>)> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=index,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    if !out.status.success() {
+        return Vec::new();
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split(',').map(str::trim);
+            let idx = parts.next()?.parse::<usize>().ok()?;
+            let mib = parts.next().and_then(|m| m.parse::<f64>().ok());
+            Some((format!("cuda:{idx}"), mib.map(|m| m / 1024.0)))
+        })
+        .collect()
+}
+
+fn ram_gib() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: f64 = text
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / (1024.0 * 1024.0))
+}
+
+/// The devices of `[resources]` and the memory (GiB) one run may use on them.
+pub fn resolve_devices(res: &Resources) -> (Vec<String>, Option<f64>) {
+    let (devices, gpu_mem) = match &res.devices {
+        Devices::List(list) => (list.clone(), None),
+        Devices::Auto(_) => {
+            let gpus = detect_gpus();
+            if gpus.is_empty() {
+                (vec!["cpu".to_string()], None)
+            } else {
+                let mem = gpus.iter().filter_map(|g| g.1).reduce(f64::min);
+                (gpus.into_iter().map(|g| g.0).collect(), mem)
+            }
+        }
+    };
+    let limit = res.memory_gb.or(if devices.iter().all(|d| d == "cpu") {
+        ram_gib().map(|r| r / res.max_parallel as f64)
+    } else {
+        gpu_mem
+    });
+    (devices, limit)
+}
+
+/// Live view of the active runs: indicatif on a terminal, plain lines otherwise.
+struct Display {
+    multi: Option<MultiProgress>,
+    overall: ProgressBar,
+    bars: HashMap<i64, ProgressBar>,
+    last_line: HashMap<i64, Instant>,
+}
+
+impl Display {
+    fn new(total: usize) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let multi = tty.then(MultiProgress::new);
+        let overall = match &multi {
+            Some(m) => {
+                let b = m.add(ProgressBar::new(total as u64));
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "runs {pos}/{len} [{elapsed_precise}] {bar:30} {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                b
+            }
+            None => ProgressBar::hidden(),
+        };
+        Self {
+            multi,
+            overall,
+            bars: HashMap::new(),
+            last_line: HashMap::new(),
+        }
+    }
+
+    fn line(&self, text: String) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn started(&mut self, run: i64, device: &str) {
+        if let Some(m) = &self.multi {
+            let b = m.add(ProgressBar::new(0));
+            b.set_style(
+                ProgressStyle::with_template(
+                    "  run {prefix:>4} {pos:>6}/{len:6} {bar:20} {msg} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b.set_prefix(run.to_string());
+            self.bars.insert(run, b);
+        }
+        self.line(format!("run {run}: launched on {device}"));
+    }
+
+    fn event(&mut self, run: i64, ev: &Event) {
+        let bar = self.bars.get(&run);
+        match ev {
+            Event::Start {
+                step, total_steps, ..
+            } => {
+                if let Some(b) = bar {
+                    b.set_length(total_steps.unwrap_or(0));
+                    b.set_position(*step);
+                    b.reset_eta();
+                }
+            }
+            Event::Step {
+                step,
+                loss,
+                tokens_per_s,
+                ..
+            } => {
+                if let Some(b) = bar {
+                    b.set_position(*step);
+                    b.set_message(format!("loss {loss:.3} {tokens_per_s:.0} tok/s"));
+                } else {
+                    let due = self
+                        .last_line
+                        .get(&run)
+                        .is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+                    if due {
+                        self.last_line.insert(run, Instant::now());
+                        self.line(format!(
+                            "run {run}: step {step} loss {loss:.4} {tokens_per_s:.0} tok/s"
+                        ));
+                    }
+                }
+            }
+            Event::Eval {
+                step,
+                val_loss,
+                val_bpb,
+            } => self.line(format!(
+                "run {run}: step {step} val loss {val_loss:.4} ({val_bpb:.3} bpb)"
+            )),
+            _ => {}
+        }
+    }
+
+    fn finished(&mut self, run: i64, status: RunStatus, reason: &str) {
+        if let Some(b) = self.bars.remove(&run) {
+            b.finish_and_clear();
+            if let Some(m) = &self.multi {
+                m.remove(&b);
+            }
+        }
+        self.overall.inc(1);
+        self.line(format!("run {run}: {} {reason}", status.as_str()));
+    }
+}
+
+/// How one engine process ended.
+struct Ended {
+    run: i64,
+    devices: Vec<String>,
+    status: RunStatus,
+    reason: String,
+}
+
+/// Last lines of a process's stderr, kept for the failure reason.
+const STDERR_TAIL: usize = 20;
+
+/// Launch one run's engine and follow it to the end.
+async fn launch(
+    run: RunRow,
+    devices: Vec<String>,
+    engine: EngineCommand,
+    store: RunStore,
+    writer: mpsc::UnboundedSender<Msg>,
+    ui: mpsc::UnboundedSender<(i64, Event)>,
+    pids: Arc<Mutex<HashMap<i64, u32>>>,
+    threads_per_run: usize,
+) -> Ended {
+    let id = run.id;
+    let result = async {
+        let run_dir = PathBuf::from(&run.run_dir);
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        let gpus: Vec<&str> = devices
+            .iter()
+            .filter_map(|d| d.strip_prefix("cuda:"))
+            .collect();
+        let device = if gpus.is_empty() { "cpu" } else { "cuda:0" };
+        let mut cmd = tokio::process::Command::new(&engine.program);
+        cmd.args(&engine.prefix).arg("train");
+        if run_dir.join("config.toml").is_file() {
+            cmd.arg("--resume").arg(&run_dir);
+        } else {
+            let cfg = run_dir.join("run.toml");
+            std::fs::write(&cfg, &run.config)
+                .with_context(|| format!("writing {}", cfg.display()))?;
+            cmd.arg("--config").arg(&cfg).arg("--out").arg(&run_dir);
+        }
+        cmd.arg("--set").arg(format!("device=\"{device}\""));
+        if !gpus.is_empty() {
+            cmd.env("CUDA_VISIBLE_DEVICES", gpus.join(","));
+        } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            // Runs sharing the CPU split its cores instead of oversubscribing them.
+            cmd.env("RAYON_NUM_THREADS", threads_per_run.to_string());
+        }
+        // Own process group: a terminal's Ctrl-C reaches the runner only, which forwards one SIGTERM.
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", engine.program.display()))?;
+        let pid = child.id().unwrap_or(0);
+        pids.lock().expect("pids lock").insert(id, pid);
+        store.set_pid(id, pid).await?;
+
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log_path = run_dir.join("engine.log");
+        let stderr_task = tokio::spawn(async move {
+            let mut tail = VecDeque::with_capacity(STDERR_TAIL);
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log_path)
+                .ok();
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(f) = &mut log {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+            tail
+        });
+        let (mut done, mut interrupted, mut error) = (false, false, None::<String>);
+        let mut lines = BufReader::new(stdout).lines();
+        while let Some(line) = lines.next_line().await? {
+            let Some(ev) = Event::parse(&line) else {
+                continue;
+            };
+            match &ev {
+                Event::Done { .. } => done = true,
+                Event::Interrupted { .. } => interrupted = true,
+                Event::Error { message } => error = Some(message.clone()),
+                _ => {}
+            }
+            let _ = ui.send((id, ev.clone()));
+            let _ = writer.send(Msg::Event(id, ev));
+        }
+        let status = child.wait().await?;
+        let tail = stderr_task.await.unwrap_or_default();
+        pids.lock().expect("pids lock").remove(&id);
+        let code = status.code();
+        Ok::<_, anyhow::Error>(if done && code == Some(0) {
+            (RunStatus::Completed, String::new())
+        } else if interrupted || code == Some(EXIT_INTERRUPTED) {
+            (
+                RunStatus::Interrupted,
+                "stopped by a signal; `runner resume` continues it".to_string(),
+            )
+        } else {
+            let why = error.unwrap_or_else(|| {
+                let t: Vec<String> = tail.into_iter().collect();
+                format!(
+                    "engine exited with {status}; stderr tail: {}",
+                    t.join(" | ")
+                )
+            });
+            (RunStatus::Failed, why)
+        })
+    }
+    .await;
+    let (status, reason) = result.unwrap_or_else(|e| (RunStatus::Failed, format!("{e:#}")));
+    Ended {
+        run: id,
+        devices,
+        status,
+        reason,
+    }
+}
+
+/// Counts of how runs ended.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub completed: usize,
+    pub failed: usize,
+    pub interrupted: usize,
+    pub skipped_oom: usize,
+    pub left_queued: usize,
+}
+
+/// Run `runs` (already `queued`/`interrupted`/`failed` in the store) over the devices of `res`.
+/// Ctrl-C (or SIGTERM) stops launching, forwards SIGTERM to the engines and waits for their checkpoints.
+pub async fn execute(
+    store: &RunStore,
+    runs: Vec<RunRow>,
+    res: &Resources,
+    engine: &EngineCommand,
+) -> Result<Summary> {
+    let (devices, mem_limit_gib) = resolve_devices(res);
+    let per_run = if devices.iter().all(|d| d == "cpu") {
+        1
+    } else {
+        res.gpus_per_run
+    };
+    if per_run > devices.len() && devices.iter().all(|d| d != "cpu") {
+        anyhow::bail!(
+            "gpus_per_run = {per_run} but only {} devices are available ({})",
+            devices.len(),
+            devices.join(", ")
+        );
+    }
+    let mut slots = DeviceSlots::new(&devices, per_run, res.max_parallel);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads_per_run = (cores / res.max_parallel).max(1);
+    let (writer, writer_task) = ingest::spawn_writer(store.clone());
+    let (ui_tx, mut ui_rx) = mpsc::unbounded_channel::<(i64, Event)>();
+    let pids: Arc<Mutex<HashMap<i64, u32>>> = Arc::default();
+    let mut display = Display::new(runs.len());
+    let mut summary = Summary::default();
+    let mut queue: VecDeque<RunRow> = runs.into();
+    let mut active = tokio::task::JoinSet::new();
+    let mut stopping = false;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+
+    loop {
+        // Launch while devices are free.
+        while !stopping && slots.capacity_for_one() {
+            let Some(run) = queue.pop_front() else { break };
+            if let (Some(limit), Some(est)) = (mem_limit_gib, run.mem_estimate) {
+                let need = est as f64 / (1u64 << 30) as f64;
+                if need > limit {
+                    let why = format!("needs about {need:.1} GiB, a device has {limit:.1} GiB");
+                    store
+                        .set_status(run.id, RunStatus::SkippedOom, &why)
+                        .await?;
+                    display.finished(run.id, RunStatus::SkippedOom, &why);
+                    summary.skipped_oom += 1;
+                    continue;
+                }
+            }
+            let devs = slots.take().expect("capacity checked");
+            if !store.claim(run.id, &devs.join(",")).await? {
+                display.line(format!("run {}: taken by another runner, skipping", run.id));
+                slots.give(devs);
+                continue;
+            }
+            display.started(run.id, &devs.join(","));
+            active.spawn(launch(
+                run,
+                devs,
+                engine.clone(),
+                store.clone(),
+                writer.clone(),
+                ui_tx.clone(),
+                pids.clone(),
+                threads_per_run,
+            ));
+        }
+        if active.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(ended) = active.join_next() => {
+                let ended = ended.context("a run task panicked")?;
+                ingest::flush(&writer).await;
+                store.set_status(ended.run, ended.status, &ended.reason).await?;
+                display.finished(ended.run, ended.status, &ended.reason);
+                match ended.status {
+                    RunStatus::Completed => summary.completed += 1,
+                    RunStatus::Interrupted => summary.interrupted += 1,
+                    _ => summary.failed += 1,
+                }
+                slots.give(ended.devices);
+            }
+            Some((run, ev)) = ui_rx.recv() => display.event(run, &ev),
+            _ = tokio::signal::ctrl_c(), if !stopping => {
+                stopping = true;
+                display.line("stopping: asking running engines to checkpoint (SIGTERM)…".into());
+                signal_all(&pids, libc::SIGTERM);
+            }
+            _ = sigterm.recv(), if !stopping => {
+                stopping = true;
+                signal_all(&pids, libc::SIGTERM);
+            }
+        }
+    }
+    summary.left_queued = queue.len();
+    drop(writer);
+    writer_task.await.context("the DB writer panicked")??;
+    display.overall.finish_and_clear();
+    Ok(summary)
+}
+
+fn signal_all(pids: &Arc<Mutex<HashMap<i64, u32>>>, sig: i32) {
+    for pid in pids.lock().expect("pids lock").values() {
+        // SAFETY: kill(2) with a pid we started; no memory is touched.
+        unsafe {
+            libc::kill(*pid as i32, sig);
+        }
+    }
+}
+
+/// Where a run's folder lives in a home.
+pub fn run_dir(home: &Path, id: i64) -> PathBuf {
+    home.join(format!("run-{id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_slots_hand_out_and_take_back() {
+        let mut cpu = DeviceSlots::new(&["cpu".into()], 1, 2);
+        let a = cpu.take().unwrap();
+        let _b = cpu.take().unwrap();
+        assert!(cpu.take().is_none());
+        cpu.give(a);
+        assert!(cpu.take().is_some());
+        let mut gpus = DeviceSlots::new(&["cuda:0".into(), "cuda:1".into(), "cuda:2".into()], 2, 8);
+        assert_eq!(
+            gpus.take().unwrap(),
+            vec!["cuda:0".to_string(), "cuda:1".to_string()]
+        );
+        assert!(gpus.take().is_none());
+    }
+}

@@ -1,0 +1,390 @@
+//! Sweep files: parsing (figment: built-in defaults → TOML → `RUNNER_*` env), validation against the
+//! engine's own config schema, and expansion into runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use engine::train::TrainConfig;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// `[data]`: the data dir every run trains on.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A `data_prep build` output (relative paths are relative to the working directory).
+    pub dir: PathBuf,
+    /// When set and `dir` is missing, build it from a synthetic corpus of this many stories (offline demos).
+    pub synth_stories: Option<usize>,
+    /// Vocabulary the data must have (and the synthetic build's vocab size).
+    pub vocab_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    Grid,
+    Random,
+}
+
+/// `[resources]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    /// `"auto"` (detected GPUs, else cpu) or a list such as `["cuda:0", "cuda:1"]` / `["cpu"]`.
+    pub devices: Devices,
+    pub gpus_per_run: usize,
+    /// CPU data-parallel ranks per run.
+    pub procs_per_run: usize,
+    /// Runs at once (on CPU they share the cores).
+    pub max_parallel: usize,
+    /// Memory a run may use, in GiB; default: the GPU's memory, or RAM / max_parallel on CPU.
+    pub memory_gb: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Devices {
+    Auto(String),
+    List(Vec<String>),
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            devices: Devices::Auto("auto".into()),
+            gpus_per_run: 1,
+            procs_per_run: 1,
+            max_parallel: 2,
+            memory_gb: None,
+        }
+    }
+}
+
+/// A whole sweep file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepFile {
+    pub name: String,
+    pub data: DataSection,
+    #[serde(default)]
+    pub base: toml::Table,
+    #[serde(default)]
+    pub sweep: toml::Table,
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// One run of an expanded sweep: its swept values and full engine config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedRun {
+    pub params: BTreeMap<String, toml::Value>,
+    pub config: TrainConfig,
+}
+
+/// A parsed, validated sweep.
+#[derive(Debug, Clone)]
+pub struct Sweep {
+    pub file: PathBuf,
+    pub spec: SweepFile,
+    pub strategy: Strategy,
+    pub runs: Vec<PlannedRun>,
+}
+
+/// Keys of `[sweep]` that steer the expansion rather than name a swept setting.
+const SWEEP_CONTROL: [&str; 3] = ["strategy", "trials", "seed"];
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl SweepFile {
+    /// Read a sweep file with `RUNNER_*` environment overrides (e.g. `RUNNER_RESOURCES__MAX_PARALLEL=4`).
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            bail!(
+                "sweep file {} not found: pass a TOML file such as experiments/quickstart.toml",
+                path.display()
+            );
+        }
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        text.parse::<toml::Table>().map_err(|e| {
+            anyhow!(
+                "{}: not valid TOML: {}",
+                path.display(),
+                one_line(&e.to_string())
+            )
+        })?;
+        Figment::new()
+            .merge(Toml::file(path))
+            .merge(
+                Env::prefixed("RUNNER_")
+                    .split("__")
+                    .ignore(&["home", "engine"]),
+            )
+            .extract()
+            .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))
+    }
+}
+
+/// Cartesian product of the swept lists, in key order.
+fn grid(axes: &[(String, Vec<toml::Value>)]) -> Vec<BTreeMap<String, toml::Value>> {
+    let mut out = vec![BTreeMap::new()];
+    for (key, values) in axes {
+        out = out
+            .into_iter()
+            .flat_map(|partial| {
+                values.iter().map(move |v| {
+                    let mut p = partial.clone();
+                    p.insert(key.clone(), v.clone());
+                    p
+                })
+            })
+            .collect();
+    }
+    out
+}
+
+impl Sweep {
+    /// Parse, validate and expand `path`. Nothing launches when this fails; the error names the file, the
+    /// key and the reason. `vocab_size` is the vocab of the data dir (validated by the caller).
+    pub fn from_file(path: &Path, vocab_size: usize) -> Result<Self> {
+        let spec = SweepFile::load(path)?;
+        Self::from_spec(path, spec, vocab_size)
+    }
+
+    pub fn from_spec(path: &Path, spec: SweepFile, vocab_size: usize) -> Result<Self> {
+        let f = path.display();
+        if spec.name.trim().is_empty() {
+            bail!("{f}: name is empty: give the sweep a name");
+        }
+        let known = engine::train::config::known_keys();
+        let known_list = known.join(", ");
+        for key in spec.base.keys() {
+            if !known.contains(key) {
+                bail!("{f}: [base] {key}: unknown key (known: {known_list})");
+            }
+            if key == "data_dir" {
+                bail!("{f}: [base] data_dir: set the data in [data] dir instead");
+            }
+        }
+        let strategy = match spec.sweep.get("strategy") {
+            None => Strategy::Grid,
+            Some(toml::Value::String(s)) if s == "grid" => Strategy::Grid,
+            Some(toml::Value::String(s)) if s == "random" => Strategy::Random,
+            Some(other) => bail!("{f}: [sweep] strategy: {other} is not \"grid\" or \"random\""),
+        };
+        let mut axes = Vec::new();
+        for (key, value) in &spec.sweep {
+            if SWEEP_CONTROL.contains(&key.as_str()) {
+                continue;
+            }
+            if !known.contains(key) {
+                bail!("{f}: [sweep] {key}: unknown key (known: {known_list})");
+            }
+            if key == "data_dir" {
+                bail!("{f}: [sweep] data_dir: sweeping the data dir is not supported; make one sweep per data dir");
+            }
+            let toml::Value::Array(values) = value else {
+                bail!("{f}: [sweep] {key}: must be a list of values, e.g. {key} = [{value}]");
+            };
+            if values.is_empty() {
+                bail!("{f}: [sweep] {key}: the list is empty: give at least one value");
+            }
+            axes.push((key.clone(), values.clone()));
+        }
+        let mut combos = grid(&axes);
+        if strategy == Strategy::Random {
+            let trials = match spec.sweep.get("trials") {
+                Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
+                Some(other) => bail!("{f}: [sweep] trials: {other} is not a positive integer"),
+                None => bail!("{f}: [sweep] trials: strategy = \"random\" needs trials = N"),
+            };
+            let seed = match spec.sweep.get("seed") {
+                Some(toml::Value::Integer(n)) => *n as u64,
+                None => 0,
+                Some(other) => bail!("{f}: [sweep] seed: {other} is not an integer"),
+            };
+            // Sample without replacement from the grid.
+            combos.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+            combos.truncate(trials);
+        }
+        let r = &spec.resources;
+        if r.max_parallel == 0 || r.gpus_per_run == 0 || r.procs_per_run == 0 {
+            bail!(
+                "{f}: [resources] max_parallel, gpus_per_run and procs_per_run must be at least 1"
+            );
+        }
+        if let Devices::Auto(s) = &r.devices {
+            if s != "auto" {
+                bail!(
+                    "{f}: [resources] devices: {s:?} is not \"auto\" or a list like [\"cuda:0\"]"
+                );
+            }
+        }
+        let data_dir =
+            std::path::absolute(&spec.data.dir).unwrap_or_else(|_| spec.data.dir.clone());
+        let mut runs = Vec::with_capacity(combos.len());
+        for params in combos {
+            let mut table = spec.base.clone();
+            for (k, v) in &params {
+                table.insert(k.clone(), v.clone());
+            }
+            table.insert(
+                "data_dir".into(),
+                toml::Value::String(data_dir.display().to_string()),
+            );
+            let describe = || {
+                params
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let config = TrainConfig::from_table(&table)
+                .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+            config
+                .validate()
+                .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+            config
+                .model_config(vocab_size)
+                .validate()
+                .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+            runs.push(PlannedRun { params, config });
+        }
+        Ok(Self {
+            file: path.to_path_buf(),
+            spec,
+            strategy,
+            runs,
+        })
+    }
+}
+
+/// Make sure `[data] dir` holds a build with the right vocab; build it from a synthetic corpus when it is
+/// missing and `synth_stories` is set. Returns the data's vocab size.
+pub fn ensure_data(file: &Path, data: &DataSection) -> Result<usize> {
+    let f = file.display();
+    let dir = &data.dir;
+    if !dir.join("meta.json").is_file() {
+        match data.synth_stories {
+            Some(stories) => {
+                eprintln!("{}: building synthetic data ({stories} stories) into {}", f, dir.display());
+                std::fs::create_dir_all(dir)?;
+                let corpus = dir.join("synth.txt");
+                data_prep::synth(&corpus, stories, 0).context("writing the synthetic corpus")?;
+                let mut opts = data_prep::BuildOptions::new(vec![corpus], dir);
+                opts.vocab_size = data.vocab_size.unwrap_or(1024);
+                data_prep::build(&opts).map_err(|e| anyhow!("{f}: building {}: {e}", dir.display()))?;
+            }
+            None => bail!(
+                "{f}: [data] dir {}: no data_prep build there: run `data_prep build --input FILE --out {}` (or `data_prep tinystories --out {}`)",
+                dir.display(),
+                dir.display(),
+                dir.display()
+            ),
+        }
+    }
+    let meta = data_prep::Meta::load(dir)
+        .map_err(|e| anyhow!("{f}: [data] dir {}: {e}", dir.display()))?;
+    if let Some(want) = data.vocab_size {
+        // Either the size asked of the tokenizer trainer or the size it reached (a small corpus may stop short).
+        let requested = meta.tokenizer.settings.vocab_size_requested;
+        if want != meta.vocab_size && want != requested {
+            bail!(
+                "{f}: [data] vocab_size = {want} but {} was built with vocab {} (requested {requested}): rebuild the data or fix vocab_size",
+                dir.display(),
+                meta.vocab_size
+            );
+        }
+    }
+    Ok(meta.vocab_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("s.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const OK: &str = "name = \"t\"\n[data]\ndir = \"d\"\n[base]\ndim = 32\nn_heads = 2\nsteps = 5\n[sweep]\nbatch_size = [4, 8]\ncontext_len = [16, 32]\nn_layers = [1, 2]\n";
+
+    #[test]
+    fn grid_expands_to_the_product() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Sweep::from_file(&write(d.path(), OK), 100).unwrap();
+        assert_eq!(s.runs.len(), 8);
+        assert_eq!(s.runs[0].config.dim, 32);
+        let distinct: std::collections::HashSet<_> =
+            s.runs.iter().map(|r| format!("{:?}", r.params)).collect();
+        assert_eq!(distinct.len(), 8);
+    }
+
+    #[test]
+    fn random_samples_without_replacement_deterministically() {
+        let d = tempfile::tempdir().unwrap();
+        let text = OK.replace(
+            "[sweep]\n",
+            "[sweep]\nstrategy = \"random\"\ntrials = 3\nseed = 4\n",
+        );
+        let a = Sweep::from_file(&write(d.path(), &text), 100).unwrap();
+        let b = Sweep::from_file(&write(d.path(), &text), 100).unwrap();
+        assert_eq!(a.runs.len(), 3);
+        assert_eq!(a.runs, b.runs);
+    }
+
+    #[test]
+    fn bad_files_name_the_key_and_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                OK.replace("n_layers = [1, 2]", "n_layerz = [1, 2]"),
+                "n_layerz",
+            ),
+            (OK.replace("n_layers = [1, 2]", "n_layers = []"), "empty"),
+            (
+                OK.replace("n_layers = [1, 2]", "n_layers = 2"),
+                "must be a list",
+            ),
+            (OK.replace("dim = 32", "dimm = 32"), "dimm"),
+            (
+                OK.replace("n_layers = [1, 2]", "n_layers = [0]"),
+                "n_layers",
+            ),
+            (
+                OK.replace("batch_size = [4, 8]", "batch_size = [4, \"x\"]"),
+                "batch_size",
+            ),
+            (
+                OK.replace("name = \"t\"", "name = \"t\"\nbogus = 1"),
+                "bogus",
+            ),
+            (
+                OK.replace("[sweep]", "[sweep]\nstrategy = \"random\""),
+                "trials",
+            ),
+            ("name = [".to_string(), "not valid TOML"),
+        ];
+        for (text, needle) in cases {
+            let err = Sweep::from_file(&write(d.path(), &text), 100)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(needle) && err.contains("s.toml"),
+                "{needle}: {err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+}

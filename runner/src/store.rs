@@ -1,0 +1,573 @@
+//! `RunStore`: the SQLite database of sweeps, runs, metrics, checkpoints and status events (sqlx).
+//! WAL mode and a busy timeout let several runners share one home; each statement batch is a transaction,
+//! so a crash never leaves the DB half-written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+/// Run statuses, exactly as stored in `runs.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Interrupted,
+    SkippedOom,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::SkippedOom => "skipped_oom",
+        }
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "queued" => RunStatus::Queued,
+            "running" => RunStatus::Running,
+            "completed" => RunStatus::Completed,
+            "failed" => RunStatus::Failed,
+            "interrupted" => RunStatus::Interrupted,
+            "skipped_oom" => RunStatus::SkippedOom,
+            other => bail!("unknown run status {other:?}"),
+        })
+    }
+}
+
+/// A run as the report and the scheduler see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub sweep_id: i64,
+    pub status: String,
+    pub params: serde_json::Value,
+    #[serde(skip)]
+    pub config: String,
+    pub run_dir: String,
+    pub device: Option<String>,
+    pub pid: Option<i64>,
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub tokens: i64,
+    pub loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub val_bpb: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub wall_s: f64,
+    pub checkpoint: Option<String>,
+    pub param_count: Option<i64>,
+    pub mem_estimate: Option<i64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    pub id: i64,
+    pub name: String,
+    pub file: String,
+    pub created_at: String,
+}
+
+/// Typeable ids: `7` is run 7, `s3` is sweep 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Id {
+    Run(i64),
+    Sweep(i64),
+}
+
+impl FromStr for Id {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        let parsed = match s.strip_prefix('s').or_else(|| s.strip_prefix('S')) {
+            Some(n) => n.parse().map(Id::Sweep),
+            None => s.trim_start_matches(['r', 'R']).parse().map(Id::Run),
+        };
+        parsed.map_err(|_| {
+            anyhow::anyhow!(
+                "{s:?} is not an id: use a run id like 7 or a sweep id like s3 (see `runner ls`)"
+            )
+        })
+    }
+}
+
+pub fn now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // RFC 3339 in UTC, computed without a date crate.
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, dd) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The runner's home: `runs.db` and one folder per run.
+#[derive(Clone)]
+pub struct RunStore {
+    pub pool: SqlitePool,
+    pub home: PathBuf,
+}
+
+const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error";
+
+fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
+    RunRow {
+        id: r.get(0),
+        sweep_id: r.get(1),
+        status: r.get(2),
+        params: serde_json::from_str(r.get::<&str, _>(3)).unwrap_or(serde_json::Value::Null),
+        config: r.get(4),
+        run_dir: r.get(5),
+        device: r.get(6),
+        pid: r.get(7),
+        step: r.get(8),
+        total_steps: r.get(9),
+        tokens: r.get(10),
+        loss: r.get(11),
+        val_loss: r.get(12),
+        best_val_loss: r.get(13),
+        val_bpb: r.get(14),
+        tokens_per_s: r.get(15),
+        wall_s: r.get(16),
+        checkpoint: r.get(17),
+        param_count: r.get(18),
+        mem_estimate: r.get(19),
+        error: r.get(20),
+    }
+}
+
+impl RunStore {
+    /// Open (creating if needed) `home/runs.db` and apply the migrations.
+    pub async fn open(home: &Path) -> Result<Self> {
+        std::fs::create_dir_all(home)
+            .with_context(|| format!("creating runner home {}", home.display()))?;
+        let db = home.join("runs.db");
+        let opts = SqliteConnectOptions::new()
+            .filename(&db)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("opening {}", db.display()))?;
+        sqlx::migrate!("../migrations")
+            .run(&pool)
+            .await
+            .with_context(|| format!("migrating {}", db.display()))?;
+        Ok(Self {
+            pool,
+            home: home.to_path_buf(),
+        })
+    }
+
+    pub async fn create_sweep(&self, name: &str, file: &str, spec: &str) -> Result<i64> {
+        let id =
+            sqlx::query("INSERT INTO sweeps (name, file, spec, created_at) VALUES (?, ?, ?, ?)")
+                .bind(name)
+                .bind(file)
+                .bind(spec)
+                .bind(now())
+                .execute(&self.pool)
+                .await?
+                .last_insert_rowid();
+        Ok(id)
+    }
+
+    /// Record the runs of a sweep as `queued` (one transaction). Returns their ids.
+    pub async fn add_runs(
+        &self,
+        sweep_id: i64,
+        runs: &[(BTreeMap<String, toml::Value>, String, u64, u64)],
+    ) -> Result<Vec<i64>> {
+        let mut tx = self.pool.begin().await?;
+        let mut ids = Vec::with_capacity(runs.len());
+        for (idx, (params, config, param_count, mem)) in runs.iter().enumerate() {
+            let params_json = serde_json::to_string(params)?;
+            let id = sqlx::query(
+                "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at) \
+                 VALUES (?, ?, 'queued', ?, ?, '', ?, ?, ?)",
+            )
+            .bind(sweep_id)
+            .bind(idx as i64)
+            .bind(&params_json)
+            .bind(config)
+            .bind(*param_count as i64)
+            .bind(*mem as i64)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?
+            .last_insert_rowid();
+            let run_dir = self.home.join(format!("run-{id}"));
+            sqlx::query("UPDATE runs SET run_dir = ? WHERE id = ?")
+                .bind(run_dir.display().to_string())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            for (k, v) in params {
+                let num = match v {
+                    toml::Value::Integer(i) => Some(*i as f64),
+                    toml::Value::Float(f) => Some(*f),
+                    _ => None,
+                };
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                sqlx::query("INSERT INTO run_params (run_id, key, value, num) VALUES (?, ?, ?, ?)")
+                    .bind(id)
+                    .bind(k)
+                    .bind(text)
+                    .bind(num)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, 'status', 'queued', 'created')")
+                .bind(id)
+                .bind(now())
+                .execute(&mut *tx)
+                .await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Claim a queued/interrupted/failed run for this runner: only one runner wins.
+    pub async fn claim(&self, id: i64, device: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, pid = NULL, error = NULL, started_at = ? \
+             WHERE id = ? AND status IN ('queued', 'interrupted', 'failed')",
+        )
+        .bind(device)
+        .bind(std::process::id() as i64)
+        .bind(now())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            sqlx::query("INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, 'status', 'running', ?)")
+                .bind(id)
+                .bind(now())
+                .bind(format!("launched on {device}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// Change a run's status and record why.
+    pub async fn set_status(&self, id: i64, status: RunStatus, reason: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let finished = matches!(
+            status,
+            RunStatus::Completed
+                | RunStatus::Failed
+                | RunStatus::Interrupted
+                | RunStatus::SkippedOom
+        );
+        let error = matches!(status, RunStatus::Failed | RunStatus::SkippedOom).then_some(reason);
+        sqlx::query(
+            "UPDATE runs SET status = ?, error = COALESCE(?, error), pid = CASE WHEN ? THEN NULL ELSE pid END, \
+             finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
+        )
+        .bind(status.as_str())
+        .bind(error)
+        .bind(finished)
+        .bind(finished)
+        .bind(now())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, 'status', ?, ?)",
+        )
+        .bind(id)
+        .bind(now())
+        .bind(status.as_str())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn set_pid(&self, id: i64, pid: u32) -> Result<()> {
+        sqlx::query("UPDATE runs SET pid = ? WHERE id = ?")
+            .bind(pid as i64)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Runs left `running` whose engine is gone (a killed runner) become `interrupted`.
+    pub async fn recover_orphans(&self) -> Result<Vec<i64>> {
+        let rows =
+            sqlx::query("SELECT id, pid, runner_pid, run_dir FROM runs WHERE status = 'running'")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut recovered = Vec::new();
+        for r in rows {
+            let id: i64 = r.get(0);
+            let pid: Option<i64> = r.get(1);
+            let runner_pid: Option<i64> = r.get(2);
+            let run_dir: String = r.get(3);
+            let engine_alive = pid.is_some_and(|p| process_mentions(p, &run_dir));
+            let runner_alive =
+                runner_pid.is_some_and(|p| p as u32 != std::process::id() && process_alive(p));
+            if !engine_alive && !runner_alive {
+                self.set_status(
+                    id,
+                    RunStatus::Interrupted,
+                    "its runner and engine are gone (recovered at start)",
+                )
+                .await?;
+                recovered.push(id);
+            }
+        }
+        Ok(recovered)
+    }
+
+    pub async fn run(&self, id: i64) -> Result<RunRow> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(run_from_row(&r)),
+            None => bail!("no run with id {id}: see `runner ls` for the ids"),
+        }
+    }
+
+    pub async fn sweep(&self, id: i64) -> Result<SweepRow> {
+        let row = sqlx::query("SELECT id, name, file, created_at FROM sweeps WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(SweepRow {
+                id: r.get(0),
+                name: r.get(1),
+                file: r.get(2),
+                created_at: r.get(3),
+            }),
+            None => bail!("no sweep with id s{id}: see `runner ls` for the ids"),
+        }
+    }
+
+    pub async fn sweeps(&self) -> Result<Vec<SweepRow>> {
+        let rows = sqlx::query("SELECT id, name, file, created_at FROM sweeps ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SweepRow {
+                id: r.get(0),
+                name: r.get(1),
+                file: r.get(2),
+                created_at: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Runs of one sweep (or all), in id order.
+    pub async fn runs(&self, sweep: Option<i64>) -> Result<Vec<RunRow>> {
+        let q = match sweep {
+            Some(_) => format!("SELECT {RUN_COLUMNS} FROM runs WHERE sweep_id = ? ORDER BY id"),
+            None => format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id"),
+        };
+        let mut query = sqlx::query(&q);
+        if let Some(s) = sweep {
+            query = query.bind(s);
+        }
+        Ok(query
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(run_from_row)
+            .collect())
+    }
+
+    /// (step, value) series of one metric of a run.
+    pub async fn metric(&self, run: i64, name: &str) -> Result<Vec<(i64, f64)>> {
+        let rows = sqlx::query(
+            "SELECT step, value FROM metrics WHERE run_id = ? AND name = ? ORDER BY step",
+        )
+        .bind(run)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Every metric series of a set of runs: run → name → [(step, value)].
+    pub async fn histories(
+        &self,
+        runs: &[i64],
+    ) -> Result<BTreeMap<i64, BTreeMap<String, Vec<(i64, f64)>>>> {
+        let mut out: BTreeMap<i64, BTreeMap<String, Vec<(i64, f64)>>> = BTreeMap::new();
+        for chunk in runs.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let q = format!("SELECT run_id, name, step, value FROM metrics WHERE run_id IN ({marks}) ORDER BY run_id, name, step");
+            let mut query = sqlx::query(&q);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            for r in query.fetch_all(&self.pool).await? {
+                out.entry(r.get(0))
+                    .or_default()
+                    .entry(r.get(1))
+                    .or_default()
+                    .push((r.get(2), r.get(3)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Status events of a run: (time, kind, status, reason).
+    pub async fn events(
+        &self,
+        run: i64,
+    ) -> Result<Vec<(String, String, Option<String>, Option<String>)>> {
+        let rows = sqlx::query(
+            "SELECT time, kind, status, reason FROM events WHERE run_id = ? ORDER BY id",
+        )
+        .bind(run)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    /// Checkpoints of a run: (step, path, bytes, sha256).
+    pub async fn checkpoints(&self, run: i64) -> Result<Vec<(i64, String, i64, Option<String>)>> {
+        let rows = sqlx::query(
+            "SELECT step, path, bytes, sha256 FROM checkpoints WHERE run_id = ? ORDER BY step",
+        )
+        .bind(run)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+}
+
+fn process_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether process `pid` exists and its command line mentions `needle` (guards against pid reuse).
+fn process_mentions(pid: i64, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(needle))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse() {
+        assert_eq!("7".parse::<Id>().unwrap(), Id::Run(7));
+        assert_eq!("s3".parse::<Id>().unwrap(), Id::Sweep(3));
+        assert!("x9"
+            .parse::<Id>()
+            .unwrap_err()
+            .to_string()
+            .contains("runner ls"));
+    }
+
+    #[test]
+    fn dates_are_rfc3339() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_418), (2025, 11, 26));
+        assert!(now().ends_with('Z'));
+    }
+
+    #[tokio::test]
+    async fn statuses_and_claims() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let store = RunStore::open(d.path()).await?;
+        let s = store.create_sweep("t", "f.toml", "{}").await?;
+        let mut p = BTreeMap::new();
+        p.insert("n_layers".to_string(), toml::Value::Integer(2));
+        let ids = store.add_runs(s, &[(p, "dim = 8".into(), 10, 20)]).await?;
+        assert!(store.claim(ids[0], "cpu").await?);
+        assert!(
+            !store.claim(ids[0], "cpu").await?,
+            "a running run cannot be claimed twice"
+        );
+        store.set_status(ids[0], RunStatus::Failed, "boom").await?;
+        let r = store.run(ids[0]).await?;
+        assert_eq!(
+            (r.status.as_str(), r.error.as_deref()),
+            ("failed", Some("boom"))
+        );
+        let n: i64 =
+            sqlx::query_scalar("SELECT num FROM run_params WHERE run_id = ? AND key = 'n_layers'")
+                .bind(ids[0])
+                .fetch_one(&store.pool)
+                .await
+                .map(|v: f64| v as i64)?;
+        assert_eq!(n, 2);
+        assert!(store
+            .run(999)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("runner ls"));
+        Ok(())
+    }
+}
