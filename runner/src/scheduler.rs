@@ -272,17 +272,27 @@ struct Ended {
 /// Last lines of a process's stderr, kept for the failure reason.
 const STDERR_TAIL: usize = 20;
 
-/// Launch one run's engine and follow it to the end.
-async fn launch(
-    run: RunRow,
-    devices: Vec<String>,
+/// What every launch shares: how to start engines, where events go, which pids are live.
+#[derive(Clone)]
+struct LaunchContext {
     engine: EngineCommand,
     store: RunStore,
     writer: mpsc::UnboundedSender<Msg>,
     ui: mpsc::UnboundedSender<(i64, Event)>,
     pids: Arc<Mutex<HashMap<i64, u32>>>,
     threads_per_run: usize,
-) -> Ended {
+}
+
+/// Launch one run's engine and follow it to the end.
+async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended {
+    let LaunchContext {
+        engine,
+        store,
+        writer,
+        ui,
+        pids,
+        threads_per_run,
+    } = ctx;
     let id = run.id;
     let result = async {
         let run_dir = PathBuf::from(&run.run_dir);
@@ -430,6 +440,14 @@ pub async fn execute(
     let (writer, writer_task) = ingest::spawn_writer(store.clone());
     let (ui_tx, mut ui_rx) = mpsc::unbounded_channel::<(i64, Event)>();
     let pids: Arc<Mutex<HashMap<i64, u32>>> = Arc::default();
+    let ctx = LaunchContext {
+        engine: engine.clone(),
+        store: store.clone(),
+        writer: writer.clone(),
+        ui: ui_tx.clone(),
+        pids: pids.clone(),
+        threads_per_run,
+    };
     let mut display = Display::new(runs.len());
     let mut summary = Summary::default();
     let mut queue: VecDeque<RunRow> = runs.into();
@@ -460,16 +478,7 @@ pub async fn execute(
                 continue;
             }
             display.started(run.id, &devs.join(","));
-            active.spawn(launch(
-                run,
-                devs,
-                engine.clone(),
-                store.clone(),
-                writer.clone(),
-                ui_tx.clone(),
-                pids.clone(),
-                threads_per_run,
-            ));
+            active.spawn(launch(run, devs, ctx.clone()));
         }
         if active.is_empty() {
             break;
@@ -500,6 +509,7 @@ pub async fn execute(
         }
     }
     summary.left_queued = queue.len();
+    drop(ctx);
     drop(writer);
     writer_task.await.context("the DB writer panicked")??;
     display.overall.finish_and_clear();

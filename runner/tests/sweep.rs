@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 fn runner(home: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_runner"));
-    c.arg("--home").arg(home).env("RUST_LOG", "warn").env_remove("RUNNER_ENGINE");
+    c.arg("--home")
+        .arg(home)
+        .env("RUST_LOG", "warn")
+        .env_remove("RUNNER_ENGINE");
     c
 }
 
@@ -35,7 +38,10 @@ fn sweep_file(dir: &Path, name: &str, steps: u64, sweep: &str) -> PathBuf {
 }
 
 fn report_json(home: &Path, sweep: &str) -> Vec<serde_json::Value> {
-    let out = runner(home).args(["report", sweep, "--format", "json"]).output().unwrap();
+    let out = runner(home)
+        .args(["report", sweep, "--format", "json"])
+        .output()
+        .unwrap();
     serde_json::from_str(&ok(&out)).unwrap()
 }
 
@@ -44,7 +50,13 @@ fn sqlite_steps(home: &Path, run: i64) -> Vec<i64> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = runner::store::RunStore::open(home).await.unwrap();
-        store.metric(run, "loss").await.unwrap().into_iter().map(|(s, _)| s).collect()
+        store
+            .metric(run, "loss")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect()
     })
 }
 
@@ -59,8 +71,16 @@ fn grid_sweep_runs_all_and_reports() {
         "batch_size = [2, 4]\ncontext_len = [8, 16]\nn_layers = [1, 2]",
     );
     // --dry-run launches nothing.
-    let dry = ok(&runner(&home).args(["sweep", "--dry-run"]).arg(&file).output().unwrap());
-    assert_eq!(dry.lines().filter(|l| l.contains("params")).count(), 8, "{dry}");
+    let dry = ok(&runner(&home)
+        .args(["sweep", "--dry-run"])
+        .arg(&file)
+        .output()
+        .unwrap());
+    assert_eq!(
+        dry.lines().filter(|l| l.contains("params")).count(),
+        8,
+        "{dry}"
+    );
     assert!(!home.join("runs.db").exists());
 
     let out = runner(&home).arg("sweep").arg(&file).output().unwrap();
@@ -76,18 +96,31 @@ fn grid_sweep_runs_all_and_reports() {
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["params"]["n_layers"].is_i64());
         assert!(Path::new(r["checkpoint"].as_str().unwrap()).is_dir());
-        assert_eq!(sqlite_steps(&home, r["id"].as_i64().unwrap()), (1..=6).collect::<Vec<_>>());
+        assert_eq!(
+            sqlite_steps(&home, r["id"].as_i64().unwrap()),
+            (1..=6).collect::<Vec<_>>()
+        );
     }
-    let csv = ok(&runner(&home).args(["report", "s1", "--format", "csv", "--sort", "val_loss"]).output().unwrap());
+    let csv = ok(&runner(&home)
+        .args(["report", "s1", "--format", "csv", "--sort", "val_loss"])
+        .output()
+        .unwrap());
     assert_eq!(csv.lines().count(), 9);
     let html = dir.path().join("r.html");
-    ok(&runner(&home).args(["report", "s1", "--html"]).arg(&html).output().unwrap());
+    ok(&runner(&home)
+        .args(["report", "s1", "--html"])
+        .arg(&html)
+        .output()
+        .unwrap());
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("<svg") && page.contains("polyline") && !page.contains("<script"));
     let ls = ok(&runner(&home).arg("ls").output().unwrap());
     assert!(ls.contains("s1") && ls.contains("8 completed"), "{ls}");
     let show = ok(&runner(&home).args(["show", "1"]).output().unwrap());
-    assert!(show.contains("checkpoints:") && show.contains("step-00000006"), "{show}");
+    assert!(
+        show.contains("checkpoints:") && show.contains("step-00000006"),
+        "{show}"
+    );
     // Resuming a completed run says so and does nothing.
     let again = ok(&runner(&home).args(["resume", "1"]).output().unwrap());
     assert!(again.contains("already completed"));
@@ -97,16 +130,33 @@ fn grid_sweep_runs_all_and_reports() {
 fn killed_sweep_resumes_from_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let file = sweep_file(dir.path(), "killme", 400, "n_layers = [1, 2]\nmixer = [\"ttt\", \"attention\"]");
-    let mut child = runner(&home).arg("sweep").arg(&file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let file = sweep_file(
+        dir.path(),
+        "killme",
+        400,
+        "n_layers = [1, 2]\nmixer = [\"ttt\", \"attention\"]",
+    );
+    let mut child = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     // Wait until both first runs have checkpoints, then SIGKILL the runner.
     let t0 = Instant::now();
     loop {
-        let have = (1..=2).all(|r| home.join(format!("run-{r}/checkpoints/step-00000010")).is_dir());
+        let have = (1..=2).all(|r| {
+            home.join(format!("run-{r}/checkpoints/step-00000010"))
+                .is_dir()
+        });
         if have {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoints appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoints appeared"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     child.kill().unwrap();
@@ -114,12 +164,18 @@ fn killed_sweep_resumes_from_checkpoints() {
     // The engines notice their parent died (PR_SET_PDEATHSIG → SIGTERM), checkpoint and exit.
     let t0 = Instant::now();
     while (1..=2).any(|r| engine_alive(&home.join(format!("run-{r}")))) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "engines outlived their runner");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "engines outlived their runner"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let before = report_json(&home, "s1");
     let stopped_at: Vec<i64> = before.iter().map(|r| r["step"].as_i64().unwrap()).collect();
-    assert!(before.iter().any(|r| r["status"] == "running"), "the DB still says running until recovery");
+    assert!(
+        before.iter().any(|r| r["status"] == "running"),
+        "the DB still says running until recovery"
+    );
 
     let out = runner(&home).args(["resume", "s1"]).output().unwrap();
     ok(&out);
@@ -129,13 +185,18 @@ fn killed_sweep_resumes_from_checkpoints() {
         assert_eq!(r["status"], "completed", "{r}");
         let id = r["id"].as_i64().unwrap();
         // Continuous step history: every step once, 1..=400.
-        assert_eq!(sqlite_steps(&home, id), (1..=400).collect::<Vec<_>>(), "run {id}");
+        assert_eq!(
+            sqlite_steps(&home, id),
+            (1..=400).collect::<Vec<_>>(),
+            "run {id}"
+        );
     }
     // The runs that were running resumed from a checkpoint rather than restarting.
     let resumed = (1..=2)
         .filter(|r| {
             let log = std::fs::read_to_string(home.join(format!("run-{r}/metrics.jsonl"))).unwrap();
-            log.lines().any(|l| l.contains("\"resumed\":true") && !l.contains("\"step\":0,"))
+            log.lines()
+                .any(|l| l.contains("\"resumed\":true") && !l.contains("\"step\":0,"))
         })
         .count();
     assert_eq!(resumed, 2, "steps when killed: {stopped_at:?}");
@@ -156,20 +217,55 @@ fn two_runners_share_one_home() {
     let home = dir.path().join("home");
     let a = sweep_file(dir.path(), "a", 8, "n_layers = [1, 2]");
     // Build the data once so both runners find it.
-    ok(&runner(&home).args(["sweep", "--dry-run"]).arg(&a).output().unwrap());
+    ok(&runner(&home)
+        .args(["sweep", "--dry-run"])
+        .arg(&a)
+        .output()
+        .unwrap());
     let b = sweep_file(dir.path(), "b", 8, "context_len = [8, 16]");
-    let ca = runner(&home).arg("sweep").arg(&a).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let cb = runner(&home).arg("sweep").arg(&b).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let (oa, ob) = (ca.wait_with_output().unwrap(), cb.wait_with_output().unwrap());
-    assert!(oa.status.success(), "{}", String::from_utf8_lossy(&oa.stderr));
-    assert!(ob.status.success(), "{}", String::from_utf8_lossy(&ob.stderr));
-    let all = report_json(&home, "s1").into_iter().chain(report_json(&home, "s2")).collect::<Vec<_>>();
+    let ca = runner(&home)
+        .arg("sweep")
+        .arg(&a)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cb = runner(&home)
+        .arg("sweep")
+        .arg(&b)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (oa, ob) = (
+        ca.wait_with_output().unwrap(),
+        cb.wait_with_output().unwrap(),
+    );
+    assert!(
+        oa.status.success(),
+        "{}",
+        String::from_utf8_lossy(&oa.stderr)
+    );
+    assert!(
+        ob.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ob.stderr)
+    );
+    let all = report_json(&home, "s1")
+        .into_iter()
+        .chain(report_json(&home, "s2"))
+        .collect::<Vec<_>>();
     assert_eq!(all.len(), 4);
-    assert!(all.iter().all(|r| r["status"] == "completed" && r["step"] == 8));
+    assert!(all
+        .iter()
+        .all(|r| r["status"] == "completed" && r["step"] == 8));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let check: String = rt.block_on(async {
         let store = runner::store::RunStore::open(&home).await.unwrap();
-        sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&store.pool).await.unwrap()
+        sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
     });
     assert_eq!(check, "ok");
 }
@@ -180,27 +276,61 @@ fn a_crashing_engine_fails_its_run_with_the_reason() {
     let home = dir.path().join("home");
     let file = sweep_file(dir.path(), "crash", 5, "n_layers = [1]");
     let fake = dir.path().join("fake-engine.sh");
-    std::fs::write(&fake, "#!/bin/sh\necho 'CUDA error: out of cheese' >&2\nexit 3\n").unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
-    let out = runner(&home).arg("sweep").arg(&file).env("RUNNER_ENGINE", &fake).output().unwrap();
-    assert!(!out.status.success(), "a failed run makes the sweep exit non-zero");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'CUDA error: out of cheese' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&fake)
+        .status()
+        .unwrap();
+    let out = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .env("RUNNER_ENGINE", &fake)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a failed run makes the sweep exit non-zero"
+    );
     let rows = report_json(&home, "s1");
     assert_eq!(rows[0]["status"], "failed");
-    assert!(rows[0]["error"].as_str().unwrap().contains("out of cheese"), "{}", rows[0]);
+    assert!(
+        rows[0]["error"].as_str().unwrap().contains("out of cheese"),
+        "{}",
+        rows[0]
+    );
 }
 
 #[test]
 fn malformed_sweep_files_are_refused_before_launch() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let good = std::fs::read_to_string(sweep_file(dir.path(), "good", 5, "n_layers = [1, 2]")).unwrap();
+    let good =
+        std::fs::read_to_string(sweep_file(dir.path(), "good", 5, "n_layers = [1, 2]")).unwrap();
     let cases = [
-        (good.replace("n_layers = [1, 2]", "n_layerz = [1, 2]"), "n_layerz"),
+        (
+            good.replace("n_layers = [1, 2]", "n_layerz = [1, 2]"),
+            "n_layerz",
+        ),
         (good.replace("n_layers = [1, 2]", "n_layers = []"), "empty"),
         (good.replace("dim = 16", "dim = 15"), "n_heads"),
-        (good.replace("name = \"good\"", "name = ["), "not valid TOML"),
-        (good.replace("synth_stories = 200\n", "").replace("/data\"", "/missing\""), "data_prep build"),
-        (good.replace("vocab_size = 300", "vocab_size = 999"), "vocab"),
+        (
+            good.replace("name = \"good\"", "name = ["),
+            "not valid TOML",
+        ),
+        (
+            good.replace("synth_stories = 200\n", "")
+                .replace("/data\"", "/missing\""),
+            "data_prep build",
+        ),
+        (
+            good.replace("vocab_size = 300", "vocab_size = 999"),
+            "vocab",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let f = dir.path().join(format!("bad{i}.toml"));
@@ -208,13 +338,29 @@ fn malformed_sweep_files_are_refused_before_launch() {
         let out = runner(&home).arg("sweep").arg(&f).output().unwrap();
         assert!(!out.status.success(), "case {i} launched");
         let err = String::from_utf8_lossy(&out.stderr);
-        let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("case {i}: {err}"));
-        assert!(line.contains(needle) && line.contains(&format!("bad{i}.toml")), "case {i}: {line}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("case {i}: {err}"));
+        assert!(
+            line.contains(needle) && line.contains(&format!("bad{i}.toml")),
+            "case {i}: {line}"
+        );
     }
     assert!(!home.join("runs.db").exists(), "nothing was recorded");
-    let out = runner(&home).arg("sweep").arg(dir.path().join("nope.toml")).output().unwrap();
+    let out = runner(&home)
+        .arg("sweep")
+        .arg(dir.path().join("nope.toml"))
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
-    ok(&runner(&home).arg("sweep").arg(dir.path().join("good.toml")).output().unwrap());
+    ok(&runner(&home)
+        .arg("sweep")
+        .arg(dir.path().join("good.toml"))
+        .output()
+        .unwrap());
     let out = runner(&home).args(["show", "99"]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no run with id 99"));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no run with id 99")
+    );
 }

@@ -128,7 +128,7 @@ impl ModelConfig {
         if self.mlp_hidden == Some(0) {
             return Err(ConfigError::Zero("mlp_hidden"));
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             return Err(ConfigError::HeadsDoNotDivide {
                 dim: self.dim,
                 n_heads: self.n_heads,

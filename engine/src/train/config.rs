@@ -207,7 +207,7 @@ impl TrainConfig {
                 bail!("{name} must be at least 1 (got 0)");
             }
         }
-        if self.batch_size % self.grad_accum != 0 {
+        if !self.batch_size.is_multiple_of(self.grad_accum) {
             bail!(
                 "batch_size = {} is not divisible by grad_accum = {}: batch_size is the whole batch per step, split into grad_accum micro-batches",
                 self.batch_size,
@@ -243,7 +243,7 @@ impl TrainConfig {
             bail!("steps and max_tokens must be at least 1 when set");
         }
         if let Some(s) = self.max_seconds {
-            if !(s > 0.0) {
+            if s.is_nan() || s <= 0.0 {
                 bail!("max_seconds must be > 0 when set (got {s})");
             }
         }
