@@ -43,6 +43,36 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Benchmark training steps (forward + backward + AdamW) on random tokens with random weights, the same
+    /// workload as ../shared/bench/bitllama_torch.py; also times writing and loading one checkpoint.
+    /// Prints one JSON object.
+    BenchTrain {
+        /// bitttt (TTT + BitLinear), llama (attention + float linears), attention (attention + BitLinear),
+        /// floatttt (TTT + float linears).
+        #[arg(long, default_value = "bitttt")]
+        arch: String,
+        #[arg(long, default_value_t = 256)]
+        dim: usize,
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        ctx: usize,
+        #[arg(long, default_value_t = 16384)]
+        vocab: usize,
+        #[arg(long, default_value_t = 16)]
+        mini_batch: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 /// Parse `args` (the first is the program name) and run the command.
@@ -60,6 +90,56 @@ where
         .try_init();
     let cli = Cli::parse_from(args);
     match cli.command {
+        Command::BenchTrain {
+            arch,
+            dim,
+            layers,
+            heads,
+            batch,
+            ctx,
+            vocab,
+            mini_batch,
+            steps,
+            warmup,
+            device,
+        } => {
+            let result = (|| -> anyhow::Result<String> {
+                let (mixer, weights) = crate::bench::parse_arch(&arch).ok_or_else(|| {
+                    anyhow::anyhow!("--arch {arch:?}: use bitttt, llama, attention or floatttt")
+                })?;
+                let model = crate::model::ModelConfig {
+                    vocab_size: vocab,
+                    dim,
+                    n_layers: layers,
+                    n_heads: heads,
+                    mixer,
+                    weights,
+                    mlp_hidden: None,
+                    ttt_mini_batch: mini_batch,
+                    ttt_base_lr: 1.0,
+                    tie_embeddings: false,
+                };
+                let b = crate::bench::BenchTrain {
+                    model,
+                    batch,
+                    ctx,
+                    steps: steps.max(1),
+                    warmup,
+                    device: crate::train::device_from_name(&device)?,
+                };
+                Ok(serde_json::to_string(&crate::bench::bench_train(&b)?)?)
+            })();
+            match result {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_ERROR as u8)
+                }
+            }
+        }
         Command::Train {
             config,
             out,

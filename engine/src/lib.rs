@@ -3,6 +3,7 @@
 //! The library is what the runner depends on: the config schema (so sweep keys are validated by the same
 //! code), the memory estimate and the event types of the JSON-lines protocol.
 
+pub mod bench;
 pub mod cli;
 pub mod events;
 pub mod model;
