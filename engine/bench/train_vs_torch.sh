@@ -17,7 +17,7 @@ threads=${THREADS:-$(nproc)}
 if [ ! -f "$peer" ]; then echo "peer $peer not found: run from a checkout next to ../shared" >&2; exit 1; fi
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu torch || "$venv/bin/pip" install -q torch
+  "$venv/bin/pip" install -q torch
 fi
 cargo build --release -q -p engine
 out=$(mktemp)

@@ -75,12 +75,25 @@ enum Command {
     },
 }
 
+/// Keep freed tensor buffers in the heap instead of returning them to the kernel: every op allocates its
+/// output, and with glibc's defaults each large buffer is a fresh mmap whose pages fault and are zeroed again
+/// on every step. Raising the mmap and trim thresholds makes the allocator reuse them.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// Parse `args` (the first is the program name) and run the command.
 pub fn run_from<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    tune_allocator();
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

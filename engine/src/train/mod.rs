@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod emitter;
+pub mod loss;
 pub mod optim;
 
 use std::io::IsTerminal;
@@ -68,7 +69,7 @@ pub fn device_from_name(name: &str) -> Result<Device> {
 pub fn lm_loss(model: &BitLlama, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let logits = model.forward(x)?;
     let (b, t, v) = logits.dims3()?;
-    let loss = candle_nn::loss::cross_entropy(
+    let loss = loss::cross_entropy(
         &logits.reshape((b * t, v))?.to_dtype(DType::F32)?,
         &y.flatten_all()?,
     )?;
