@@ -57,6 +57,9 @@ pub enum Event {
         elapsed_s: f64,
         val_loss: Option<f64>,
         val_bpb: Option<f64>,
+        /// sha256 of all parameters (identical on every rank of a data-parallel run).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        params_sha256: Option<String>,
     },
     /// Stopped by a signal after checkpointing; resume continues from `step`.
     Interrupted { step: u64, signal: String },

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod dist;
 pub mod events;
 pub mod model;
 pub mod train;

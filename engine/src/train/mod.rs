@@ -8,6 +8,7 @@ pub mod emitter;
 pub mod loss;
 pub mod optim;
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::dist::{self, DistEnv};
 use crate::events::{Event, PROTOCOL_VERSION};
 use crate::model::{build_seeded, BitLlama, ModelConfig};
 use checkpoint::{config_hash, CheckpointDir, CheckpointState, CHECKPOINT_FORMAT};
@@ -193,6 +195,9 @@ pub fn train(args: &TrainArgs) -> Result<Outcome> {
 }
 
 fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
+    let dist = DistEnv::from_env()?;
+    let world = dist.world_size;
+    let leader = dist.is_leader();
     // 1. Resolve the run dir and config.
     let (run_dir, cfg, resuming) = match (&args.resume, &args.out) {
         (Some(dir), _) => {
@@ -212,6 +217,13 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         (None, None) => bail!("say where the run goes: `engine train --config RUN.toml --out RUN_DIR` (or --resume RUN_DIR)"),
     };
     cfg.validate()?;
+    if cfg.batch_size % (world * cfg.grad_accum) != 0 {
+        bail!(
+            "batch_size = {} must be divisible by WORLD_SIZE × grad_accum = {world} × {}: each rank takes an equal slice of every batch",
+            cfg.batch_size,
+            cfg.grad_accum
+        );
+    }
     let data_dir = cfg.data_dir.clone().expect("validated");
     let data = TokenData::open(&data_dir)?;
     data.check_context(cfg.context_len)?;
@@ -219,22 +231,34 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     model_cfg.validate()?;
     let device = device_from_name(&cfg.device)?;
 
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("creating run dir {}", run_dir.display()))?;
-    let _lock = lock_run_dir(&run_dir)?;
-    checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    let tok_src = data_dir.join("tokenizer.json");
-    if tok_src.is_file() {
-        std::fs::copy(&tok_src, run_dir.join("tokenizer.json"))
-            .context("copying tokenizer.json into the run dir")?;
-    }
-    emitter.attach_file(&run_dir.join("metrics.jsonl"))?;
+    // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints.
+    let _lock = if leader {
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating run dir {}", run_dir.display()))?;
+        let lock = lock_run_dir(&run_dir)?;
+        checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        let tok_src = data_dir.join("tokenizer.json");
+        if tok_src.is_file() {
+            std::fs::copy(&tok_src, run_dir.join("tokenizer.json"))
+                .context("copying tokenizer.json into the run dir")?;
+        }
+        emitter.attach_file(&run_dir.join("metrics.jsonl"))?;
+        Some(lock)
+    } else {
+        None
+    };
 
     // 2. Model, optimizer, data RNG — fresh or from the newest valid checkpoint.
     let (varmap, model) = build_seeded(&model_cfg, cfg.seed, DType::F32, &device)?;
-    let named = varmap.data().lock().expect("varmap lock").clone();
-    let vars: Vec<Var> = varmap.all_vars();
-    let mut opt = AdamW::new(&named, cfg.weight_decay)?;
+    let named: BTreeMap<String, Var> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .clone()
+        .into_iter()
+        .collect();
+    let vars: Vec<Var> = named.values().cloned().collect();
+    let mut opt = AdamW::new(&named.clone().into_iter().collect(), cfg.weight_decay)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let (mut step, mut tokens, mut elapsed_before) = (0u64, 0u64, 0f64);
     let ckpts = CheckpointDir::new(&run_dir);
@@ -242,6 +266,14 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     if resuming {
         match ckpts.load_latest(&device)? {
             Some(ck) => {
+                if ck.state.world_size != world {
+                    bail!(
+                        "{} was trained with {} rank(s) but this resume has WORLD_SIZE = {world}: resume it with {} rank(s)",
+                        run_dir.display(),
+                        ck.state.world_size,
+                        ck.state.world_size
+                    );
+                }
                 restore(&varmap, &ck, &model_cfg)?;
                 opt.load_state(&ck.optimizer, ck.state.step)?;
                 rng = ChaCha8Rng::seed_from_u64(ck.state.rng_seed);
@@ -262,6 +294,15 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             ),
         }
     }
+    let mut comm = dist::connect(&dist)?;
+    if world > 1 {
+        // Every rank must continue from the same step.
+        let mut probe = [step as f32, 1.0];
+        comm.all_reduce_sum(&mut probe)?;
+        if probe[0] != step as f32 * world as f32 {
+            bail!("ranks resumed from different checkpoints (this rank: step {step}); is RUN_DIR on a filesystem all ranks share?");
+        }
+    }
 
     let horizon = cfg.schedule_horizon();
     emitter.emit(&Event::Start {
@@ -272,14 +313,23 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         params: model_cfg.param_count() as u64,
         resumed: resuming,
         device: cfg.device.clone(),
-        world_size: 1,
+        world_size: world,
     });
     let stop = install_signal_handlers()?;
     die_with_parent();
-    let val_batches = data.val_batches(cfg.eval_batches, VAL_BATCH, cfg.context_len, &device)?;
-    let micro = cfg.batch_size / cfg.grad_accum;
+    let val_batches = if leader {
+        data.val_batches(cfg.eval_batches, VAL_BATCH, cfg.context_len, &device)?
+    } else {
+        Vec::new()
+    };
+    let local = cfg.batch_size / world;
+    let micro = local / cfg.grad_accum;
     let t = cfg.context_len;
-    let bar = progress_bar(horizon, step);
+    let bar = if leader {
+        progress_bar(horizon, step)
+    } else {
+        ProgressBar::hidden()
+    };
 
     let save = |step: u64,
                 tokens: u64,
@@ -287,7 +337,10 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 rng: &ChaCha8Rng,
                 opt: &AdamW,
                 last_val: Option<f64>|
-     -> Result<Event> {
+     -> Result<Option<Event>> {
+        if !leader {
+            return Ok(None);
+        }
         let state = CheckpointState {
             format_version: CHECKPOINT_FORMAT,
             step,
@@ -297,7 +350,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             rng_word_pos: rng.get_word_pos().to_string(),
             config_hash: config_hash(&model_cfg),
             model_config: model_cfg.clone(),
-            world_size: 1,
+            world_size: world,
             model_sha256: String::new(),
             optimizer_sha256: String::new(),
             last_val_loss: last_val,
@@ -308,26 +361,34 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             .collect();
         let (path, bytes) =
             ckpts.save(state, &tensors, &opt.state_tensors(), cfg.keep_checkpoints)?;
-        Ok(Event::Checkpoint {
+        Ok(Some(Event::Checkpoint {
             step,
             path: path.display().to_string(),
             bytes,
-        })
+        }))
+    };
+    let evaluate_on_leader = |model: &BitLlama| -> Result<Option<f64>> {
+        if leader {
+            evaluate(model, &val_batches).map(Some)
+        } else {
+            Ok(None)
+        }
     };
 
-    // 3. The loop.
+    // 3. The loop. Every rank draws the same global batch and trains on its slice; the all-reduce also
+    // carries the loss and the stop/time-up flags, so all ranks agree on when to stop.
     let started = Instant::now();
     let mut window = (Instant::now(), tokens);
     let elapsed = |started: &Instant| elapsed_before + started.elapsed().as_secs_f64();
+    let time_up = |started: &Instant| cfg.max_seconds.is_some_and(|s| elapsed(started) >= s);
     let mut saved_at = step;
-    while !cfg.finished(step, tokens, elapsed(&started)) {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
+    let (mut stopped, mut timed_out) = (false, world == 1 && time_up(&started));
+    while !cfg.finished(step, tokens, 0.0) && !timed_out {
         let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, horizon);
         let starts = data.sample_starts(&mut rng, cfg.batch_size, t);
+        let mine = &starts[dist.rank * local..(dist.rank + 1) * local];
         let (mut grads, mut loss_sum) = (None::<GradStore>, 0f64);
-        for chunk in starts.chunks(micro) {
+        for chunk in mine.chunks(micro) {
             let (x, y) = data.train_batch(chunk, t, &device)?;
             let loss = lm_loss(&model, &x, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
@@ -338,9 +399,15 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             });
         }
         let mut grads = grads.expect("at least one micro-batch");
+        let flags = [stop.load(Ordering::SeqCst), time_up(&started)];
+        let (loss, [any_stop, any_time_up]) = if world > 1 {
+            average_gradients(comm.as_mut(), &mut grads, &vars, loss_sum, flags)?
+        } else {
+            (loss_sum, flags)
+        };
+        let loss = loss / (cfg.grad_accum * world) as f64;
         let grad_norm = clip_grad_norm(&mut grads, &vars, cfg.grad_clip)?;
         opt.update(&grads, lr)?;
-        let loss = loss_sum / cfg.grad_accum as f64;
         if !loss.is_finite() {
             bail!(
                 "loss became {loss} at step {}: lower lr or raise warmup_steps",
@@ -349,6 +416,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         }
         step += 1;
         tokens += (cfg.batch_size * t) as u64;
+        (stopped, timed_out) = (any_stop, any_time_up);
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.4}"));
 
@@ -368,41 +436,35 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 extra: Default::default(),
             });
         }
-        let finishing = cfg.finished(step, tokens, elapsed(&started));
-        if step % cfg.eval_every == 0 && !finishing {
-            let val_loss = evaluate(&model, &val_batches)?;
-            last_val = Some(val_loss);
-            emitter.emit(&Event::Eval {
-                step,
-                val_loss,
-                val_bpb: data.bits_per_byte(val_loss),
-            });
+        let finishing = cfg.finished(step, tokens, 0.0) || timed_out;
+        if step % cfg.eval_every == 0 && !finishing && !stopped {
+            if let Some(val_loss) = evaluate_on_leader(&model)? {
+                last_val = Some(val_loss);
+                emitter.emit(&Event::Eval {
+                    step,
+                    val_loss,
+                    val_bpb: data.bits_per_byte(val_loss),
+                });
+            }
         }
         if step % cfg.checkpoint_every == 0 && !finishing {
-            emitter.emit(&save(
-                step,
-                tokens,
-                elapsed(&started),
-                &rng,
-                &opt,
-                last_val,
-            )?);
+            if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, last_val)? {
+                emitter.emit(&ev);
+            }
             saved_at = step;
+        }
+        if stopped {
+            break;
         }
     }
     bar.finish_and_clear();
 
     // 4. Interrupted: checkpoint and stop. Finished: final eval and checkpoint.
-    if stop.load(Ordering::SeqCst) && !cfg.finished(step, tokens, elapsed(&started)) {
+    if stopped && !(cfg.finished(step, tokens, 0.0) || timed_out) {
         if saved_at != step {
-            emitter.emit(&save(
-                step,
-                tokens,
-                elapsed(&started),
-                &rng,
-                &opt,
-                last_val,
-            )?);
+            if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, last_val)? {
+                emitter.emit(&ev);
+            }
         }
         emitter.emit(&Event::Interrupted {
             step,
@@ -410,29 +472,109 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         });
         return Ok(Outcome::Interrupted);
     }
-    let val_loss = evaluate(&model, &val_batches)?;
-    let val_bpb = data.bits_per_byte(val_loss);
-    emitter.emit(&Event::Eval {
-        step,
-        val_loss,
-        val_bpb,
-    });
-    emitter.emit(&save(
+    let final_val = evaluate_on_leader(&model)?;
+    let val_bpb = final_val.map(|v| data.bits_per_byte(v));
+    if let (Some(val_loss), Some(val_bpb)) = (final_val, val_bpb) {
+        emitter.emit(&Event::Eval {
+            step,
+            val_loss,
+            val_bpb,
+        });
+    }
+    if let Some(ev) = save(
         step,
         tokens,
         elapsed(&started),
         &rng,
         &opt,
-        Some(val_loss),
-    )?);
+        final_val.or(last_val),
+    )? {
+        emitter.emit(&ev);
+    }
     emitter.emit(&Event::Done {
         step,
         tokens,
         elapsed_s: elapsed(&started),
-        val_loss: Some(val_loss),
-        val_bpb: Some(val_bpb),
+        val_loss: final_val,
+        val_bpb,
+        params_sha256: Some(params_sha256(&named)?),
     });
     Ok(Outcome::Done)
+}
+
+/// Average gradients across ranks with one flat all-reduce per bucket; the same buffer carries the
+/// local loss sum and the stop/time-up flags. Returns the global loss sum and whether any rank set a flag.
+fn average_gradients(
+    comm: &mut dyn dist::Communicator,
+    grads: &mut GradStore,
+    vars: &[Var],
+    loss_sum: f64,
+    flags: [bool; 2],
+) -> Result<(f64, [bool; 2])> {
+    let world = comm.world_size() as f64;
+    let mut flat: Vec<f32> = Vec::new();
+    let mut shapes = Vec::with_capacity(vars.len());
+    for v in vars {
+        match grads.get(v.as_tensor()) {
+            Some(g) => {
+                let data = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                shapes.push(Some((
+                    g.shape().clone(),
+                    g.dtype(),
+                    g.device().clone(),
+                    data.len(),
+                )));
+                flat.extend_from_slice(&data);
+            }
+            None => shapes.push(None),
+        }
+    }
+    let n_grads = flat.len();
+    flat.extend([
+        loss_sum as f32,
+        f32::from(u8::from(flags[0])),
+        f32::from(u8::from(flags[1])),
+    ]);
+    for bucket in flat.chunks_mut(dist::BUCKET_FLOATS) {
+        comm.all_reduce_sum(bucket)?;
+    }
+    let mut offset = 0;
+    for (v, shape) in vars.iter().zip(shapes) {
+        let Some((shape, dtype, device, len)) = shape else {
+            continue;
+        };
+        let avg: Vec<f32> = flat[offset..offset + len]
+            .iter()
+            .map(|x| x / world as f32)
+            .collect();
+        offset += len;
+        grads.insert(
+            v.as_tensor(),
+            Tensor::from_vec(avg, shape, &device)?.to_dtype(dtype)?,
+        );
+    }
+    Ok((
+        flat[n_grads] as f64,
+        [flat[n_grads + 1] > 0.0, flat[n_grads + 2] > 0.0],
+    ))
+}
+
+/// sha256 over every parameter's bytes in name order: equal on every rank of a data-parallel run.
+fn params_sha256(named: &BTreeMap<String, Var>) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, v) in named {
+        h.update(name.as_bytes());
+        for x in v
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+        {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// An indicatif bar on a terminal; hidden otherwise (the step events are the plain-text progress).
