@@ -57,21 +57,15 @@ pub struct DeviceSlots {
 }
 
 impl DeviceSlots {
-    /// CPU: `max_parallel` slots named `cpu`. GPUs: each device once, at most `max_parallel` runs.
+    /// CPU: `max_parallel` engine processes named `cpu`, `per_run` (= procs_per_run) to a run. GPUs: each
+    /// device once, `per_run` (= gpus_per_run) to a run.
     pub fn new(devices: &[String], per_run: usize, max_parallel: usize) -> Self {
         let free = if devices.iter().all(|d| d == "cpu") {
-            vec!["cpu".to_string(); max_parallel]
+            vec!["cpu".to_string(); max_parallel.max(per_run)]
         } else {
             devices.iter().rev().cloned().collect()
         };
-        Self {
-            free,
-            per_run: if devices.iter().all(|d| d == "cpu") {
-                1
-            } else {
-                per_run
-            },
-        }
+        Self { free, per_run }
     }
 
     pub fn take(&mut self) -> Option<Vec<String>> {
@@ -279,7 +273,7 @@ struct LaunchContext {
     store: RunStore,
     writer: mpsc::UnboundedSender<Msg>,
     ui: mpsc::UnboundedSender<(i64, Event)>,
-    pids: Arc<Mutex<HashMap<i64, u32>>>,
+    pids: Arc<Mutex<HashMap<i64, Vec<u32>>>>,
     threads_per_run: usize,
 }
 
@@ -302,62 +296,96 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
             .iter()
             .filter_map(|d| d.strip_prefix("cuda:"))
             .collect();
+        // One rank per GPU, or `procs_per_run` CPU ranks (one per CPU slot handed to this run).
+        let world = devices.len().max(1);
         let device = if gpus.is_empty() { "cpu" } else { "cuda:0" };
-        let mut cmd = tokio::process::Command::new(&engine.program);
-        cmd.args(&engine.prefix).arg("train");
+        let mut args: Vec<std::ffi::OsString> = engine.prefix.iter().map(Into::into).collect();
+        args.push("train".into());
         if run_dir.join("config.toml").is_file() {
-            cmd.arg("--resume").arg(&run_dir);
+            args.extend(["--resume".into(), run_dir.clone().into_os_string()]);
         } else {
             let cfg = run_dir.join("run.toml");
             std::fs::write(&cfg, &run.config)
                 .with_context(|| format!("writing {}", cfg.display()))?;
-            cmd.arg("--config").arg(&cfg).arg("--out").arg(&run_dir);
+            args.extend([
+                "--config".into(),
+                cfg.into_os_string(),
+                "--out".into(),
+                run_dir.clone().into_os_string(),
+            ]);
         }
-        cmd.arg("--set").arg(format!("device=\"{device}\""));
-        if !gpus.is_empty() {
-            cmd.env("CUDA_VISIBLE_DEVICES", gpus.join(","));
-        } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            // Runs sharing the CPU split its cores instead of oversubscribing them.
-            cmd.env("RAYON_NUM_THREADS", threads_per_run.to_string());
-        }
-        // Own process group: a terminal's Ctrl-C reaches the runner only, which forwards one SIGTERM.
-        cmd.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", engine.program.display()))?;
-        let pid = child.id().unwrap_or(0);
-        pids.lock().expect("pids lock").insert(id, pid);
-        store.set_pid(id, pid).await?;
-
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log_path = run_dir.join("engine.log");
-        let stderr_task = tokio::spawn(async move {
-            let mut tail = VecDeque::with_capacity(STDERR_TAIL);
-            let mut log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log_path)
-                .ok();
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(f) = &mut log {
-                    use std::io::Write;
-                    let _ = writeln!(f, "{line}");
-                }
-                if tail.len() == STDERR_TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
+        args.extend(["--set".into(), format!("device=\"{device}\"").into()]);
+        let port = if world > 1 { free_port()? } else { 0 };
+        let mut children = Vec::with_capacity(world);
+        for rank in 0..world {
+            let mut cmd = tokio::process::Command::new(&engine.program);
+            cmd.args(&args);
+            if world > 1 {
+                cmd.env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string());
             }
-            tail
-        });
+            if !gpus.is_empty() {
+                cmd.env("CUDA_VISIBLE_DEVICES", gpus[rank]);
+            } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                // Runs sharing the CPU split its cores instead of oversubscribing them.
+                cmd.env("RAYON_NUM_THREADS", threads_per_run.to_string());
+            }
+            // Own process group: a terminal's Ctrl-C reaches the runner only, which forwards one SIGTERM.
+            cmd.process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(false);
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("starting {}", engine.program.display()))?;
+            children.push(child);
+        }
+        let rank_pids: Vec<u32> = children.iter().map(|c| c.id().unwrap_or(0)).collect();
+        pids.lock()
+            .expect("pids lock")
+            .insert(id, rank_pids.clone());
+        store.set_pid(id, rank_pids[0]).await?;
+
+        // Every rank: stderr to RUN_DIR/engine.log (rank 0) or rank-N.log, keeping a tail for the reason;
+        // ranks > 0 also log their stdout there. Rank 0's stdout is the protocol stream.
+        let mut waiters = tokio::task::JoinSet::new();
+        let mut rank0_stdout = None;
+        for (rank, mut child) in children.into_iter().enumerate() {
+            let log_name = if rank == 0 {
+                "engine.log".to_string()
+            } else {
+                format!("rank-{rank}.log")
+            };
+            let log_path = run_dir.join(log_name);
+            let stderr = child.stderr.take().expect("piped stderr");
+            let stdout = child.stdout.take().expect("piped stdout");
+            if rank == 0 {
+                rank0_stdout = Some(stdout);
+            } else {
+                let out_log = run_dir.join(format!("rank-{rank}.stdout"));
+                tokio::spawn(async move {
+                    let mut f = std::fs::File::create(out_log).ok();
+                    let mut lines = BufReader::new(stdout).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if let Some(f) = &mut f {
+                            use std::io::Write;
+                            let _ = writeln!(f, "{line}");
+                        }
+                    }
+                });
+            }
+            waiters.spawn(async move {
+                let tail = tail_to_log(stderr, log_path).await;
+                let status = child.wait().await;
+                (rank, status, tail)
+            });
+        }
         let (mut done, mut interrupted, mut error) = (false, false, None::<String>);
-        let mut lines = BufReader::new(stdout).lines();
+        let mut lines = BufReader::new(rank0_stdout.expect("rank 0")).lines();
         while let Some(line) = lines.next_line().await? {
             let Some(ev) = Event::parse(&line) else {
                 continue;
@@ -371,25 +399,49 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
             let _ = ui.send((id, ev.clone()));
             let _ = writer.send(Msg::Event(id, ev));
         }
-        let status = child.wait().await?;
-        let tail = stderr_task.await.unwrap_or_default();
+        // Wait for every rank; the first to fail stops the rest (SIGTERM: they checkpoint or exit).
+        let mut failure: Option<String> = None;
+        let mut all_ok = true;
+        let mut any_interrupted = false;
+        while let Some(joined) = waiters.join_next().await {
+            let (rank, status, tail) = joined.context("a rank waiter panicked")?;
+            let status = status?;
+            match status.code() {
+                Some(0) => {}
+                Some(EXIT_INTERRUPTED) => any_interrupted = true,
+                _ => {
+                    all_ok = false;
+                    if failure.is_none() {
+                        let t: Vec<String> = tail.into_iter().collect();
+                        failure = Some(format!(
+                            "rank {rank} exited with {status}; stderr tail: {}",
+                            t.join(" | ")
+                        ));
+                        for pid in &rank_pids {
+                            // SAFETY: kill(2) on processes this run started.
+                            unsafe {
+                                libc::kill(*pid as i32, libc::SIGTERM);
+                            }
+                        }
+                    }
+                }
+            }
+        }
         pids.lock().expect("pids lock").remove(&id);
-        let code = status.code();
-        Ok::<_, anyhow::Error>(if done && code == Some(0) {
+        Ok::<_, anyhow::Error>(if done && all_ok {
             (RunStatus::Completed, String::new())
-        } else if interrupted || code == Some(EXIT_INTERRUPTED) {
+        } else if failure.is_none() && (interrupted || any_interrupted) {
             (
                 RunStatus::Interrupted,
                 "stopped by a signal; `runner resume` continues it".to_string(),
             )
         } else {
-            let why = error.unwrap_or_else(|| {
-                let t: Vec<String> = tail.into_iter().collect();
-                format!(
-                    "engine exited with {status}; stderr tail: {}",
-                    t.join(" | ")
-                )
-            });
+            let why = match (error, failure) {
+                (Some(e), Some(f)) => format!("{e} ({f})"),
+                (Some(e), None) => e,
+                (None, Some(f)) => f,
+                (None, None) => "the engine ended without a done event".to_string(),
+            };
             (RunStatus::Failed, why)
         })
     }
@@ -401,6 +453,35 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
         status,
         reason,
     }
+}
+
+/// Copy a process's stderr to `log_path`, returning its last lines.
+async fn tail_to_log(stderr: tokio::process::ChildStderr, log_path: PathBuf) -> VecDeque<String> {
+    let mut tail = VecDeque::with_capacity(STDERR_TAIL);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .ok();
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(f) = &mut log {
+            use std::io::Write;
+            let _ = writeln!(f, "{line}");
+        }
+        if tail.len() == STDERR_TAIL {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    tail
+}
+
+/// A TCP port free right now, for a run's rendezvous.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Counts of how runs ended.
@@ -423,7 +504,7 @@ pub async fn execute(
 ) -> Result<Summary> {
     let (devices, mem_limit_gib) = resolve_devices(res);
     let per_run = if devices.iter().all(|d| d == "cpu") {
-        1
+        res.procs_per_run
     } else {
         res.gpus_per_run
     };
@@ -436,10 +517,10 @@ pub async fn execute(
     }
     let mut slots = DeviceSlots::new(&devices, per_run, res.max_parallel);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads_per_run = (cores / res.max_parallel).max(1);
+    let threads_per_run = (cores / res.max_parallel.max(res.procs_per_run)).max(1);
     let (writer, writer_task) = ingest::spawn_writer(store.clone());
     let (ui_tx, mut ui_rx) = mpsc::unbounded_channel::<(i64, Event)>();
-    let pids: Arc<Mutex<HashMap<i64, u32>>> = Arc::default();
+    let pids: Arc<Mutex<HashMap<i64, Vec<u32>>>> = Arc::default();
     let ctx = LaunchContext {
         engine: engine.clone(),
         store: store.clone(),
@@ -516,8 +597,8 @@ pub async fn execute(
     Ok(summary)
 }
 
-fn signal_all(pids: &Arc<Mutex<HashMap<i64, u32>>>, sig: i32) {
-    for pid in pids.lock().expect("pids lock").values() {
+fn signal_all(pids: &Arc<Mutex<HashMap<i64, Vec<u32>>>>, sig: i32) {
+    for pid in pids.lock().expect("pids lock").values().flatten() {
         // SAFETY: kill(2) with a pid we started; no memory is touched.
         unsafe {
             libc::kill(*pid as i32, sig);

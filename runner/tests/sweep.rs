@@ -364,3 +364,97 @@ fn malformed_sweep_files_are_refused_before_launch() {
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no run with id 99")
     );
 }
+
+/// Pid of the engine rank `rank` of the run in `run_dir`, from /proc (cmdline + environ).
+fn rank_pid(run_dir: &Path, rank: usize) -> Option<i32> {
+    let needle = run_dir.display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        let env = String::from_utf8_lossy(&env);
+        (String::from_utf8_lossy(&cmd).contains(&needle)
+            && env.split('\0').any(|kv| kv == format!("RANK={rank}")))
+        .then_some(pid)
+    })
+}
+
+#[test]
+fn data_parallel_runs_through_the_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    // Same global batch, 1 process vs 2 ranks; float weights so last-bit differences stay small.
+    let one = sweep_file(
+        dir.path(),
+        "one",
+        20,
+        "weights = [\"float\"]\nbatch_size = [4]",
+    );
+    let two = std::fs::read_to_string(&one)
+        .unwrap()
+        .replace("name = \"one\"", "name = \"two\"")
+        .replace("max_parallel = 2", "max_parallel = 2\nprocs_per_run = 2");
+    let two_path = dir.path().join("two.toml");
+    std::fs::write(&two_path, two).unwrap();
+    ok(&runner(&home).arg("sweep").arg(&one).output().unwrap());
+    ok(&runner(&home).arg("sweep").arg(&two_path).output().unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, b) = rt.block_on(async {
+        let store = runner::store::RunStore::open(&home).await.unwrap();
+        (
+            store.metric(1, "loss").await.unwrap(),
+            store.metric(2, "loss").await.unwrap(),
+        )
+    });
+    assert_eq!(a.len(), 20);
+    assert_eq!(b.len(), 20);
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() / x.abs() < 1e-4, "step {s}: {x} vs {y}");
+    }
+    assert!(home.join("run-2/rank-1.log").is_file());
+}
+
+#[test]
+fn a_killed_rank_fails_the_run_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = sweep_file(dir.path(), "dp", 100_000, "batch_size = [4]");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("max_parallel = 2", "max_parallel = 2\nprocs_per_run = 2");
+    std::fs::write(&file, text).unwrap();
+    let child = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_dir = home.join("run-1");
+    let t0 = Instant::now();
+    let pid = loop {
+        let started = run_dir.join("checkpoints/step-00000005").is_dir();
+        if let (true, Some(pid)) = (started, rank_pid(&run_dir, 1)) {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "rank 1 never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    unsafe { kill(pid, 9) };
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let rows = report_json(&home, "s1");
+    assert_eq!(rows[0]["status"], "failed");
+    assert!(
+        rows[0]["error"].as_str().unwrap().contains("rank"),
+        "{}",
+        rows[0]
+    );
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
