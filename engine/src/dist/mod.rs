@@ -5,6 +5,7 @@
 //! the `MASTER_ADDR:MASTER_PORT` rendezvous). A rank that dies closes its sockets and the others fail at once;
 //! a rank that hangs makes the others fail after `ENGINE_DIST_TIMEOUT` seconds (default 120).
 
+pub mod bench;
 pub mod env;
 pub mod tcp;
 
