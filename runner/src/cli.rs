@@ -105,7 +105,8 @@ pub fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,sqlx=error".into()),
         )
         .with_target(false)
         .try_init();
@@ -510,16 +511,34 @@ async fn bench_ingest(
     }
     let points = runs * steps * metrics.max(4);
     let rate = points as f64 / secs;
+    // The queries a report makes: the runs of the sweep sorted by val loss, and the full metric history of
+    // (up to) 100 runs.
+    let t = Instant::now();
+    let mut rows: Vec<ReportRow> = store
+        .runs(Some(sweep))
+        .await?
+        .iter()
+        .map(ReportRow::from)
+        .collect();
+    report::sort_rows(&mut rows, "val_loss")?;
+    let report_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let hist = store.histories(&ids[..ids.len().min(100)]).await?;
+    let history_s = t.elapsed().as_secs_f64();
+    let history_points: usize = hist.values().flat_map(|m| m.values()).map(Vec::len).sum();
     if json {
         println!(
             "{}",
-            serde_json::json!({"points": points, "seconds": secs, "points_per_s": rate, "runs": runs, "steps": steps, "metrics": metrics.max(4)})
+            serde_json::json!({"points": points, "seconds": secs, "points_per_s": rate, "runs": runs, "steps": steps,
+                "metrics": metrics.max(4), "report_query_s": report_s, "history_100_runs_s": history_s,
+                "history_points": history_points})
         );
     } else {
         println!(
             "{points} points in {secs:.3} s: {rate:.0} points/s (sweep s{sweep} in {})",
             home.display()
         );
+        println!("report query over {runs} runs: {report_s:.4} s; full history of 100 runs ({history_points} points): {history_s:.4} s");
     }
     Ok(ExitCode::SUCCESS)
 }
