@@ -50,6 +50,10 @@ enum Command {
         /// Print the expanded runs with parameter counts and memory estimates; launch nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Override a sweep-file value, e.g. --set resources.max_parallel=4 or --set base.steps=100
+        /// (applied after the file and RUNNER_* environment variables; repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Continue a run (ID like 7) from its latest checkpoint, or a sweep (ID like s3): its interrupted and
     /// failed runs resume and never-started ones launch. Completed runs are not rerun.
@@ -132,7 +136,11 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Sweep { files, dry_run } => sweep(&cli.home, &files, dry_run).await,
+        Command::Sweep {
+            files,
+            dry_run,
+            sets,
+        } => sweep(&cli.home, &files, dry_run, &sets).await,
         Command::Resume { id } => resume(&cli.home, &id).await,
         Command::Report {
             sweep,
@@ -218,11 +226,11 @@ fn print_summary(s: &Summary) {
     );
 }
 
-async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool) -> Result<ExitCode> {
+async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -> Result<ExitCode> {
     // Validate every file before anything launches.
     let mut sweeps = Vec::new();
     for file in files {
-        let spec = SweepFile::load(file)?;
+        let spec = SweepFile::load_with(file, sets)?;
         let vocab = spec::ensure_data(file, &spec.data)?;
         sweeps.push(Sweep::from_spec(file, spec, vocab)?);
     }

@@ -107,6 +107,12 @@ fn one_line(s: &str) -> String {
 impl SweepFile {
     /// Read a sweep file with `RUNNER_*` environment overrides (e.g. `RUNNER_RESOURCES__MAX_PARALLEL=4`).
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &[])
+    }
+
+    /// As [`Self::load`], then `--set section.key=value` flags on top (e.g. `resources.max_parallel=4`,
+    /// `base.steps=100`).
+    pub fn load_with(path: &Path, sets: &[String]) -> Result<Self> {
         if !path.is_file() {
             bail!(
                 "sweep file {} not found: pass a TOML file such as experiments/quickstart.toml",
@@ -122,14 +128,19 @@ impl SweepFile {
                 one_line(&e.to_string())
             )
         })?;
-        Figment::new()
-            .merge(Toml::file(path))
-            .merge(
-                Env::prefixed("RUNNER_")
-                    .split("__")
-                    .ignore(&["home", "engine"]),
-            )
-            .extract()
+        let mut fig = Figment::new().merge(Toml::file(path)).merge(
+            Env::prefixed("RUNNER_")
+                .split("__")
+                .ignore(&["home", "engine"]),
+        );
+        for kv in sets {
+            let (key, value) = engine::train::config::parse_set(kv)?;
+            if !key.contains('.') {
+                bail!("--set {kv}: name the section too, e.g. base.{key}=… or resources.{key}=…");
+            }
+            fig = fig.merge(figment::providers::Serialized::default(&key, value));
+        }
+        fig.extract()
             .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))
     }
 }
@@ -342,6 +353,20 @@ mod tests {
         let b = Sweep::from_file(&write(d.path(), &text), 100).unwrap();
         assert_eq!(a.runs.len(), 3);
         assert_eq!(a.runs, b.runs);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), OK);
+        let spec = SweepFile::load_with(
+            &p,
+            &["resources.max_parallel=5".into(), "base.steps=9".into()],
+        )
+        .unwrap();
+        assert_eq!(spec.resources.max_parallel, 5);
+        assert_eq!(spec.base["steps"].as_integer(), Some(9));
+        assert!(SweepFile::load_with(&p, &["steps=9".into()]).is_err());
     }
 
     #[test]
