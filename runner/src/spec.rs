@@ -194,7 +194,8 @@ impl Sweep {
         };
         let mut axes = Vec::new();
         for (key, value) in &spec.sweep {
-            if SWEEP_CONTROL.contains(&key.as_str()) {
+            // `seed = 3` steers random sampling; `seed = [0, 1, 2]` sweeps the engine's seed.
+            if SWEEP_CONTROL.contains(&key.as_str()) && !value.is_array() {
                 continue;
             }
             if !known.contains(key) {
@@ -220,7 +221,7 @@ impl Sweep {
             };
             let seed = match spec.sweep.get("seed") {
                 Some(toml::Value::Integer(n)) => *n as u64,
-                None => 0,
+                None | Some(toml::Value::Array(_)) => 0,
                 Some(other) => bail!("{f}: [sweep] seed: {other} is not an integer"),
             };
             // Sample without replacement from the grid.
@@ -353,6 +354,15 @@ mod tests {
         let b = Sweep::from_file(&write(d.path(), &text), 100).unwrap();
         assert_eq!(a.runs.len(), 3);
         assert_eq!(a.runs, b.runs);
+    }
+
+    #[test]
+    fn a_list_of_seeds_is_swept() {
+        let d = tempfile::tempdir().unwrap();
+        let text = OK.replace("n_layers = [1, 2]", "seed = [0, 1, 2]");
+        let s = Sweep::from_file(&write(d.path(), &text), 100).unwrap();
+        assert_eq!(s.runs.len(), 12);
+        assert_eq!(s.runs[1].config.seed, 1);
     }
 
     #[test]
