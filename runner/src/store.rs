@@ -150,6 +150,15 @@ pub struct RunStore {
 
 const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error";
 
+fn sweep_from_row(r: &sqlx::sqlite::SqliteRow) -> SweepRow {
+    SweepRow {
+        id: r.get(0),
+        name: r.get(1),
+        file: r.get(2),
+        created_at: r.get(3),
+    }
+}
+
 fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
     RunRow {
         id: r.get(0),
@@ -397,12 +406,7 @@ impl RunStore {
             .fetch_optional(&self.pool)
             .await?;
         match row {
-            Some(r) => Ok(SweepRow {
-                id: r.get(0),
-                name: r.get(1),
-                file: r.get(2),
-                created_at: r.get(3),
-            }),
+            Some(r) => Ok(sweep_from_row(&r)),
             None => bail!("no sweep with id s{id}: see `runner ls` for the ids"),
         }
     }
@@ -411,15 +415,7 @@ impl RunStore {
         let rows = sqlx::query("SELECT id, name, file, created_at FROM sweeps ORDER BY id")
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| SweepRow {
-                id: r.get(0),
-                name: r.get(1),
-                file: r.get(2),
-                created_at: r.get(3),
-            })
-            .collect())
+        Ok(rows.iter().map(sweep_from_row).collect())
     }
 
     /// Runs of one sweep (or all), in id order.
