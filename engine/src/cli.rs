@@ -43,6 +43,17 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Benchmark the CPU all-reduce (TCP ring) between `--world` local processes; prints one JSON line per
+    /// size with the median time and bus bandwidth.
+    BenchAllreduce {
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Buffer sizes in floats, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000000,16000000")]
+        floats: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
     /// Benchmark training steps (forward + backward + AdamW) on random tokens with random weights, the same
     /// workload as ../shared/bench/bitllama_torch.py; also times writing and loading one checkpoint.
     /// Prints one JSON object.
@@ -72,6 +83,73 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Generate text from a trained model, streamed token by token to stdout. Without --prompt, prompts are
+    /// read from stdin one per line until EOF or /quit. On CPU the ternary linears run packed (2 bits per
+    /// weight, int8 activations); TTT layers carry their hidden state, attention layers a KV cache.
+    #[command(
+        after_help = "Examples:\n  engine generate --checkpoint runs/a --prompt \"Once upon a time\" --max-tokens 100\n  engine generate --checkpoint model.safetensors --temperature 0.8 --top-p 0.9"
+    )]
+    Generate {
+        /// A run dir (its newest valid checkpoint), a checkpoint dir (RUN_DIR/checkpoints/step-N) or a file
+        /// written by `engine export`.
+        #[arg(long, value_name = "RUN_DIR|CHECKPOINT_DIR|EXPORTED_FILE")]
+        checkpoint: PathBuf,
+        /// The text to continue; without it, read prompts from stdin (interactive).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Stop after this many new tokens (or earlier, at the end-of-text token).
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample among the k most likely tokens only.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sample among the most likely tokens covering probability p only (nucleus sampling).
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// cpu (packed ternary kernels) or cuda:N (the training model on the GPU; needs a CUDA build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Write a trained model as one file for `engine generate`: packed ternary weights + scales, the other
+    /// tensors in f32, the model config and the tokenizer (safetensors with metadata).
+    Export {
+        /// A run dir, a checkpoint dir or an exported file.
+        #[arg(long, value_name = "RUN_DIR|CHECKPOINT_DIR|EXPORTED_FILE")]
+        checkpoint: PathBuf,
+        /// The file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Benchmark batch-1 generation on a model with random weights: prompt and decode tokens/s and weight
+    /// bytes of the packed ternary path and of the f32 path (the same quantized weights held in f32).
+    BenchGenerate {
+        #[arg(long, default_value_t = 256)]
+        dim: usize,
+        #[arg(long, default_value_t = 4)]
+        n_layers: usize,
+        #[arg(long, default_value_t = 4)]
+        n_heads: usize,
+        #[arg(long, default_value_t = 16384)]
+        vocab: usize,
+        /// Decoded tokens timed.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        prompt_tokens: usize,
+        /// ttt or attention.
+        #[arg(long, default_value = "ttt")]
+        mixer: String,
+        #[arg(long, default_value_t = 16)]
+        mini_batch: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -104,6 +182,22 @@ where
         .try_init();
     let cli = Cli::parse_from(args);
     match cli.command {
+        Command::BenchAllreduce {
+            world,
+            floats,
+            iters,
+        } => match crate::dist::bench::bench_allreduce(world.max(2), &floats, iters.max(1)) {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_ERROR as u8)
+            }
+        },
         Command::BenchTrain {
             arch,
             dim,
@@ -146,6 +240,100 @@ where
             match result {
                 Ok(line) => {
                     println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_ERROR as u8)
+                }
+            }
+        }
+        Command::Generate {
+            checkpoint,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+        } => {
+            let args = crate::infer::GenerateArgs {
+                checkpoint,
+                prompt,
+                max_tokens,
+                sampler: crate::infer::SamplerConfig {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                device,
+            };
+            let stdin = std::io::stdin();
+            let stdout = std::io::stdout();
+            match crate::infer::run_generate(&args, &mut stdin.lock(), &mut stdout.lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_ERROR as u8)
+                }
+            }
+        }
+        Command::Export { checkpoint, out } => match crate::infer::run_export(&checkpoint, &out) {
+            Ok(summary) => {
+                eprintln!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_ERROR as u8)
+            }
+        },
+        Command::BenchGenerate {
+            dim,
+            n_layers,
+            n_heads,
+            vocab,
+            tokens,
+            prompt_tokens,
+            mixer,
+            mini_batch,
+            json,
+        } => {
+            let result = (|| -> anyhow::Result<String> {
+                let mixer = match mixer.as_str() {
+                    "ttt" => crate::model::MixerKind::Ttt,
+                    "attention" => crate::model::MixerKind::Attention,
+                    other => anyhow::bail!("--mixer {other:?}: use ttt or attention"),
+                };
+                let b = crate::infer::bench::BenchGenerate {
+                    model: crate::model::ModelConfig {
+                        vocab_size: vocab,
+                        dim,
+                        n_layers,
+                        n_heads,
+                        mixer,
+                        weights: crate::model::WeightKind::Ternary,
+                        mlp_hidden: None,
+                        ttt_mini_batch: mini_batch,
+                        ttt_base_lr: 1.0,
+                        tie_embeddings: false,
+                    },
+                    tokens,
+                    prompt_tokens,
+                    seed: 0,
+                };
+                let r = crate::infer::bench::bench_generate(&b)?;
+                Ok(if json {
+                    serde_json::to_string(&r)?
+                } else {
+                    crate::infer::bench::format_table(&r)
+                })
+            })();
+            match result {
+                Ok(text) => {
+                    println!("{text}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

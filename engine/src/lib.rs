@@ -7,5 +7,6 @@ pub mod bench;
 pub mod cli;
 pub mod dist;
 pub mod events;
+pub mod infer;
 pub mod model;
 pub mod train;

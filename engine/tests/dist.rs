@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,7 +19,7 @@ fn free_port() -> u16 {
 }
 
 /// Start `world` ranks of `engine train` with the given arguments.
-fn ranks(world: usize, args: &[&str], port: u16) -> Vec<Child> {
+fn ranks(world: usize, args: &[&str], port: u16) -> Vec<Reaped> {
     (0..world)
         .map(|rank| {
             engine()
@@ -33,16 +33,17 @@ fn ranks(world: usize, args: &[&str], port: u16) -> Vec<Child> {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
+                .map(Reaped::new)
                 .unwrap()
         })
         .collect()
 }
 
-fn finish(children: Vec<Child>) -> Vec<(bool, String, String)> {
+fn finish(children: Vec<Reaped>) -> Vec<(bool, String, String)> {
     children
         .into_iter()
         .map(|c| {
-            let out = c.wait_with_output().unwrap();
+            let out = c.into_inner().wait_with_output().unwrap();
             (
                 out.status.success(),
                 String::from_utf8_lossy(&out.stdout).into_owned(),

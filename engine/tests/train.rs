@@ -180,19 +180,21 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
     let cfg = dir.path().join("run.toml");
     std::fs::write(&cfg, tiny_config(&data, "steps = 100000\n")).unwrap();
     let run_dir = dir.path().join("run");
-    let mut child = engine()
-        .args([
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            run_dir.to_str().unwrap(),
-        ])
-        .args(["--set", "checkpoint_every=1000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::new(
+        engine()
+            .args([
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--out",
+                run_dir.to_str().unwrap(),
+            ])
+            .args(["--set", "checkpoint_every=1000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let t0 = Instant::now();
     loop {

@@ -13,6 +13,24 @@ fn runner(home: &Path) -> Command {
     c
 }
 
+/// A child process killed when the test ends, even by a panic (no orphaned sweeps).
+struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    fn wait_with_output(mut self) -> std::io::Result<Output> {
+        self.0.take().expect("child").wait_with_output()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -423,13 +441,15 @@ fn a_killed_rank_fails_the_run_and_is_recorded() {
         .unwrap()
         .replace("max_parallel = 2", "max_parallel = 2\nprocs_per_run = 2");
     std::fs::write(&file, text).unwrap();
-    let child = runner(&home)
-        .arg("sweep")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Reaped(Some(
+        runner(&home)
+            .arg("sweep")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
     let run_dir = home.join("run-1");
     let t0 = Instant::now();
     let pid = loop {

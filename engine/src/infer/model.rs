@@ -1,0 +1,692 @@
+//! `InferenceModel`: Bit-Llama for generation on the CPU, batch 1, no autograd.
+//!
+//! The same function as [`crate::model::BitLlama`] (eval), computed recurrently: block linears through the
+//! packed ternary kernels ([`super::packed`]) or dense f32 ([`super::float`]); everything else in plain f32
+//! loops. The TTT mixer steps its carried hidden state one token at a time (O(1) memory per token, the
+//! primal form of Sun et al. 2024 with gradients taken at the mini-batch's starting state — equal to the dual
+//! form training uses); the attention mixer keeps a KV cache. A prompt runs through the linears as one small
+//! matrix product, and gives bit-identical results to feeding it token by token.
+
+use anyhow::{bail, Result};
+
+use super::float::FloatMatrix;
+use super::weights::{Linear, ModelWeights};
+use crate::model::{MixerKind, ModelConfig};
+
+/// ε of the block RMSNorms (as training).
+const RMS_EPS: f32 = 1e-5;
+/// ε of the TTT inner layer norm (as training).
+const INNER_LN_EPS: f32 = 1e-6;
+/// RoPE base frequency (as training).
+const ROPE_THETA: f64 = 10_000.0;
+
+struct Ttt {
+    qkv: Linear,
+    o: Linear,
+    /// θ_lr (H × D).
+    lr: Vec<f32>,
+    /// W0 (H × d × d), b0, inner LN γ, β (H × d).
+    w0: Vec<f32>,
+    b0: Vec<f32>,
+    ln_w: Vec<f32>,
+    ln_b: Vec<f32>,
+}
+
+struct Attn {
+    qkv: Linear,
+    o: Linear,
+}
+
+enum Mixer {
+    Ttt(Ttt),
+    Attention(Attn),
+}
+
+struct Layer {
+    norm1: Vec<f32>,
+    mixer: Mixer,
+    norm2: Vec<f32>,
+    /// gate and up stacked (2·hidden × D).
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// Per-layer decoding state.
+#[derive(Debug, Clone)]
+enum LayerState {
+    /// TTT hidden state of every head: W, b at the mini-batch start and now (H × d × d, H × d).
+    Ttt {
+        w_base: Vec<f32>,
+        b_base: Vec<f32>,
+        w: Vec<f32>,
+        b: Vec<f32>,
+        /// Tokens of the current mini-batch seen.
+        pos: usize,
+    },
+    /// Keys (after RoPE) and values of every position so far, positions × D each.
+    Kv { k: Vec<f32>, v: Vec<f32> },
+}
+
+/// Where a sequence stands: position and every layer's state.
+#[derive(Debug, Clone)]
+pub struct InferState {
+    pos: usize,
+    layers: Vec<LayerState>,
+}
+
+impl InferState {
+    /// Tokens processed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Floats held by the state (TTT: constant; attention: grows with the sequence).
+    pub fn floats(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Ttt {
+                    w_base,
+                    b_base,
+                    w,
+                    b,
+                    ..
+                } => w_base.len() + b_base.len() + w.len() + b.len(),
+                LayerState::Kv { k, v } => k.len() + v.len(),
+            })
+            .sum()
+    }
+}
+
+/// The inference model (see the module docs).
+pub struct InferenceModel {
+    cfg: ModelConfig,
+    embed: FloatMatrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `None`: tied to the embedding.
+    head: Option<FloatMatrix>,
+    weight_bytes: usize,
+    linear_bytes: usize,
+}
+
+/// Σ a·b with 8 interleaved partial sums (vectorisable, fixed order), then the tail.
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Σ a, as [`dot8`].
+#[inline(always)]
+fn sum8(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let ra = ca.remainder();
+    for x in ca {
+        for l in 0..8 {
+            acc[l] += x[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for x in ra {
+        s += x;
+    }
+    s
+}
+
+/// y = x / sqrt(mean(x²) + ε) · g per row of `dim`.
+#[inline(always)]
+fn rms_norm(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let dim = g.len();
+    let inv_n = (1.0 / dim as f64) as f32;
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(dim) {
+        let ms = dot8(row, row) * inv_n;
+        let inv = 1.0 / (ms + RMS_EPS).sqrt();
+        out.extend(row.iter().zip(g).map(|(v, w)| v * inv * w));
+    }
+    out
+}
+
+/// Layer-norm pieces of z: (x̂, 1/σ).
+#[inline(always)]
+fn normalize(z: &[f32], xhat: &mut [f32]) -> f32 {
+    let inv_n = (1.0 / z.len() as f64) as f32;
+    let mu = sum8(z) * inv_n;
+    for (o, v) in xhat.iter_mut().zip(z) {
+        *o = v - mu;
+    }
+    let var = dot8(xhat, xhat) * inv_n;
+    let inv_std = 1.0 / (var + INNER_LN_EPS).sqrt();
+    for o in xhat.iter_mut() {
+        *o *= inv_std;
+    }
+    inv_std
+}
+
+/// z (1 × d) = x (1 × d) · W (d × d) + b.
+#[inline(always)]
+fn vec_mat(x: &[f32], w: &[f32], b: &[f32], z: &mut [f32]) {
+    let d = b.len();
+    z.copy_from_slice(b);
+    for (xi, row) in x.iter().zip(w.chunks_exact(d)) {
+        for (zj, wij) in z.iter_mut().zip(row) {
+            *zj += xi * wij;
+        }
+    }
+}
+
+impl Ttt {
+    /// One token of one head: the inner gradient step on (k, v) at the mini-batch's starting state, then
+    /// the output f(q) = q + LN(q W + b) with the updated state (Sun et al. 2024, eq. 3–5).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn head_step(
+        &self,
+        h: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        eta: f32,
+        state: (&[f32], &[f32], &mut [f32], &mut [f32]),
+        out: &mut [f32],
+    ) {
+        let d = q.len();
+        let (w_base, b_base, w, b) = state;
+        let lnw = &self.ln_w[h * d..(h + 1) * d];
+        let lnb = &self.ln_b[h * d..(h + 1) * d];
+        let mut z = vec![0f32; d];
+        let mut xhat = vec![0f32; d];
+        // ∂ℓ/∂Z of ℓ = ½‖LN(k W_base + b_base) − (v − k)‖², through the layer norm's backward.
+        vec_mat(k, w_base, b_base, &mut z);
+        let inv_std = normalize(&z, &mut xhat);
+        let inv_n = (1.0 / d as f64) as f32;
+        let g: Vec<f32> = (0..d)
+            .map(|j| (xhat[j] * lnw[j] + lnb[j] - (v[j] - k[j])) * lnw[j])
+            .collect();
+        let g_mean = sum8(&g) * inv_n;
+        let gx_mean = dot8(&g, &xhat) * inv_n;
+        // η ⊙ ∇Z; W ← W − kᵀ (η ∇Z), b ← b − η ∇Z.
+        let edz: Vec<f32> = (0..d)
+            .map(|j| (g[j] - g_mean - xhat[j] * gx_mean) * inv_std * eta)
+            .collect();
+        for (ki, row) in k.iter().zip(w.chunks_exact_mut(d)) {
+            for (wij, e) in row.iter_mut().zip(&edz) {
+                *wij -= ki * e;
+            }
+        }
+        for (bj, e) in b.iter_mut().zip(&edz) {
+            *bj -= e;
+        }
+        vec_mat(q, w, b, &mut z);
+        normalize(&z, &mut xhat);
+        for j in 0..d {
+            out[j] = q[j] + (xhat[j] * lnw[j] + lnb[j]);
+        }
+    }
+
+    /// The mixer over `t` normed tokens x (t × D), continuing `state`.
+    #[inline(always)]
+    fn forward(&self, cfg: &ModelConfig, x: &[f32], t: usize, state: &mut LayerState) -> Vec<f32> {
+        let (dim, nh, d) = (cfg.dim, cfg.n_heads, cfg.head_dim());
+        let LayerState::Ttt {
+            w_base,
+            b_base,
+            w,
+            b,
+            pos,
+        } = state
+        else {
+            unreachable!("TTT layer with a KV state")
+        };
+        let qkv = self.qkv.forward(x, t);
+        let eta_scale = (cfg.ttt_base_lr / d as f64) as f32;
+        let mut y = vec![0f32; t * dim];
+        for n in 0..t {
+            let xn = &x[n * dim..(n + 1) * dim];
+            let row = &qkv[n * 3 * dim..(n + 1) * 3 * dim];
+            for h in 0..nh {
+                // η = η_base · sigmoid(θ_lr x) / d
+                let logit = dot8(&self.lr[h * dim..(h + 1) * dim], xn);
+                let eta = (1.0 / ((-logit).exp() + 1.0)) * eta_scale;
+                let s = h * d;
+                let (hw, hb) = (h * d * d..(h + 1) * d * d, h * d..(h + 1) * d);
+                self.head_step(
+                    h,
+                    &row[s..s + d],
+                    &row[dim + s..dim + s + d],
+                    &row[2 * dim + s..2 * dim + s + d],
+                    eta,
+                    (
+                        &w_base[hw.clone()],
+                        &b_base[hb.clone()],
+                        &mut w[hw],
+                        &mut b[hb],
+                    ),
+                    &mut y[n * dim + s..n * dim + s + d],
+                );
+            }
+            *pos += 1;
+            if *pos == cfg.ttt_mini_batch {
+                w_base.copy_from_slice(w);
+                b_base.copy_from_slice(b);
+                *pos = 0;
+            }
+        }
+        self.o.forward(&y, t)
+    }
+}
+
+/// cos, sin of RoPE at one position ("rotate half" layout, head size d), as training computes them.
+#[inline(always)]
+fn rope_at(pos: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = d / 2;
+    (0..d)
+        .map(|i| {
+            let freq = ROPE_THETA.powf(-((i % half) as f64) * 2.0 / d as f64);
+            let angle = pos as f64 * freq;
+            (angle.cos() as f32, angle.sin() as f32)
+        })
+        .unzip()
+}
+
+#[inline(always)]
+fn apply_rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let orig = x.to_vec();
+    for i in 0..x.len() {
+        let rot = if i < half {
+            -orig[i + half]
+        } else {
+            orig[i - half]
+        };
+        x[i] = orig[i] * cos[i] + rot * sin[i];
+    }
+}
+
+impl Attn {
+    #[inline(always)]
+    fn forward(
+        &self,
+        cfg: &ModelConfig,
+        x: &[f32],
+        t: usize,
+        start: usize,
+        state: &mut LayerState,
+    ) -> Vec<f32> {
+        let (dim, nh, d) = (cfg.dim, cfg.n_heads, cfg.head_dim());
+        let LayerState::Kv { k: kc, v: vc } = state else {
+            unreachable!("attention layer with a TTT state")
+        };
+        let qkv = self.qkv.forward(x, t);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let mut y = vec![0f32; t * dim];
+        for n in 0..t {
+            let pos = start + n;
+            let (cos, sin) = rope_at(pos, d);
+            let row = &qkv[n * 3 * dim..(n + 1) * 3 * dim];
+            let mut q = row[..dim].to_vec();
+            let mut k = row[dim..2 * dim].to_vec();
+            for h in 0..nh {
+                apply_rope(&mut q[h * d..(h + 1) * d], &cos, &sin);
+                apply_rope(&mut k[h * d..(h + 1) * d], &cos, &sin);
+            }
+            kc.extend_from_slice(&k);
+            vc.extend_from_slice(&row[2 * dim..]);
+            let s = pos + 1;
+            let mut scores = vec![0f32; s];
+            for h in 0..nh {
+                let qh = &q[h * d..(h + 1) * d];
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    let kj = &kc[j * dim + h * d..j * dim + (h + 1) * d];
+                    *sc = dot8(qh, kj) * scale;
+                }
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+                let mut total = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    total += *sc;
+                }
+                let out = &mut y[n * dim + h * d..n * dim + (h + 1) * d];
+                for (j, p) in scores.iter().enumerate() {
+                    let p = p / total;
+                    let vj = &vc[j * dim + h * d..j * dim + (h + 1) * d];
+                    for (o, v) in out.iter_mut().zip(vj) {
+                        *o += p * v;
+                    }
+                }
+            }
+        }
+        self.o.forward(&y, t)
+    }
+}
+
+impl InferenceModel {
+    /// Build from loaded weights (consumed; Q/K/V and gate/up are stacked to share their input).
+    pub fn new(mut w: ModelWeights) -> Result<Self> {
+        let cfg = w.cfg.clone();
+        cfg.validate()?;
+        let (linear_bytes, weight_bytes) = w.bytes();
+        let (v, dim) = (cfg.vocab_size, cfg.dim);
+        let embed = FloatMatrix::new(w.take_dense("embed.weight")?, v, dim);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = |s: &str| format!("blocks.{i}.{s}");
+            let qkv = Linear::stack(vec![
+                w.take_linear(&p("mixer.q.weight"))?,
+                w.take_linear(&p("mixer.k.weight"))?,
+                w.take_linear(&p("mixer.v.weight"))?,
+            ]);
+            let o = w.take_linear(&p("mixer.o.weight"))?;
+            let mixer = match cfg.mixer {
+                MixerKind::Ttt => Mixer::Ttt(Ttt {
+                    qkv,
+                    o,
+                    lr: w.take_dense(&p("mixer.lr.weight"))?,
+                    w0: w.take_dense(&p("mixer.w0"))?,
+                    b0: w.take_dense(&p("mixer.b0"))?,
+                    ln_w: w.take_dense(&p("mixer.ln.weight"))?,
+                    ln_b: w.take_dense(&p("mixer.ln.bias"))?,
+                }),
+                MixerKind::Attention => Mixer::Attention(Attn { qkv, o }),
+            };
+            layers.push(Layer {
+                norm1: w.take_dense(&p("norm1.weight"))?,
+                mixer,
+                norm2: w.take_dense(&p("norm2.weight"))?,
+                gate_up: Linear::stack(vec![
+                    w.take_linear(&p("mlp.gate.weight"))?,
+                    w.take_linear(&p("mlp.up.weight"))?,
+                ]),
+                down: w.take_linear(&p("mlp.down.weight"))?,
+            });
+        }
+        let norm = w.take_dense("norm.weight")?;
+        let head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(FloatMatrix::new(w.take_dense("head.weight")?, v, dim))
+        };
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            head,
+            weight_bytes,
+            linear_bytes,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Bytes of all weights in memory, and of the block linears alone.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        (self.weight_bytes, self.linear_bytes)
+    }
+
+    /// The state before the first token.
+    pub fn new_state(&self) -> InferState {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Mixer::Ttt(m) => LayerState::Ttt {
+                    w_base: m.w0.clone(),
+                    b_base: m.b0.clone(),
+                    w: m.w0.clone(),
+                    b: m.b0.clone(),
+                    pos: 0,
+                },
+                Mixer::Attention(_) => LayerState::Kv {
+                    k: Vec::new(),
+                    v: Vec::new(),
+                },
+            })
+            .collect();
+        InferState { pos: 0, layers }
+    }
+
+    /// Feed `tokens`, continuing `state`; returns the logits of every token (t × V) when `all_logits`, else
+    /// those of the last token only (V).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut InferState,
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        // Run the whole step on a rayon worker: the matrix products inside then split with cheap joins
+        // instead of handing every one of them from this thread to the pool and back (two wake-ups each).
+        rayon::scope(|_| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { self.forward_avx2(tokens, state, all_logits) };
+            }
+            self.forward_impl(tokens, state, all_logits)
+        })
+    }
+
+    /// [`InferenceModel::forward`] with the per-token math (norms, TTT inner steps, attention) compiled for
+    /// AVX2. No FMA contraction, so the results equal the portable build's.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn forward_avx2(
+        &self,
+        tokens: &[u32],
+        state: &mut InferState,
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        self.forward_impl(tokens, state, all_logits)
+    }
+
+    #[inline(always)]
+    fn forward_impl(
+        &self,
+        tokens: &[u32],
+        state: &mut InferState,
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let (dim, vocab) = (self.cfg.dim, self.cfg.vocab_size);
+        let t = tokens.len();
+        if t == 0 {
+            bail!("no tokens to feed");
+        }
+        let mut x = Vec::with_capacity(t * dim);
+        for &id in tokens {
+            if id as usize >= vocab {
+                bail!("token id {id} is outside the model's vocab of {vocab}");
+            }
+            x.extend_from_slice(self.embed.row(id as usize));
+        }
+        for (layer, st) in self.layers.iter().zip(state.layers.iter_mut()) {
+            let h = rms_norm(&x, &layer.norm1);
+            let mixed = match &layer.mixer {
+                Mixer::Ttt(m) => m.forward(&self.cfg, &h, t, st),
+                Mixer::Attention(m) => m.forward(&self.cfg, &h, t, state.pos, st),
+            };
+            x.iter_mut().zip(&mixed).for_each(|(a, b)| *a += b);
+            let h = rms_norm(&x, &layer.norm2);
+            let gu = layer.gate_up.forward(&h, t);
+            let hidden = layer.down.cols();
+            let mut act = Vec::with_capacity(t * hidden);
+            for row in gu.chunks_exact(2 * hidden) {
+                let (g, u) = row.split_at(hidden);
+                act.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+            }
+            let down = layer.down.forward(&act, t);
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+        state.pos += t;
+        let (rows, n) = if all_logits {
+            (&x[..], t)
+        } else {
+            (&x[(t - 1) * dim..], 1)
+        };
+        let h = rms_norm(rows, &self.norm);
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; n * vocab];
+        head.forward(&h, n, &mut logits);
+        Ok(logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::weights::LinearMode;
+    use super::*;
+    use crate::model::{build_seeded, WeightKind};
+    use candle_core::{DType, Device, Module, Tensor};
+    use std::collections::HashMap;
+
+    fn cfg(mixer: MixerKind, weights: WeightKind, tie: bool) -> ModelConfig {
+        ModelConfig {
+            vocab_size: 61,
+            dim: 32,
+            n_layers: 2,
+            n_heads: 2,
+            mixer,
+            weights,
+            mlp_hidden: Some(72),
+            ttt_mini_batch: 4,
+            ttt_base_lr: 1.0,
+            tie_embeddings: tie,
+        }
+    }
+
+    fn tokens(t: usize, vocab: u32) -> Vec<u32> {
+        (0..t as u32)
+            .map(|i| i.wrapping_mul(2_654_435_761).wrapping_add(7 * i) % vocab)
+            .collect()
+    }
+
+    fn tensors(varmap: &candle_nn::VarMap) -> HashMap<String, Tensor> {
+        varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
+    }
+
+    /// max |a − b| / max |b|.
+    fn rel(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// The training model, fed token by token with its carried state (TTT) / KV cache (attention), gives the
+    /// logits of its parallel forward pass.
+    #[test]
+    fn training_model_token_by_token_equals_parallel() -> anyhow::Result<()> {
+        for mixer in [MixerKind::Ttt, MixerKind::Attention] {
+            let c = ModelConfig {
+                weights: WeightKind::Ternary,
+                ..cfg(mixer, WeightKind::Ternary, false)
+            };
+            let (_vm, model) = build_seeded(&c, 3, DType::F32, &Device::Cpu)?;
+            let ids = tokens(13, 61);
+            let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let whole: Vec<f32> = model.forward(&x)?.flatten_all()?.to_vec1()?;
+            let mut state = None;
+            let mut steps = Vec::new();
+            for i in 0..ids.len() {
+                let (l, s) = model.forward_with_state(&x.narrow(1, i, 1)?, state)?;
+                steps.extend(l.flatten_all()?.to_vec1::<f32>()?);
+                state = Some(s);
+            }
+            let r = rel(&steps, &whole);
+            assert!(r < 1e-4, "{mixer}: token by token vs parallel rel diff {r}");
+        }
+        Ok(())
+    }
+
+    /// The inference model equals the training model (eval) for both mixers, both weight kinds, tied or not,
+    /// packed or dequantized; and its token-by-token logits equal its prompt-at-once logits exactly.
+    #[test]
+    fn inference_model_equals_training_model() -> anyhow::Result<()> {
+        for mixer in [MixerKind::Ttt, MixerKind::Attention] {
+            for (weights, tie) in [
+                (WeightKind::Ternary, false),
+                (WeightKind::Ternary, true),
+                (WeightKind::Float, false),
+            ] {
+                let c = cfg(mixer, weights, tie);
+                let (vm, model) = build_seeded(&c, 5, DType::F32, &Device::Cpu)?;
+                let ids = tokens(11, 61);
+                let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                let want: Vec<f32> = model.forward(&x)?.flatten_all()?.to_vec1()?;
+                for mode in [LinearMode::Packed, LinearMode::Dequantized] {
+                    let w = ModelWeights::from_tensors(&c, &tensors(&vm), mode)?;
+                    let inf = InferenceModel::new(w)?;
+                    let mut st = inf.new_state();
+                    let all = inf.forward(&ids, &mut st, true)?;
+                    let r = rel(&all, &want);
+                    // Measured ~1e-6; ternary models get room for an int8 rounding that flips on
+                    // another CPU's float kernel.
+                    let tol = if weights == WeightKind::Float {
+                        1e-5
+                    } else {
+                        1e-3
+                    };
+                    assert!(
+                        r < tol,
+                        "{mixer} {weights} tie={tie} {mode:?}: rel diff {r}"
+                    );
+                    // Token by token, and a split prompt, give exactly the same logits.
+                    let mut st = inf.new_state();
+                    let mut steps = Vec::new();
+                    for id in &ids {
+                        steps.extend(inf.forward(&[*id], &mut st, true)?);
+                    }
+                    assert_eq!(steps, all, "{mixer} {weights} {mode:?}: token by token");
+                    let mut st = inf.new_state();
+                    inf.forward(&ids[..6], &mut st, false)?;
+                    let last = inf.forward(&ids[6..], &mut st, false)?;
+                    assert_eq!(last, all[10 * 61..].to_vec());
+                    assert_eq!(st.position(), 11);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ttt_state_is_constant_size_and_kv_grows() -> anyhow::Result<()> {
+        for mixer in [MixerKind::Ttt, MixerKind::Attention] {
+            let c = cfg(mixer, WeightKind::Ternary, false);
+            let (vm, _) = build_seeded(&c, 1, DType::F32, &Device::Cpu)?;
+            let inf = InferenceModel::new(ModelWeights::from_tensors(
+                &c,
+                &tensors(&vm),
+                LinearMode::Packed,
+            )?)?;
+            let mut st = inf.new_state();
+            inf.forward(&tokens(3, 61), &mut st, false)?;
+            let a = st.floats();
+            inf.forward(&tokens(20, 61), &mut st, false)?;
+            let b = st.floats();
+            match mixer {
+                MixerKind::Ttt => assert_eq!(a, b),
+                MixerKind::Attention => assert!(b > a),
+            }
+        }
+        Ok(())
+    }
+}
