@@ -191,6 +191,19 @@ impl RunStore {
         std::fs::create_dir_all(home)
             .with_context(|| format!("creating runner home {}", home.display()))?;
         let db = home.join("runs.db");
+        // Two runners starting on a fresh home would both switch the new file to WAL and try migration 1:
+        // serialise connecting and migrating with a file lock (sqlx records applied migrations, so the
+        // second runner finds none left to do).
+        let lock_path = home.join("runs.db.migrate-lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|_| lock))
+            .await?
+            .with_context(|| format!("locking {}", lock_path.display()))?;
         let opts = SqliteConnectOptions::new()
             .filename(&db)
             .create_if_missing(true)
@@ -208,10 +221,9 @@ impl RunStore {
             .connect_with(opts)
             .await
             .with_context(|| format!("opening {}", db.display()))?;
-        sqlx::migrate!("../migrations")
-            .run(&pool)
-            .await
-            .with_context(|| format!("migrating {}", db.display()))?;
+        let migrated = sqlx::migrate!("../migrations").run(&pool).await;
+        drop(lock);
+        migrated.with_context(|| format!("migrating {}", db.display()))?;
         Ok(Self {
             pool,
             home: home.to_path_buf(),
