@@ -157,8 +157,6 @@ impl TokenData {
 
     /// Bits per UTF-8 byte of the val split for a mean loss in nats per token.
     pub fn bits_per_byte(&self, loss_nats: f64) -> f64 {
-        let tokens = self.meta.val.tokens as f64;
-        let bytes = self.meta.val.bytes.max(1) as f64;
-        loss_nats / std::f64::consts::LN_2 * tokens / bytes
+        self.meta.bits_per_byte(data_prep::Split::Val, loss_nats)
     }
 }
