@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -604,11 +604,6 @@ fn signal_all(pids: &Arc<Mutex<HashMap<i64, Vec<u32>>>>, sig: i32) {
             libc::kill(*pid as i32, sig);
         }
     }
-}
-
-/// Where a run's folder lives in a home.
-pub fn run_dir(home: &Path, id: i64) -> PathBuf {
-    home.join(format!("run-{id}"))
 }
 
 #[cfg(test)]

@@ -234,7 +234,8 @@ fn run_generate_inner(
     let (mut decoder, tokenizer, desc) = load_decoder(&args.checkpoint, &args.device)?;
     tracing::info!("generating from {desc}");
     let mut sampler = Sampler::new(args.sampler);
-    if let Some(prompt) = &args.prompt {
+    // One prompt in, its continuation streamed out and ended with a newline.
+    let mut respond = |prompt: &str, out: &mut dyn Write| -> Result<()> {
         let (_, stats) = generate_text(
             decoder.as_mut(),
             &tokenizer,
@@ -246,7 +247,10 @@ fn run_generate_inner(
         writeln!(out)?;
         out.flush()?;
         log_stats(&stats);
-        return Ok(());
+        Ok(())
+    };
+    if let Some(prompt) = &args.prompt {
+        return respond(prompt, out);
     }
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {
@@ -272,17 +276,7 @@ fn run_generate_inner(
         if prompt.trim().is_empty() {
             continue;
         }
-        let (_, stats) = generate_text(
-            decoder.as_mut(),
-            &tokenizer,
-            &mut sampler,
-            prompt,
-            args.max_tokens,
-            out,
-        )?;
-        writeln!(out)?;
-        out.flush()?;
-        log_stats(&stats);
+        respond(prompt, out)?;
     }
     Ok(())
 }

@@ -258,7 +258,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         .into_iter()
         .collect();
     let vars: Vec<Var> = named.values().cloned().collect();
-    let mut opt = AdamW::new(&named.clone().into_iter().collect(), cfg.weight_decay)?;
+    let mut opt = AdamW::new(&named, cfg.weight_decay)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let (mut step, mut tokens, mut elapsed_before) = (0u64, 0u64, 0f64);
     let ckpts = CheckpointDir::new(&run_dir);

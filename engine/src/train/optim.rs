@@ -43,18 +43,22 @@ pub fn decays(name: &str, rank: usize) -> bool {
 }
 
 impl AdamW {
-    pub fn new(vars: &HashMap<String, Var>, weight_decay: f64) -> Result<Self> {
+    /// AdamW over named parameters (any map of name → `Var`: a `VarMap`'s `HashMap` or a `BTreeMap`).
+    pub fn new<'a>(
+        vars: impl IntoIterator<Item = (&'a String, &'a Var)>,
+        weight_decay: f64,
+    ) -> Result<Self> {
         Self::with_betas(vars, weight_decay, BETA1, BETA2)
     }
 
-    pub fn with_betas(
-        vars: &HashMap<String, Var>,
+    pub fn with_betas<'a>(
+        vars: impl IntoIterator<Item = (&'a String, &'a Var)>,
         weight_decay: f64,
         beta1: f64,
         beta2: f64,
     ) -> Result<Self> {
         let slots = vars
-            .iter()
+            .into_iter()
             .map(|(name, var)| {
                 let t = var.as_tensor();
                 Ok((
