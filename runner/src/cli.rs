@@ -288,7 +288,9 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        store.add_runs(id, &rows).await?;
+        store
+            .add_runs(id, &rows, s.spec.resources.runs_dir.as_deref())
+            .await?;
         eprintln!(
             "sweep s{id} {}: {} runs queued (home {})",
             s.spec.name,
@@ -326,7 +328,7 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
                     );
                     return Ok(ExitCode::SUCCESS);
                 }
-                "running" => bail!(
+                "running" if run.slurm_job.is_none() => bail!(
                     "run {r} is running (pid {:?}); wait for it or stop its runner first",
                     run.pid
                 ),
@@ -339,7 +341,11 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
             let all = store.runs(Some(s)).await?;
             let todo: Vec<_> = all
                 .into_iter()
-                .filter(|r| matches!(r.status.as_str(), "queued" | "interrupted" | "failed"))
+                .filter(|r| {
+                    matches!(r.status.as_str(), "queued" | "interrupted" | "failed")
+                        // A Slurm job that outlived its runner: followed again.
+                        || (r.status == "running" && r.slurm_job.is_some())
+                })
                 .collect();
             if todo.is_empty() {
                 println!("sweep s{s}: every run is completed (or skipped); nothing to do");
@@ -423,6 +429,12 @@ async fn show(home: &Path, id: &str) -> Result<ExitCode> {
             let run = store.run(r).await?;
             println!("run {} of sweep s{}: {}", run.id, run.sweep_id, run.status);
             println!("run dir: {}", run.run_dir);
+            if let Some(job) = &run.slurm_job {
+                println!("Slurm job: {job}");
+            }
+            if run.restarts > 0 {
+                println!("resubmitted {} time(s) by the Slurm backend", run.restarts);
+            }
             if let Some(e) = &run.error {
                 println!("reason: {e}");
             }
@@ -477,7 +489,7 @@ async fn bench_ingest(
             (p, String::new(), 0u64, 0u64)
         })
         .collect();
-    let ids = store.add_runs(sweep, &rows).await?;
+    let ids = store.add_runs(sweep, &rows, None).await?;
     let extra_names: Vec<String> = (0..metrics.saturating_sub(4))
         .map(|i| format!("m{i}"))
         .collect();

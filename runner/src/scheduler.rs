@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::ingest::{self, Msg};
-use crate::spec::{Devices, Resources};
+use crate::spec::{Backend, Devices, Resources};
 use crate::store::{RunRow, RunStatus, RunStore};
 
 /// How to start an engine: a separate `engine` binary, or this runner's hidden `engine` subcommand.
@@ -142,15 +142,15 @@ pub fn resolve_devices(res: &Resources) -> (Vec<String>, Option<f64>) {
 }
 
 /// Live view of the active runs: indicatif on a terminal, plain lines otherwise.
-struct Display {
+pub(crate) struct Display {
     multi: Option<MultiProgress>,
-    overall: ProgressBar,
+    pub(crate) overall: ProgressBar,
     bars: HashMap<i64, ProgressBar>,
     last_line: HashMap<i64, Instant>,
 }
 
 impl Display {
-    fn new(total: usize) -> Self {
+    pub(crate) fn new(total: usize) -> Self {
         let tty = std::io::stderr().is_terminal();
         let multi = tty.then(MultiProgress::new);
         let overall = match &multi {
@@ -174,7 +174,7 @@ impl Display {
         }
     }
 
-    fn line(&self, text: String) {
+    pub(crate) fn line(&self, text: String) {
         match &self.multi {
             Some(m) => {
                 let _ = m.println(text);
@@ -183,7 +183,7 @@ impl Display {
         }
     }
 
-    fn started(&mut self, run: i64, device: &str) {
+    pub(crate) fn started(&mut self, run: i64, device: &str) {
         if let Some(m) = &self.multi {
             let b = m.add(ProgressBar::new(0));
             b.set_style(
@@ -198,7 +198,7 @@ impl Display {
         self.line(format!("run {run}: launched on {device}"));
     }
 
-    fn event(&mut self, run: i64, ev: &Event) {
+    pub(crate) fn event(&mut self, run: i64, ev: &Event) {
         let bar = self.bars.get(&run);
         match ev {
             Event::Start {
@@ -243,7 +243,7 @@ impl Display {
         }
     }
 
-    fn finished(&mut self, run: i64, status: RunStatus, reason: &str) {
+    pub(crate) fn finished(&mut self, run: i64, status: RunStatus, reason: &str) {
         if let Some(b) = self.bars.remove(&run) {
             b.finish_and_clear();
             if let Some(m) = &self.multi {
@@ -494,9 +494,23 @@ pub struct Summary {
     pub left_queued: usize,
 }
 
-/// Run `runs` (already `queued`/`interrupted`/`failed` in the store) over the devices of `res`.
-/// Ctrl-C (or SIGTERM) stops launching, forwards SIGTERM to the engines and waits for their checkpoints.
+/// Run `runs` (already `queued`/`interrupted`/`failed` in the store) with the backend of `res`: local
+/// processes on this machine's devices, or Slurm jobs ([`crate::slurm`]).
 pub async fn execute(
+    store: &RunStore,
+    runs: Vec<RunRow>,
+    res: &Resources,
+    engine: &EngineCommand,
+) -> Result<Summary> {
+    match res.backend {
+        Backend::Local => execute_local(store, runs, res, engine).await,
+        Backend::Slurm => crate::slurm::execute(store, runs, res, engine).await,
+    }
+}
+
+/// Run `runs` as engine processes over the devices of `res`.
+/// Ctrl-C (or SIGTERM) stops launching, forwards SIGTERM to the engines and waits for their checkpoints.
+async fn execute_local(
     store: &RunStore,
     runs: Vec<RunRow>,
     res: &Resources,

@@ -46,6 +46,36 @@ pub struct Resources {
     pub max_parallel: usize,
     /// Memory a run may use, in GiB; default: the GPU's memory, or RAM / max_parallel on CPU.
     pub memory_gb: Option<f64>,
+    /// `"local"` (this machine's devices) or `"slurm"` (one `sbatch` job per run).
+    pub backend: Backend,
+    /// Where run folders go (default: the runner's home). With Slurm it must be on a filesystem every
+    /// node shares, as must the data dir and the engine binary.
+    pub runs_dir: Option<PathBuf>,
+    /// Slurm: `--partition`.
+    pub partition: Option<String>,
+    /// Slurm: `--account`.
+    pub account: Option<String>,
+    /// Slurm: `--time`, e.g. "04:00:00".
+    pub time_limit: Option<String>,
+    /// Slurm: nodes per run (`gpus_per_run` / `procs_per_run` are spread evenly over them).
+    pub nodes_per_run: usize,
+    /// Slurm: `--cpus-per-task` (also the engine's thread count on CPU jobs).
+    pub cpus_per_task: Option<usize>,
+    /// Slurm: how often a preempted, timed-out or cancelled job is resubmitted with `--resume`.
+    pub max_restarts: u32,
+    /// Slurm: more `sbatch` arguments, passed through as given, e.g. ["--qos=high", "--constraint=a100"].
+    pub sbatch_args: Vec<String>,
+    /// Slurm: seconds between job-state polls (`squeue`) and metrics reads.
+    pub poll_seconds: f64,
+}
+
+/// Who runs the engines.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Local,
+    Slurm,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,6 +93,16 @@ impl Default for Resources {
             procs_per_run: 1,
             max_parallel: 2,
             memory_gb: None,
+            backend: Backend::Local,
+            runs_dir: None,
+            partition: None,
+            account: None,
+            time_limit: None,
+            nodes_per_run: 1,
+            cpus_per_task: None,
+            max_restarts: 3,
+            sbatch_args: Vec::new(),
+            poll_seconds: 5.0,
         }
     }
 }
@@ -233,6 +273,33 @@ impl Sweep {
             bail!(
                 "{f}: [resources] max_parallel, gpus_per_run and procs_per_run must be at least 1"
             );
+        }
+        if r.nodes_per_run == 0 || r.poll_seconds.is_nan() || r.poll_seconds <= 0.0 {
+            bail!("{f}: [resources] nodes_per_run must be at least 1 and poll_seconds above 0");
+        }
+        if r.backend == Backend::Slurm {
+            let per_run = if matches!(&r.devices, Devices::List(l) if l.iter().all(|d| d == "cpu"))
+            {
+                ("procs_per_run", r.procs_per_run)
+            } else {
+                ("gpus_per_run", r.gpus_per_run)
+            };
+            if per_run.1 % r.nodes_per_run != 0 {
+                bail!(
+                    "{f}: [resources] {} = {} does not spread evenly over nodes_per_run = {}",
+                    per_run.0,
+                    per_run.1,
+                    r.nodes_per_run
+                );
+            }
+        }
+        if let Some(dir) = &r.runs_dir {
+            if !dir.is_dir() {
+                bail!(
+                    "{f}: [resources] runs_dir {}: no such folder: create it (with Slurm, on a filesystem every node shares)",
+                    dir.display()
+                );
+            }
         }
         if let Devices::Auto(s) = &r.devices {
             if s != "auto" {

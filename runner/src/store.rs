@@ -77,6 +77,12 @@ pub struct RunRow {
     pub param_count: Option<i64>,
     pub mem_estimate: Option<i64>,
     pub error: Option<String>,
+    /// The Slurm job the run is in while one is live (Slurm backend).
+    pub slurm_job: Option<String>,
+    /// How often the Slurm backend resubmitted it after a preemption, timeout or cancel.
+    pub restarts: i64,
+    #[serde(skip)]
+    pub runner_pid: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -148,7 +154,7 @@ pub struct RunStore {
     pub home: PathBuf,
 }
 
-const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error";
+const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid";
 
 fn sweep_from_row(r: &sqlx::sqlite::SqliteRow) -> SweepRow {
     SweepRow {
@@ -182,6 +188,9 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
         param_count: r.get(18),
         mem_estimate: r.get(19),
         error: r.get(20),
+        slurm_job: r.get(21),
+        restarts: r.get(22),
+        runner_pid: r.get(23),
     }
 }
 
@@ -243,12 +252,16 @@ impl RunStore {
         Ok(id)
     }
 
-    /// Record the runs of a sweep as `queued` (one transaction). Returns their ids.
+    /// Record the runs of a sweep as `queued` (one transaction), their folders under `runs_dir` (default:
+    /// the home). Returns their ids.
     pub async fn add_runs(
         &self,
         sweep_id: i64,
         runs: &[(BTreeMap<String, toml::Value>, String, u64, u64)],
+        runs_dir: Option<&Path>,
     ) -> Result<Vec<i64>> {
+        let parent = std::path::absolute(runs_dir.unwrap_or(&self.home))
+            .context("resolving the runs folder")?;
         let mut tx = self.pool.begin().await?;
         let mut ids = Vec::with_capacity(runs.len());
         for (idx, (params, config, param_count, mem)) in runs.iter().enumerate() {
@@ -267,7 +280,7 @@ impl RunStore {
             .execute(&mut *tx)
             .await?
             .last_insert_rowid();
-            let run_dir = self.home.join(format!("run-{id}"));
+            let run_dir = parent.join(format!("run-{id}"));
             sqlx::query("UPDATE runs SET run_dir = ? WHERE id = ?")
                 .bind(run_dir.display().to_string())
                 .bind(id)
@@ -307,7 +320,7 @@ impl RunStore {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, pid = NULL, error = NULL, started_at = ? \
-             WHERE id = ? AND status IN ('queued', 'interrupted', 'failed')",
+             WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
         )
         .bind(device)
         .bind(std::process::id() as i64)
@@ -328,6 +341,81 @@ impl RunStore {
         Ok(n == 1)
     }
 
+    /// Claim a run for a Slurm submission by this runner: it stays `queued` (the job is pending) with
+    /// `slurm_job = 'submitting'` until [`Self::set_slurm_job`] records the id. Only one runner wins.
+    pub async fn claim_for_slurm(&self, id: i64) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE runs SET status = 'queued', slurm_job = 'submitting', device = 'slurm', runner_pid = ?, pid = NULL, \
+             error = NULL, restarts = 0 WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
+        )
+        .bind(std::process::id() as i64)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Follow a run whose Slurm job outlived its runner: this runner becomes its runner. Only one wins.
+    pub async fn adopt_slurm_job(
+        &self,
+        id: i64,
+        job: &str,
+        old_runner: Option<i64>,
+    ) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE runs SET runner_pid = ? WHERE id = ? AND slurm_job = ? AND runner_pid IS ?",
+        )
+        .bind(std::process::id() as i64)
+        .bind(id)
+        .bind(job)
+        .bind(old_runner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Record the Slurm job a run is now in (`None` once it has ended); `restarted` counts a resubmission.
+    pub async fn set_slurm_job(&self, id: i64, job: Option<&str>, restarted: bool) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE runs SET slurm_job = ?, restarts = restarts + ? WHERE id = ?")
+            .bind(job)
+            .bind(i64::from(restarted))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(job) = job {
+            let what = if restarted {
+                "resubmitted"
+            } else {
+                "submitted"
+            };
+            sqlx::query("INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, 'slurm', NULL, ?)")
+                .bind(id)
+                .bind(now())
+                .bind(format!("{what} as Slurm job {job}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Note something about a run in its event log (no status change).
+    pub async fn note(&self, id: i64, kind: &str, reason: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, ?, NULL, ?)",
+        )
+        .bind(id)
+        .bind(now())
+        .bind(kind)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Change a run's status and record why.
     pub async fn set_status(&self, id: i64, status: RunStatus, reason: &str) -> Result<()> {
         let mut tx = self.pool.begin().await?;
@@ -341,10 +429,12 @@ impl RunStore {
         let error = matches!(status, RunStatus::Failed | RunStatus::SkippedOom).then_some(reason);
         sqlx::query(
             "UPDATE runs SET status = ?, error = COALESCE(?, error), pid = CASE WHEN ? THEN NULL ELSE pid END, \
+             slurm_job = CASE WHEN ? THEN NULL ELSE slurm_job END, \
              finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
         )
         .bind(status.as_str())
         .bind(error)
+        .bind(finished)
         .bind(finished)
         .bind(finished)
         .bind(now())
@@ -373,10 +463,11 @@ impl RunStore {
         Ok(())
     }
 
-    /// Runs left `running` whose engine is gone (a killed runner) become `interrupted`.
+    /// Runs left `running` whose engine is gone (a killed runner) become `interrupted`. Runs in a Slurm job
+    /// are left alone: the job may outlive its runner, and the Slurm backend adopts it on resume.
     pub async fn recover_orphans(&self) -> Result<Vec<i64>> {
         let rows =
-            sqlx::query("SELECT id, pid, runner_pid, run_dir FROM runs WHERE status = 'running'")
+            sqlx::query("SELECT id, pid, runner_pid, run_dir FROM runs WHERE status = 'running' AND slurm_job IS NULL")
                 .fetch_all(&self.pool)
                 .await?;
         let mut recovered = Vec::new();
@@ -524,7 +615,7 @@ impl RunStore {
     }
 }
 
-fn process_alive(pid: i64) -> bool {
+pub(crate) fn process_alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
@@ -564,7 +655,9 @@ mod tests {
         let s = store.create_sweep("t", "f.toml", "{}").await?;
         let mut p = BTreeMap::new();
         p.insert("n_layers".to_string(), toml::Value::Integer(2));
-        let ids = store.add_runs(s, &[(p, "dim = 8".into(), 10, 20)]).await?;
+        let ids = store
+            .add_runs(s, &[(p, "dim = 8".into(), 10, 20)], None)
+            .await?;
         assert!(store.claim(ids[0], "cpu").await?);
         assert!(
             !store.claim(ids[0], "cpu").await?,

@@ -52,14 +52,25 @@ pub enum Outcome {
 
 /// The device named by `device = "cpu" | "cuda:N"`.
 pub fn device_from_name(name: &str) -> Result<Device> {
+    device_for_rank(name, 0)
+}
+
+/// As [`device_from_name`]; plain `"cuda"` is GPU `local_rank` (one rank per GPU of a node, as under
+/// `srun` with all the node's GPUs visible to every task).
+pub fn device_for_rank(name: &str, local_rank: usize) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
-    let Some(ordinal) = name
-        .strip_prefix("cuda:")
-        .and_then(|n| n.parse::<usize>().ok())
-    else {
-        bail!("device = {name:?} is not known: use \"cpu\" or \"cuda:N\"");
+    let ordinal = if name == "cuda" {
+        Some(local_rank)
+    } else {
+        name.strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    let Some(ordinal) = ordinal else {
+        bail!(
+            "device = {name:?} is not known: use \"cpu\", \"cuda\" (GPU LOCAL_RANK) or \"cuda:N\""
+        );
     };
     if !candle_core::utils::cuda_is_available() {
         bail!("device = {name:?} needs an engine built with `--features cuda`: this build is CPU-only, use device = \"cpu\"");
@@ -229,7 +240,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     data.check_context(cfg.context_len)?;
     let model_cfg = cfg.model_config(data.meta.vocab_size);
     model_cfg.validate()?;
-    let device = device_from_name(&cfg.device)?;
+    let device = device_for_rank(&cfg.device, dist.local_rank)?;
 
     // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints.
     let _lock = if leader {

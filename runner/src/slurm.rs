@@ -1,0 +1,831 @@
+//! The Slurm backend: each run becomes one `sbatch` job whose script `srun`s one engine rank per GPU (or
+//! per CPU process). The runner stays on the submitting host as the only DB writer: it polls job states
+//! (`squeue`, then `scontrol` once a job has left the queue), follows each run's `metrics.jsonl` on the
+//! shared filesystem, and resubmits preempted, timed-out or cancelled jobs with `--resume`.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{IsTerminal, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use engine::events::{Event, EXIT_INTERRUPTED};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::ingest::{self, Msg};
+use crate::scheduler::{Display, EngineCommand, Summary};
+use crate::spec::{Devices, Resources};
+use crate::store::{process_alive, RunRow, RunStatus, RunStore};
+
+/// Where a job stands, from its Slurm state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for resources (PENDING, CONFIGURING, REQUEUED…): the run is `queued`.
+    Pending,
+    /// Started (RUNNING, COMPLETING, SUSPENDED…): the run is `running`; its processes may still be live.
+    Running,
+    /// COMPLETED: the engine exited 0.
+    Completed,
+    /// Ended early through no fault of the run (preempted, timed out, cancelled, node failure): resume it.
+    Stopped(String),
+    /// FAILED, OUT_OF_MEMORY and the like.
+    Failed(String),
+}
+
+/// Map a Slurm job state (as `squeue -o %T` or `scontrol`'s `JobState` print it) to a [`Phase`].
+pub fn phase_of(state: &str) -> Phase {
+    let s = state.split_whitespace().next().unwrap_or("");
+    match s {
+        "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED"
+        | "RESV_DEL_HOLD" => Phase::Pending,
+        "RUNNING" | "COMPLETING" | "SUSPENDED" | "STOPPED" | "SIGNALING" | "STAGE_OUT"
+        | "RESIZING" | "UPDATE_DB" | "POWER_UP_NODE" => Phase::Running,
+        "COMPLETED" => Phase::Completed,
+        "PREEMPTED" | "TIMEOUT" | "CANCELLED" | "NODE_FAIL" | "BOOT_FAIL" | "DEADLINE" => {
+            Phase::Stopped(s.to_string())
+        }
+        other => Phase::Failed(other.to_string()),
+    }
+}
+
+/// A job's details from `scontrol show job ID -o`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobInfo {
+    pub state: String,
+    pub reason: String,
+    /// The batch script's exit status (`ExitCode=STATUS:SIGNAL`).
+    pub exit_code: Option<i32>,
+    pub node: Option<String>,
+}
+
+/// Parse one line of `scontrol show job ID -o`.
+pub fn parse_scontrol(line: &str) -> Option<JobInfo> {
+    let mut info = JobInfo::default();
+    for field in line.split_whitespace() {
+        let Some((k, v)) = field.split_once('=') else {
+            continue;
+        };
+        match k {
+            "JobState" => info.state = v.to_string(),
+            "Reason" => info.reason = v.to_string(),
+            "ExitCode" => info.exit_code = v.split(':').next().and_then(|c| c.parse().ok()),
+            "BatchHost" => info.node = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    (!info.state.is_empty()).then_some(info)
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// CPU or GPU jobs: `devices = ["cpu"]` is CPU; a list of cuda devices is GPU; `"auto"` asks `sinfo`
+/// whether the cluster has GPUs (generic resources named gpu).
+pub async fn uses_gpus(res: &Resources) -> bool {
+    match &res.devices {
+        Devices::List(l) => !l.iter().all(|d| d == "cpu"),
+        Devices::Auto(_) => {
+            let mut cmd = Command::new("sinfo");
+            cmd.args(["-h", "-o", "%G"]);
+            if let Some(p) = &res.partition {
+                cmd.args(["-p", p]);
+            }
+            match cmd.output().await {
+                Ok(out) => String::from_utf8_lossy(&out.stdout).contains("gpu"),
+                Err(_) => false,
+            }
+        }
+    }
+}
+
+/// The batch script of one submission of `run`.
+pub fn job_script(run: &RunRow, res: &Resources, engine: &EngineCommand, gpus: bool) -> String {
+    let dir = &run.run_dir;
+    let nodes = res.nodes_per_run;
+    let ranks = if gpus {
+        res.gpus_per_run
+    } else {
+        res.procs_per_run
+    };
+    let mut s = String::from("#!/bin/bash\n");
+    let mut opt = |o: String| s.push_str(&format!("#SBATCH {o}\n"));
+    opt(format!("--job-name=bitllama-{}", run.id));
+    opt(format!("--output={dir}/slurm-%j.out"));
+    opt("--open-mode=append".into());
+    opt(format!("--nodes={nodes}"));
+    opt(format!("--ntasks-per-node={}", ranks / nodes));
+    if gpus {
+        opt(format!("--gres=gpu:{}", ranks / nodes));
+    }
+    if let Some(c) = res.cpus_per_task {
+        opt(format!("--cpus-per-task={c}"));
+    }
+    if let Some(p) = &res.partition {
+        opt(format!("--partition={p}"));
+    }
+    if let Some(a) = &res.account {
+        opt(format!("--account={a}"));
+    }
+    if let Some(t) = &res.time_limit {
+        opt(format!("--time={t}"));
+    }
+    for a in &res.sbatch_args {
+        opt(a.clone());
+    }
+    let q = sh_quote(dir);
+    let mut engine_cmd = vec![sh_quote(&engine.program.display().to_string())];
+    engine_cmd.extend(engine.prefix.iter().map(|p| sh_quote(p)));
+    let device = if gpus { "cuda" } else { "cpu" };
+    s.push_str(&format!(
+        r#"# Written by `runner` for run {id}; resubmitted as is after a preemption or timeout.
+set -eu
+cd {q}
+# Rendezvous of the ranks (the engine reads SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID).
+export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export RAYON_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"
+if [ -f {q}/config.toml ]; then
+  set -- --resume {q}
+else
+  set -- --config {q}/run.toml --out {q}
+fi
+exec srun --kill-on-bad-exit=1 {engine} train "$@" --set 'device="{device}"'
+"#,
+        id = run.id,
+        engine = engine_cmd.join(" "),
+    ));
+    s
+}
+
+async fn run_tool(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .output()
+        .await
+        .with_context(|| format!("{what}: could not start it (is Slurm's client on PATH?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `sbatch --parsable SCRIPT` → job id.
+async fn submit(script: &Path) -> Result<String> {
+    let out = run_tool(
+        Command::new("sbatch").arg("--parsable").arg(script),
+        "sbatch",
+    )
+    .await?;
+    // `--parsable` prints "ID" or "ID;CLUSTER".
+    let id = out.trim().split(';').next().unwrap_or("").to_string();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit() || c == '_') {
+        bail!("sbatch printed {:?}, not a job id", out.trim());
+    }
+    Ok(id)
+}
+
+/// States of `jobs` from one `squeue` call; jobs squeue no longer knows are absent.
+async fn squeue_states(jobs: &[String]) -> Result<HashMap<String, String>> {
+    if jobs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let out = Command::new("squeue")
+        .args(["-h", "-t", "all", "-o", "%i %T", "-j", &jobs.join(",")])
+        .output()
+        .await
+        .context("squeue: could not start it (is Slurm's client on PATH?)")?;
+    // squeue exits non-zero when every id has aged out ("Invalid job id specified"): treat as none known.
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (id, st) = l.trim().split_once(' ')?;
+            Some((id.to_string(), st.trim().to_string()))
+        })
+        .collect())
+}
+
+async fn scontrol_show(job: &str) -> Option<JobInfo> {
+    let out = Command::new("scontrol")
+        .args(["show", "job", job, "-o"])
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_scontrol(String::from_utf8_lossy(&out.stdout).lines().next()?)
+}
+
+async fn scancel(jobs: &[String]) -> Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    run_tool(Command::new("scancel").args(jobs), "scancel").await?;
+    Ok(())
+}
+
+/// Reads the protocol lines a run's engine appends to `metrics.jsonl`, from where it left off.
+pub struct MetricsFollower {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+}
+
+impl MetricsFollower {
+    /// Follow from byte `offset` (0: the whole file; the ingestion upserts, so a replay is harmless).
+    pub fn new(path: PathBuf, offset: u64) -> Self {
+        Self {
+            path,
+            offset,
+            partial: String::new(),
+        }
+    }
+
+    /// Follow only what is appended from now on.
+    pub fn from_end(path: PathBuf) -> Self {
+        let offset = std::fs::metadata(&path).map_or(0, |m| m.len());
+        Self::new(path, offset)
+    }
+
+    /// Complete new lines, parsed (lines that are not protocol events are skipped).
+    pub fn poll(&mut self) -> Vec<Event> {
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return Vec::new();
+        };
+        let len = f.metadata().map_or(0, |m| m.len());
+        if len < self.offset {
+            // Replaced by a shorter file: start over.
+            self.offset = 0;
+            self.partial.clear();
+        }
+        let mut buf = Vec::new();
+        if f.seek(SeekFrom::Start(self.offset)).is_err() || f.read_to_end(&mut buf).is_err() {
+            return Vec::new();
+        }
+        self.offset += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let mut events = Vec::new();
+        while let Some(nl) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=nl).collect();
+            if let Some(ev) = Event::parse(line.trim_end()) {
+                events.push(ev);
+            }
+        }
+        events
+    }
+}
+
+/// Last lines of a job's output file, for a failure reason.
+fn output_tail(run_dir: &str, job: &str, lines: usize) -> String {
+    let path = Path::new(run_dir).join(format!("slurm-{job}.out"));
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// One run's live job, as the runner follows it.
+struct Job {
+    run: RunRow,
+    job: String,
+    follower: MetricsFollower,
+    running: bool,
+    done_seen: bool,
+    restarts: u32,
+    cancelled_by_us: bool,
+}
+
+/// What to do with a job that left the queue.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Completed,
+    Resubmit(String),
+    Interrupted(String),
+    Failed(String),
+}
+
+fn verdict(
+    job: &str,
+    info: Option<&JobInfo>,
+    done_seen: bool,
+    cancelled_by_us: bool,
+    restarts: u32,
+    max_restarts: u32,
+    tail: &str,
+) -> Verdict {
+    let Some(info) = info else {
+        return if done_seen {
+            Verdict::Completed
+        } else {
+            Verdict::Interrupted(format!(
+                "Slurm job {job} left no state (squeue and scontrol no longer know it); `runner resume` continues it"
+            ))
+        };
+    };
+    let phase = phase_of(&info.state);
+    // An engine that checkpointed and exited on SIGTERM (exit 130) was stopped, not broken.
+    let phase = match phase {
+        Phase::Failed(s) if info.exit_code == Some(EXIT_INTERRUPTED) => Phase::Stopped(s),
+        p => p,
+    };
+    match phase {
+        Phase::Completed if done_seen => Verdict::Completed,
+        Phase::Completed => Verdict::Failed(format!(
+            "Slurm job {job} completed but the engine wrote no done event; output: {tail}"
+        )),
+        Phase::Stopped(s) if cancelled_by_us => Verdict::Interrupted(format!(
+            "Slurm job {job} {s} by the runner; `runner resume` continues it"
+        )),
+        Phase::Stopped(s) if restarts < max_restarts => Verdict::Resubmit(s),
+        Phase::Stopped(s) => Verdict::Interrupted(format!(
+            "Slurm job {job} {s} after {restarts} restart(s) (max_restarts = {max_restarts}); `runner resume` continues it"
+        )),
+        Phase::Failed(s) => Verdict::Failed(format!(
+            "Slurm job {job} {s} (exit code {}, reason {}); output: {tail}",
+            info.exit_code.map_or("?".to_string(), |c| c.to_string()),
+            info.reason
+        )),
+        Phase::Pending | Phase::Running => unreachable!("only called for ended jobs"),
+    }
+}
+
+/// Whether Ctrl-C should cancel the jobs: asks on a terminal, yes otherwise.
+async fn confirm_cancel(n: usize) -> bool {
+    if !std::io::stdin().is_terminal() {
+        return true;
+    }
+    eprint!(
+        "cancel the {n} Slurm job(s) of this sweep (they checkpoint first)? [y/N] (N leaves them running; `runner resume` follows them again) "
+    );
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).ok();
+        matches!(line.trim(), "y" | "Y" | "yes")
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Run `runs` as Slurm jobs: submit up to `max_parallel` at a time, follow them to the end.
+/// Runs already in a live job whose runner is gone are adopted, not resubmitted.
+pub async fn execute(
+    store: &RunStore,
+    runs: Vec<RunRow>,
+    res: &Resources,
+    engine: &EngineCommand,
+) -> Result<Summary> {
+    if let Err(e) = Command::new("sbatch").arg("--version").output().await {
+        bail!("backend = \"slurm\" but sbatch cannot be started ({e}): run the runner on a Slurm login node, or use backend = \"local\"");
+    }
+    let gpus = uses_gpus(res).await;
+    let poll = Duration::from_secs_f64(res.poll_seconds);
+    let (writer, writer_task) = ingest::spawn_writer(store.clone());
+    let mut display = Display::new(runs.len());
+    let mut summary = Summary::default();
+    let mut active: HashMap<i64, Job> = HashMap::new();
+    let mut queue = VecDeque::new();
+
+    for run in runs {
+        match run.slurm_job.clone() {
+            Some(job) if job != "submitting" => {
+                let other_runner = run
+                    .runner_pid
+                    .filter(|p| *p as u32 != std::process::id() && process_alive(*p));
+                if let Some(p) = other_runner {
+                    display.line(format!(
+                        "run {}: Slurm job {job} is followed by runner pid {p}; skipping",
+                        run.id
+                    ));
+                    continue;
+                }
+                if !store.adopt_slurm_job(run.id, &job, run.runner_pid).await? {
+                    continue;
+                }
+                display.line(format!("run {}: following Slurm job {job} again", run.id));
+                let follower =
+                    MetricsFollower::new(Path::new(&run.run_dir).join("metrics.jsonl"), 0);
+                active.insert(
+                    run.id,
+                    Job {
+                        running: run.status == "running",
+                        restarts: run.restarts as u32,
+                        job,
+                        follower,
+                        done_seen: false,
+                        cancelled_by_us: false,
+                        run,
+                    },
+                );
+            }
+            // A claim that died between claiming and sbatch: no job exists; submit afresh.
+            Some(_) => {
+                store.set_slurm_job(run.id, None, false).await?;
+                queue.push_back(run);
+            }
+            None => queue.push_back(run),
+        }
+    }
+
+    let mut stopping = false;
+    let mut detach = false;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Submit while under max_parallel.
+        while !stopping && active.len() < res.max_parallel {
+            let Some(run) = queue.pop_front() else { break };
+            if !store.claim_for_slurm(run.id).await? {
+                display.line(format!("run {}: taken by another runner, skipping", run.id));
+                continue;
+            }
+            match submit_run(&run, res, engine, gpus).await {
+                Ok(job) => {
+                    store.set_slurm_job(run.id, Some(&job), false).await?;
+                    display.started(run.id, &format!("Slurm job {job}"));
+                    let follower =
+                        MetricsFollower::from_end(Path::new(&run.run_dir).join("metrics.jsonl"));
+                    active.insert(
+                        run.id,
+                        Job {
+                            run,
+                            job,
+                            follower,
+                            running: false,
+                            done_seen: false,
+                            restarts: 0,
+                            cancelled_by_us: false,
+                        },
+                    );
+                }
+                Err(e) => {
+                    // A bad partition, account or time limit fails every submission alike: stop here.
+                    let why = format!("{e:#}");
+                    store.set_status(run.id, RunStatus::Failed, &why).await?;
+                    display.finished(run.id, RunStatus::Failed, &why);
+                    summary.failed += 1;
+                    display.line("not submitting more runs: fix the [resources] Slurm settings and `runner resume` the sweep".into());
+                    stopping = true;
+                }
+            }
+        }
+        if active.is_empty() || detach {
+            break;
+        }
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = tokio::signal::ctrl_c() => {
+                if stopping {
+                    // A second Ctrl-C: leave whatever is still live to `runner resume`.
+                    detach = true;
+                    continue;
+                }
+                stopping = true;
+                let jobs: Vec<String> = active.values().map(|j| j.job.clone()).collect();
+                if confirm_cancel(jobs.len()).await {
+                    cancel_all(&mut active, &jobs, &mut display).await;
+                } else {
+                    detach = true;
+                    continue;
+                }
+            }
+            _ = sigterm.recv(), if !stopping => {
+                stopping = true;
+                let jobs: Vec<String> = active.values().map(|j| j.job.clone()).collect();
+                cancel_all(&mut active, &jobs, &mut display).await;
+            }
+        }
+        poll_jobs(
+            store,
+            res,
+            engine,
+            gpus,
+            &writer,
+            &mut active,
+            &mut display,
+            &mut summary,
+        )
+        .await?;
+    }
+    if detach && !active.is_empty() {
+        display.line(format!(
+            "left {} Slurm job(s) running ({}); `runner resume` follows them again",
+            active.len(),
+            active
+                .values()
+                .map(|j| j.job.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        summary.interrupted += active.len();
+    }
+    summary.left_queued = queue.len();
+    ingest::flush(&writer).await;
+    drop(writer);
+    writer_task.await.context("the DB writer panicked")??;
+    display.overall.finish_and_clear();
+    Ok(summary)
+}
+
+async fn cancel_all(active: &mut HashMap<i64, Job>, jobs: &[String], display: &mut Display) {
+    display.line(format!(
+        "cancelling {} Slurm job(s); their engines checkpoint first…",
+        jobs.len()
+    ));
+    for j in active.values_mut() {
+        j.cancelled_by_us = true;
+    }
+    if let Err(e) = scancel(jobs).await {
+        display.line(format!("{e:#}"));
+    }
+}
+
+async fn submit_run(
+    run: &RunRow,
+    res: &Resources,
+    engine: &EngineCommand,
+    gpus: bool,
+) -> Result<String> {
+    let dir = Path::new(&run.run_dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !dir.join("config.toml").is_file() {
+        let cfg = dir.join("run.toml");
+        std::fs::write(&cfg, &run.config).with_context(|| format!("writing {}", cfg.display()))?;
+    }
+    let script = dir.join("job.sh");
+    std::fs::write(&script, job_script(run, res, engine, gpus))
+        .with_context(|| format!("writing {}", script.display()))?;
+    submit(&script).await
+}
+
+/// One poll: new metrics of every job, then the states of all jobs in one `squeue` call.
+#[allow(clippy::too_many_arguments)]
+async fn poll_jobs(
+    store: &RunStore,
+    res: &Resources,
+    engine: &EngineCommand,
+    gpus: bool,
+    writer: &mpsc::UnboundedSender<Msg>,
+    active: &mut HashMap<i64, Job>,
+    display: &mut Display,
+    summary: &mut Summary,
+) -> Result<()> {
+    let ids: Vec<String> = active.values().map(|j| j.job.clone()).collect();
+    let states = squeue_states(&ids).await?;
+    let mut ended = Vec::new();
+    for (run_id, j) in active.iter_mut() {
+        // Read metrics after the state, so a job seen ended has had all its lines read.
+        for ev in j.follower.poll() {
+            if matches!(ev, Event::Done { .. }) {
+                j.done_seen = true;
+            }
+            display.event(*run_id, &ev);
+            let _ = writer.send(Msg::Event(*run_id, ev));
+        }
+        let info = match states.get(&j.job) {
+            Some(st) => Some(JobInfo {
+                state: st.clone(),
+                ..Default::default()
+            }),
+            None => scontrol_show(&j.job).await,
+        };
+        match info.as_ref().map(|i| phase_of(&i.state)) {
+            Some(Phase::Pending) => {}
+            Some(Phase::Running) => {
+                if !j.running {
+                    j.running = true;
+                    store
+                        .set_status(
+                            *run_id,
+                            RunStatus::Running,
+                            &format!("Slurm job {} running", j.job),
+                        )
+                        .await?;
+                }
+            }
+            _ => ended.push(*run_id),
+        }
+    }
+    for run_id in ended {
+        let mut j = active.remove(&run_id).expect("listed above");
+        // The final lines, and the exit code and reason.
+        for ev in j.follower.poll() {
+            if matches!(ev, Event::Done { .. }) {
+                j.done_seen = true;
+            }
+            let _ = writer.send(Msg::Event(run_id, ev));
+        }
+        let info = scontrol_show(&j.job).await;
+        let tail = output_tail(&j.run.run_dir, &j.job, 8);
+        let v = verdict(
+            &j.job,
+            info.as_ref(),
+            j.done_seen,
+            j.cancelled_by_us,
+            j.restarts,
+            res.max_restarts,
+            &tail,
+        );
+        ingest::flush(writer).await;
+        let (status, why) = match v {
+            Verdict::Resubmit(state) => match submit_run(&j.run, res, engine, gpus).await {
+                Ok(job) => {
+                    display.line(format!(
+                            "run {run_id}: Slurm job {} {state}; resubmitted as job {job} (restart {}/{})",
+                            j.job,
+                            j.restarts + 1,
+                            res.max_restarts
+                        ));
+                    store
+                        .note(
+                            run_id,
+                            "slurm",
+                            &format!("Slurm job {} {state}: resuming from its checkpoint", j.job),
+                        )
+                        .await?;
+                    store.set_slurm_job(run_id, Some(&job), true).await?;
+                    store
+                        .set_status(
+                            run_id,
+                            RunStatus::Queued,
+                            &format!("Slurm job {job} pending"),
+                        )
+                        .await?;
+                    j.job = job;
+                    j.restarts += 1;
+                    j.running = false;
+                    j.done_seen = false;
+                    active.insert(run_id, j);
+                    continue;
+                }
+                Err(e) => (
+                    RunStatus::Interrupted,
+                    format!("Slurm job {} {state}; resubmitting failed: {e:#}", j.job),
+                ),
+            },
+            Verdict::Completed => (RunStatus::Completed, String::new()),
+            Verdict::Interrupted(why) => (RunStatus::Interrupted, why),
+            Verdict::Failed(why) => (RunStatus::Failed, why),
+        };
+        store.set_status(run_id, status, &why).await?;
+        display.finished(run_id, status, &why);
+        match status {
+            RunStatus::Completed => summary.completed += 1,
+            RunStatus::Interrupted => summary.interrupted += 1,
+            _ => summary.failed += 1,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slurm_states_map_to_phases() {
+        assert_eq!(phase_of("PENDING"), Phase::Pending);
+        assert_eq!(phase_of("COMPLETING"), Phase::Running);
+        assert_eq!(phase_of("COMPLETED"), Phase::Completed);
+        assert_eq!(phase_of("TIMEOUT"), Phase::Stopped("TIMEOUT".into()));
+        assert_eq!(phase_of("PREEMPTED"), Phase::Stopped("PREEMPTED".into()));
+        assert_eq!(phase_of("NODE_FAIL"), Phase::Stopped("NODE_FAIL".into()));
+        assert_eq!(phase_of("FAILED"), Phase::Failed("FAILED".into()));
+        assert_eq!(
+            phase_of("OUT_OF_MEMORY"),
+            Phase::Failed("OUT_OF_MEMORY".into())
+        );
+    }
+
+    #[test]
+    fn scontrol_lines_parse() {
+        let line = "JobId=7 JobName=bitllama-3 UserId=root(0) JobState=CANCELLED Reason=None Dependency=(null) \
+                    Requeue=1 ExitCode=130:0 BatchHost=node1 NumNodes=1";
+        let info = parse_scontrol(line).unwrap();
+        assert_eq!(info.state, "CANCELLED");
+        assert_eq!(info.exit_code, Some(130));
+        assert_eq!(info.node.as_deref(), Some("node1"));
+        assert!(parse_scontrol("garbage").is_none());
+    }
+
+    #[test]
+    fn verdicts_resubmit_until_the_limit() {
+        let info = |state: &str, code: i32| JobInfo {
+            state: state.into(),
+            reason: "None".into(),
+            exit_code: Some(code),
+            node: None,
+        };
+        let v =
+            |i: &JobInfo, done, ours, restarts| verdict("9", Some(i), done, ours, restarts, 3, "t");
+        assert_eq!(v(&info("COMPLETED", 0), true, false, 0), Verdict::Completed);
+        assert!(matches!(
+            v(&info("COMPLETED", 0), false, false, 0),
+            Verdict::Failed(_)
+        ));
+        assert_eq!(
+            v(&info("TIMEOUT", 0), false, false, 2),
+            Verdict::Resubmit("TIMEOUT".into())
+        );
+        assert!(matches!(
+            v(&info("TIMEOUT", 0), false, false, 3),
+            Verdict::Interrupted(_)
+        ));
+        assert!(matches!(
+            v(&info("CANCELLED", 130), false, true, 0),
+            Verdict::Interrupted(_)
+        ));
+        // An engine that exited 130 after a SIGTERM was stopped, not broken.
+        assert_eq!(
+            v(&info("FAILED", 130), false, false, 0),
+            Verdict::Resubmit("FAILED".into())
+        );
+        let failed = v(&info("FAILED", 1), false, false, 0);
+        assert!(
+            matches!(&failed, Verdict::Failed(m) if m.contains("exit code 1")),
+            "{failed:?}"
+        );
+        assert!(matches!(
+            verdict("9", None, true, false, 0, 3, ""),
+            Verdict::Completed
+        ));
+    }
+
+    #[test]
+    fn the_follower_reads_whole_lines_once() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("metrics.jsonl");
+        let line = r#"{"event":"eval","step":5,"val_loss":2.5,"val_bpb":1.0}"#;
+        std::fs::write(&p, format!("{line}\n{}", &line[..10])).unwrap();
+        let mut f = MetricsFollower::new(p.clone(), 0);
+        assert_eq!(f.poll().len(), 1);
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        write!(file, "{}\nnot json\n", &line[10..]).unwrap();
+        assert_eq!(f.poll().len(), 1);
+        assert!(f.poll().is_empty());
+        assert!(MetricsFollower::from_end(p).poll().is_empty());
+    }
+
+    #[test]
+    fn job_scripts_start_one_rank_per_gpu() {
+        let run = RunRow {
+            id: 4,
+            sweep_id: 1,
+            status: "queued".into(),
+            params: serde_json::Value::Null,
+            config: String::new(),
+            run_dir: "/shared/runs/run-4".into(),
+            device: None,
+            pid: None,
+            step: 0,
+            total_steps: None,
+            tokens: 0,
+            loss: None,
+            val_loss: None,
+            best_val_loss: None,
+            val_bpb: None,
+            tokens_per_s: None,
+            wall_s: 0.0,
+            checkpoint: None,
+            param_count: None,
+            mem_estimate: None,
+            error: None,
+            slurm_job: None,
+            restarts: 0,
+            runner_pid: None,
+        };
+        let res = Resources {
+            gpus_per_run: 8,
+            nodes_per_run: 2,
+            partition: Some("gpu".into()),
+            time_limit: Some("01:00:00".into()),
+            sbatch_args: vec!["--qos=high".into()],
+            ..Resources::default()
+        };
+        let engine = EngineCommand {
+            program: "/opt/bit llama/engine".into(),
+            prefix: vec![],
+        };
+        let s = job_script(&run, &res, &engine, true);
+        for needle in [
+            "#SBATCH --nodes=2\n",
+            "#SBATCH --ntasks-per-node=4\n",
+            "#SBATCH --gres=gpu:4\n",
+            "#SBATCH --partition=gpu\n",
+            "#SBATCH --time=01:00:00\n",
+            "#SBATCH --qos=high\n",
+            "#SBATCH --output=/shared/runs/run-4/slurm-%j.out\n",
+            "exec srun --kill-on-bad-exit=1 '/opt/bit llama/engine' train \"$@\" --set 'device=\"cuda\"'",
+            "--resume '/shared/runs/run-4'",
+        ] {
+            assert!(s.contains(needle), "{needle} missing from\n{s}");
+        }
+        let cpu = job_script(&run, &Resources::default(), &engine, false);
+        assert!(!cpu.contains("--gres") && cpu.contains("device=\"cpu\""));
+    }
+}
