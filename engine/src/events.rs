@@ -75,8 +75,39 @@ impl Event {
 
     /// Parse one line; `None` for lines that are not protocol events.
     pub fn parse(line: &str) -> Option<Event> {
-        serde_json::from_str(line.trim()).ok()
+        let line = line.trim();
+        // Step lines are nearly all of a stream: read them as a plain struct, without the buffering serde
+        // needs for internally tagged enums (about twice as fast).
+        if line.starts_with(r#"{"event":"step","#) {
+            if let Ok(s) = serde_json::from_str::<StepLine>(line) {
+                return Some(Event::Step {
+                    step: s.step,
+                    loss: s.loss,
+                    lr: s.lr,
+                    tokens: s.tokens,
+                    tokens_per_s: s.tokens_per_s,
+                    elapsed_s: s.elapsed_s,
+                    grad_norm: s.grad_norm,
+                    extra: s.extra,
+                });
+            }
+        }
+        serde_json::from_str(line).ok()
     }
+}
+
+/// The fields of a `step` line (the `event` tag is checked by the caller and ignored here).
+#[derive(Deserialize)]
+struct StepLine {
+    step: u64,
+    loss: f64,
+    lr: f64,
+    tokens: u64,
+    tokens_per_s: f64,
+    elapsed_s: f64,
+    grad_norm: f64,
+    #[serde(default)]
+    extra: BTreeMap<String, f64>,
 }
 
 #[cfg(test)]
@@ -94,5 +125,18 @@ mod tests {
         assert!(line.starts_with("{\"event\":\"eval\""), "{line}");
         assert_eq!(Event::parse(&line), Some(e));
         assert_eq!(Event::parse("not json"), None);
+        let step = Event::Step {
+            step: 7,
+            loss: 2.0,
+            lr: 1e-3,
+            tokens: 512,
+            tokens_per_s: 100.0,
+            elapsed_s: 1.5,
+            grad_norm: 0.5,
+            extra: [("mfu".to_string(), 0.25)].into(),
+        };
+        assert_eq!(Event::parse(&step.to_line()), Some(step));
+        // A step line missing a field is not an event.
+        assert_eq!(Event::parse(r#"{"event":"step","step":1}"#), None);
     }
 }

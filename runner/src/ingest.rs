@@ -139,11 +139,15 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
         }
     }
 
+    // `metrics.value` is NOT NULL and SQLite stores NaN as NULL: a non-finite point is not a point.
+    points.retain(|p| p.3.is_finite());
     // Insert in primary-key order: the B-tree is then walked left to right instead of hopping between runs.
     points.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
     let mut tx = store.pool.begin().await?;
     for chunk in points.chunks(ROWS_PER_STATEMENT) {
-        let mut q = String::with_capacity(40 + chunk.len() * 12);
+        // Plain `?` only: sqlx looks up the name of every numbered parameter, which SQLite answers by a
+        // linear scan (quadratic in the row count).
+        let mut q = String::with_capacity(80 + chunk.len() * 12);
         q.push_str("INSERT OR REPLACE INTO metrics (run_id, name, step, value, time) VALUES ");
         for i in 0..chunk.len() {
             q.push_str(if i == 0 {
@@ -214,6 +218,9 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
 /// Most events one transaction takes.
 const MAX_BATCH: usize = 100_000;
 
+/// How long the writer gathers events before committing them.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// Start the single writer task. Events are committed in batches of whatever has queued up.
 pub fn spawn_writer(
     store: RunStore,
@@ -226,15 +233,28 @@ pub fn spawn_writer(
         let mut batch = Vec::new();
         let mut waiters = Vec::new();
         while let Some(first) = rx.recv().await {
+            // Gather for up to COALESCE (or MAX_BATCH events, or until someone waits on a flush): a commit
+            // costs the same for 10 events as for 10,000.
+            let deadline = tokio::time::Instant::now() + COALESCE;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Event(run, ev) => batch.push((run, ev)),
                     Msg::Flush(w) => waiters.push(w),
                 }
-                if batch.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
+                if batch.len() >= MAX_BATCH {
+                    break;
                 }
+                next = match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(mpsc::error::TryRecvError::Empty) if waiters.is_empty() => {
+                        tokio::time::timeout_at(deadline, rx.recv())
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                    Err(_) => None,
+                };
             }
             if !batch.is_empty() {
                 apply(&store, &batch).await?;

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod ingest;
+pub mod pack_points;
 pub mod report;
 pub mod scheduler;
 pub mod slurm;

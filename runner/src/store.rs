@@ -216,6 +216,7 @@ impl RunStore {
         let opts = SqliteConnectOptions::new()
             .filename(&db)
             .create_if_missing(true)
+            .page_size(16384)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
@@ -227,6 +228,13 @@ impl RunStore {
             .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    let mut handle = conn.lock_handle().await?;
+                    crate::pack_points::register(handle.as_raw_handle())
+                        .map_err(|e| sqlx::Error::Configuration(e.into()))
+                })
+            })
             .connect_with(opts)
             .await
             .with_context(|| format!("opening {}", db.display()))?;
@@ -558,25 +566,49 @@ impl RunStore {
         &self,
         runs: &[i64],
     ) -> Result<BTreeMap<i64, BTreeMap<String, Vec<(i64, f64)>>>> {
+        self.histories_of(runs, None).await
+    }
+
+    /// The history of one metric (e.g. `loss`) of each of `runs`.
+    pub async fn history(
+        &self,
+        runs: &[i64],
+        name: &str,
+    ) -> Result<BTreeMap<i64, Vec<(i64, f64)>>> {
+        Ok(self
+            .histories_of(runs, Some(name))
+            .await?
+            .into_iter()
+            .filter_map(|(run, mut m)| Some((run, m.remove(name)?)))
+            .collect())
+    }
+
+    /// Every metric of `runs`, or only `name`, as (step, value) series sorted by step: one packed blob per
+    /// (run, metric) from the `pack_points` aggregate.
+    async fn histories_of(
+        &self,
+        runs: &[i64],
+        name: Option<&str>,
+    ) -> Result<BTreeMap<i64, BTreeMap<String, Vec<(i64, f64)>>>> {
         let mut out: BTreeMap<i64, BTreeMap<String, Vec<(i64, f64)>>> = BTreeMap::new();
+        let only = if name.is_some() { "AND name = ?" } else { "" };
         for chunk in runs.chunks(500) {
             let marks = vec!["?"; chunk.len()].join(",");
             let q = format!(
-                "SELECT run_id, name, json_group_array(json_array(step, value)) FROM \
-                 (SELECT run_id, name, step, value FROM metrics WHERE run_id IN ({marks}) ORDER BY run_id, name, step) \
-                 GROUP BY run_id, name"
+                // Grouping straight off the primary key (run_id, name, step) walks it in order: no
+                // temporary B-tree (an ORDER BY subquery made SQLite sort every point again).
+                "SELECT run_id, name, pack_points(step, value) FROM metrics \
+                 WHERE run_id IN ({marks}) {only} GROUP BY run_id, name"
             );
             let mut query = sqlx::query(&q);
             for id in chunk {
                 query = query.bind(id);
             }
+            if let Some(n) = name {
+                query = query.bind(n);
+            }
             for r in query.fetch_all(&self.pool).await? {
-                // Non-finite values come back from SQLite's JSON as null: skip them.
-                let series: Vec<(i64, Option<f64>)> = serde_json::from_str(r.get::<&str, _>(2))?;
-                let series = series
-                    .into_iter()
-                    .filter_map(|(s, v)| Some((s, v?)))
-                    .collect();
+                let series = crate::pack_points::unpack(r.get::<&[u8], _>(2));
                 out.entry(r.get(0)).or_default().insert(r.get(1), series);
             }
         }
@@ -676,6 +708,29 @@ mod tests {
                 .await
                 .map(|v: f64| v as i64)?;
         assert_eq!(n, 2);
+        // Histories come back per run and metric, sorted by step (a NaN is refused by the NOT NULL column).
+        for (step, value) in [(3, 0.5), (1, 2.0), (2, f64::NAN)] {
+            sqlx::query(
+                "INSERT INTO metrics (run_id, name, step, value, time) VALUES (?, 'loss', ?, ?, 0)",
+            )
+            .bind(ids[0])
+            .bind(step)
+            .bind(value)
+            .execute(&store.pool)
+            .await
+            .ok();
+        }
+        sqlx::query(
+            "INSERT INTO metrics (run_id, name, step, value, time) VALUES (?, 'lr', 1, 0.1, 0)",
+        )
+        .bind(ids[0])
+        .execute(&store.pool)
+        .await?;
+        let loss = store.history(&ids, "loss").await?;
+        assert_eq!(loss[&ids[0]], vec![(1, 2.0), (3, 0.5)]);
+        let all = store.histories(&ids).await?;
+        assert_eq!(all[&ids[0]].len(), 2);
+        assert_eq!(all[&ids[0]]["lr"], vec![(1, 0.1)]);
         assert!(store
             .run(999)
             .await
