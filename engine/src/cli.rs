@@ -115,6 +115,10 @@ enum Command {
         /// cpu (packed ternary kernels) or cuda:N (the training model on the GPU; needs a CUDA build).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// On CPU, keep the embedding and output head in f32 (logits exactly those of the trained model, at
+        /// 4× their memory) instead of int8 with a scale per row.
+        #[arg(long)]
+        f32_tables: bool,
     },
     /// Write a trained model as one file for `engine generate`: packed ternary weights + scales, the other
     /// tensors in f32, the model config and the tokenizer (safetensors with metadata).
@@ -147,6 +151,9 @@ enum Command {
         mixer: String,
         #[arg(long, default_value_t = 16)]
         mini_batch: usize,
+        /// Keep the packed path's embedding and head in f32 (as `generate --f32-tables`).
+        #[arg(long)]
+        f32_tables: bool,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -257,6 +264,7 @@ where
             top_p,
             seed,
             device,
+            f32_tables,
         } => {
             let args = crate::infer::GenerateArgs {
                 checkpoint,
@@ -269,6 +277,7 @@ where
                     seed,
                 },
                 device,
+                f32_tables,
             };
             let stdin = std::io::stdin();
             let stdout = std::io::stdout();
@@ -299,6 +308,7 @@ where
             prompt_tokens,
             mixer,
             mini_batch,
+            f32_tables,
             json,
         } => {
             let result = (|| -> anyhow::Result<String> {
@@ -323,6 +333,7 @@ where
                     tokens,
                     prompt_tokens,
                     seed: 0,
+                    f32_tables,
                 };
                 let r = crate::infer::bench::bench_generate(&b)?;
                 Ok(if json {

@@ -25,6 +25,8 @@ pub struct BenchGenerate {
     pub tokens: usize,
     pub prompt_tokens: usize,
     pub seed: u64,
+    /// Packed path with f32 embedding and head (default: int8, as `generate` runs).
+    pub f32_tables: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,11 +110,17 @@ pub fn bench_generate(b: &BenchGenerate) -> Result<BenchGenerateResult> {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .collect();
+        // What `engine generate` runs on CPU: packed linears, int8 embedding and head.
         let packed = InferenceModel::new(ModelWeights::from_tensors(
             cfg,
             &tensors,
             LinearMode::Packed,
         )?)?;
+        let packed = if b.f32_tables {
+            packed
+        } else {
+            packed.with_int8_tables()
+        };
         let f32m = InferenceModel::new(ModelWeights::from_tensors(
             cfg,
             &tensors,
@@ -152,7 +160,7 @@ pub fn bench_generate(b: &BenchGenerate) -> Result<BenchGenerateResult> {
         rate(prompt.len(), tf.prompt_s),
     );
     Ok(BenchGenerateResult {
-        impl_name: "bitllama-rs generate (packed ternary vs f32)",
+        impl_name: "bitllama-rs generate (packed ternary + int8 tables vs f32)",
         dim: cfg.dim,
         layers: cfg.n_layers,
         heads: cfg.n_heads,

@@ -14,6 +14,7 @@ pub mod model;
 pub mod packed;
 pub mod sampler;
 pub mod source;
+pub mod tables;
 pub mod weights;
 
 use std::io::{BufRead, Write};
@@ -173,17 +174,30 @@ pub struct GenerateArgs {
     pub max_tokens: usize,
     pub sampler: SamplerConfig,
     pub device: String,
+    /// CPU: embedding and head in f32 rather than int8.
+    pub f32_tables: bool,
 }
 
-/// Load the model named by `--checkpoint` as a decoder for `device`.
-pub fn load_decoder(path: &Path, device: &str) -> Result<(Box<dyn Decoder>, Tokenizer, String)> {
+/// Load the model named by `--checkpoint` as a decoder for `device` (on CPU: packed ternary linears, and
+/// int8 embedding and head unless `f32_tables`).
+pub fn load_decoder(
+    path: &Path,
+    device: &str,
+    f32_tables: bool,
+) -> Result<(Box<dyn Decoder>, Tokenizer, String)> {
     let device = crate::train::device_from_name(device)?;
     let src = Source::load(path)?;
     let desc = src.description.clone();
     let tokenizer = src.tokenizer.clone();
     let decoder: Box<dyn Decoder> = if device.is_cpu() {
         let weights = src.into_weights(LinearMode::Packed)?;
-        Box::new(PackedDecoder::new(InferenceModel::new(weights)?))
+        let model = InferenceModel::new(weights)?;
+        let model = if f32_tables {
+            model
+        } else {
+            model.with_int8_tables()
+        };
+        Box::new(PackedDecoder::new(model))
     } else {
         let tensors = src.latent_tensors(&device)?;
         Box::new(CandleDecoder::new(src.config(), tensors, &device)?)
@@ -231,7 +245,8 @@ fn run_generate_inner(
     out: &mut dyn Write,
 ) -> Result<()> {
     args.sampler.validate()?;
-    let (mut decoder, tokenizer, desc) = load_decoder(&args.checkpoint, &args.device)?;
+    let (mut decoder, tokenizer, desc) =
+        load_decoder(&args.checkpoint, &args.device, args.f32_tables)?;
     tracing::info!("generating from {desc}");
     let mut sampler = Sampler::new(args.sampler);
     // One prompt in, its continuation streamed out and ended with a newline.
