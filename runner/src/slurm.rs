@@ -439,6 +439,19 @@ pub async fn execute(
         // Submit while under max_parallel.
         while !stopping && active.len() < res.max_parallel {
             let Some(run) = queue.pop_front() else { break };
+            // The nodes' memory is unknown here: `memory_gb` (per run) is the only limit applied.
+            if let (Some(limit), Some(est)) = (res.memory_gb, run.mem_estimate) {
+                let need = est as f64 / (1u64 << 30) as f64;
+                if need > limit {
+                    let why = format!("needs about {need:.1} GiB, memory_gb = {limit:.1}");
+                    store
+                        .set_status(run.id, RunStatus::SkippedOom, &why)
+                        .await?;
+                    display.finished(run.id, RunStatus::SkippedOom, &why);
+                    summary.skipped_oom += 1;
+                    continue;
+                }
+            }
             if !store.claim_for_slurm(run.id).await? {
                 display.line(format!("run {}: taken by another runner, skipping", run.id));
                 continue;

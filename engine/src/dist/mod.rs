@@ -1,15 +1,19 @@
 //! Data-parallel training: one process per rank, gradients averaged by an all-reduce.
 //!
 //! [`DistEnv`] reads rank and world size the way torchrun and Slurm hand them out; [`Communicator`] is the
-//! one interface the training loop uses; [`tcp::TcpRing`] is the CPU backend (a ring all-reduce over TCP from
+//! one interface the training loop uses; `nccl::Nccl` (CUDA builds) all-reduces on the GPUs; [`tcp::TcpRing`] is
+//! the CPU backend (a ring all-reduce over TCP from
 //! the `MASTER_ADDR:MASTER_PORT` rendezvous). A rank that dies closes its sockets and the others fail at once;
 //! a rank that hangs makes the others fail after `ENGINE_DIST_TIMEOUT` seconds (default 120).
 
 pub mod bench;
 pub mod env;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 
 use anyhow::Result;
+use candle_core::{Device, Tensor};
 use std::time::Duration;
 
 pub use env::DistEnv;
@@ -20,6 +24,16 @@ pub trait Communicator: Send {
     fn world_size(&self) -> usize;
     /// Element-wise sum of `buf` over all ranks, in place on every rank.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+
+    /// Element-wise sum of a flat f32 tensor over all ranks. By default through host memory in buckets of
+    /// [`BUCKET_FLOATS`]; a GPU backend reduces on the device.
+    fn all_reduce_tensor_sum(&mut self, t: &Tensor) -> Result<Tensor> {
+        let mut flat = t.flatten_all()?.to_vec1::<f32>()?;
+        for bucket in flat.chunks_mut(BUCKET_FLOATS) {
+            self.all_reduce_sum(bucket)?;
+        }
+        Ok(Tensor::from_vec(flat, t.shape(), t.device())?)
+    }
 }
 
 /// The communicator of a single-process run: every collective is the identity.
@@ -47,10 +61,26 @@ pub fn timeout() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-/// The communicator for this process: TCP ring for several CPU ranks, none for one.
-pub fn connect(env: &DistEnv) -> Result<Box<dyn Communicator>> {
-    if env.world_size == 1 {
+/// The communicator for this process: none for one rank, NCCL for ranks on CUDA devices (CUDA builds),
+/// the TCP ring for CPU ranks.
+/// `ENGINE_DIST_BACKEND=nccl` makes even a single rank go through NCCL (a world-size-1 check of the GPU
+/// path); `tcp` keeps GPU ranks on the TCP ring (host copies).
+pub fn connect(env: &DistEnv, device: &Device) -> Result<Box<dyn Communicator>> {
+    let forced = std::env::var("ENGINE_DIST_BACKEND").unwrap_or_default();
+    if !matches!(forced.as_str(), "" | "auto" | "nccl" | "tcp") {
+        anyhow::bail!("ENGINE_DIST_BACKEND={forced:?} is not auto, nccl or tcp");
+    }
+    if forced == "nccl" && !device.is_cuda() {
+        anyhow::bail!(
+            "ENGINE_DIST_BACKEND=nccl needs device = \"cuda\" or \"cuda:N\" (and a CUDA build)"
+        );
+    }
+    if env.world_size == 1 && forced != "nccl" {
         return Ok(Box::new(SingleProcess));
+    }
+    if device.is_cuda() && forced != "tcp" {
+        #[cfg(feature = "cuda")]
+        return Ok(Box::new(nccl::Nccl::connect(env, device)?));
     }
     Ok(Box::new(tcp::TcpRing::connect(env, timeout())?))
 }

@@ -305,7 +305,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             ),
         }
     }
-    let mut comm = dist::connect(&dist)?;
+    let mut comm = dist::connect(&dist, &device)?;
     if world > 1 {
         // Every rank must continue from the same step.
         let mut probe = [step as f32, 1.0];
@@ -523,51 +523,42 @@ fn average_gradients(
     flags: [bool; 2],
 ) -> Result<(f64, [bool; 2])> {
     let world = comm.world_size() as f64;
-    let mut flat: Vec<f32> = Vec::new();
+    // One flat f32 buffer on the training device: every gradient, then the loss and the two flags.
+    let mut parts = Vec::with_capacity(vars.len() + 1);
     let mut shapes = Vec::with_capacity(vars.len());
     for v in vars {
         match grads.get(v.as_tensor()) {
             Some(g) => {
-                let data = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                shapes.push(Some((
-                    g.shape().clone(),
-                    g.dtype(),
-                    g.device().clone(),
-                    data.len(),
-                )));
-                flat.extend_from_slice(&data);
+                shapes.push(Some((g.shape().clone(), g.dtype())));
+                parts.push(g.to_dtype(DType::F32)?.flatten_all()?);
             }
             None => shapes.push(None),
         }
     }
-    let n_grads = flat.len();
-    flat.extend([
+    let device = vars
+        .first()
+        .map_or(candle_core::Device::Cpu, |v| v.device().clone());
+    let tail = [
         loss_sum as f32,
         f32::from(u8::from(flags[0])),
         f32::from(u8::from(flags[1])),
-    ]);
-    for bucket in flat.chunks_mut(dist::BUCKET_FLOATS) {
-        comm.all_reduce_sum(bucket)?;
-    }
+    ];
+    parts.push(Tensor::new(&tail, &device)?);
+    let flat = Tensor::cat(&parts, 0)?;
+    let n_grads = flat.elem_count() - tail.len();
+    let summed = comm.all_reduce_tensor_sum(&flat)?;
     let mut offset = 0;
     for (v, shape) in vars.iter().zip(shapes) {
-        let Some((shape, dtype, device, len)) = shape else {
+        let Some((shape, dtype)) = shape else {
             continue;
         };
-        let avg: Vec<f32> = flat[offset..offset + len]
-            .iter()
-            .map(|x| x / world as f32)
-            .collect();
+        let len = shape.elem_count();
+        let avg = (summed.narrow(0, offset, len)? / world)?;
         offset += len;
-        grads.insert(
-            v.as_tensor(),
-            Tensor::from_vec(avg, shape, &device)?.to_dtype(dtype)?,
-        );
+        grads.insert(v.as_tensor(), avg.reshape(shape)?.to_dtype(dtype)?);
     }
-    Ok((
-        flat[n_grads] as f64,
-        [flat[n_grads + 1] > 0.0, flat[n_grads + 2] > 0.0],
-    ))
+    let tail = summed.narrow(0, n_grads, 3)?.to_vec1::<f32>()?;
+    Ok((tail[0] as f64, [tail[1] > 0.0, tail[2] > 0.0]))
 }
 
 /// sha256 over every parameter's bytes in name order: equal on every rank of a data-parallel run.
