@@ -2,7 +2,8 @@
 # The GPU check, run on the device machine in one call (prepared by engine/bench/gpu_prepare.sh into DIR):
 #  1. `engine train` D=512 N=8 H=8 B=32 T=128, 50 steps, f32, on cuda:0: tokens/s;
 #  2. the same for 20 steps with ENGINE_DIST_BACKEND=nccl (world size 1 through NCCL): losses must equal 1.;
-#  3. the PyTorch peer, same config, fp32 and bf16 autocast, eager.
+#  3. `engine bench-train` (random tokens, as the peer) in f32 and bf16 mixed precision;
+#  4. the PyTorch peer, same config, fp32 and bf16 autocast, eager.
 # Prints a table last. DEVICE=cpu runs the same script on a CPU build (a dry run of the script itself).
 #   bash engine/bench/gpu_check.sh [DIR]
 set -uo pipefail
@@ -36,6 +37,13 @@ ENGINE_DIST_BACKEND=nccl timeout 120 "${pre[@]}" "$dir/engine" train --config "$
 echo "engine nccl world 1: exit $?"; tail -n 3 "$out/nccl.err"
 a=$(losses "$out/f32.jsonl" | cut -d' ' -f1-20); b=$(losses "$out/nccl.jsonl")
 same=$([ -n "$a" ] && [ "$a" = "$b" ] && echo yes || echo NO)
+ours=""
+for dt in f32 bf16; do
+  r=$(timeout 120 "${pre[@]}" "$dir/engine" bench-train --arch bitttt --dim ${DIM:-512} --layers ${LAYERS:-8} \
+    --heads ${HEADS:-8} --batch ${BATCH:-32} --ctx ${CTX:-128} --steps 20 --warmup 3 --device "$device" --dtype $dt 2>&1 | tail -n 1)
+  ours="$ours
+engine bench-train $dt: $(echo "$r" | python3 -c 'import sys,json; d=json.loads(sys.stdin.read() or "{}"); print(round(d.get("tokens_per_s", 0)))' 2>/dev/null || echo "failed: $r")"
+done
 peer=""
 if [ -f "$dir/bitllama_torch.py" ]; then
   py=${PYTHON:-/opt/torch/.venv/bin/python}; [ -x "$py" ] || py=python3
@@ -50,4 +58,5 @@ fi
 echo "=== GPU check ($device, D${DIM:-512} N${LAYERS:-8} B${BATCH:-32} T${CTX:-128})"
 echo "engine f32 tokens/s (mean of last 10 steps): $(tps "$out/f32.jsonl")"
 echo "NCCL world-size-1 losses equal to plain run over 20 steps: $same"
+echo "$ours"
 echo "$peer"

@@ -83,6 +83,9 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// f32, or bf16 (mixed precision: bf16 matmuls, f32 weights and optimizer; CUDA only).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// Generate text from a trained model, streamed token by token to stdout. Without --prompt, prompts are
     /// read from stdin one per line until EOF or /quit. On CPU the ternary linears run packed (2 bits per
@@ -217,8 +220,14 @@ where
             steps,
             warmup,
             device,
+            dtype,
         } => {
             let result = (|| -> anyhow::Result<String> {
+                let matmul_dtype = match dtype.as_str() {
+                    "f32" => candle_core::DType::F32,
+                    "bf16" if device.starts_with("cuda") => candle_core::DType::BF16,
+                    other => anyhow::bail!("--dtype {other:?}: use f32, or bf16 on a cuda device"),
+                };
                 let (mixer, weights) = crate::bench::parse_arch(&arch).ok_or_else(|| {
                     anyhow::anyhow!("--arch {arch:?}: use bitttt, llama, attention or floatttt")
                 })?;
@@ -242,6 +251,7 @@ where
                     warmup,
                     device: crate::train::device_from_name(&device)?,
                 };
+                let _autocast = crate::model::precision::Autocast::new(matmul_dtype);
                 Ok(serde_json::to_string(&crate::bench::bench_train(&b)?)?)
             })();
             match result {

@@ -121,9 +121,12 @@ impl Attention {
             })
             .collect();
         let mask = Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(&mask)?;
+        let scores = (super::precision::matmul(&q, &k.t()?)? / (self.head_dim as f64).sqrt())?
+            .broadcast_add(&mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, dim))?;
+        let y = super::precision::matmul(&probs, &v)?
+            .transpose(1, 2)?
+            .reshape((b, t, dim))?;
         Ok((self.o.forward(&y)?, KvCache { k, v }))
     }
 }

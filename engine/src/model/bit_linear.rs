@@ -145,7 +145,7 @@ impl Module for BitLinear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let y = super::precision::matmul(&x.reshape((rows, in_dim))?, &w.t()?)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
         y.reshape(out_dims)

@@ -6,6 +6,7 @@ pub mod bit_linear;
 pub mod block;
 pub mod config;
 pub mod init;
+pub mod precision;
 pub mod rms_norm;
 pub mod swiglu;
 pub mod ttt_linear;
@@ -90,7 +91,7 @@ impl BitLlama {
             new_states.push(ns);
         }
         let x = self.norm.forward(&x)?;
-        let logits = x.reshape((b * t, self.cfg.dim))?.matmul(&self.head.t()?)?;
+        let logits = precision::matmul(&x.reshape((b * t, self.cfg.dim))?, &self.head.t()?)?;
         Ok((logits.reshape((b, t, self.cfg.vocab_size))?, new_states))
     }
 }

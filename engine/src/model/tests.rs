@@ -172,3 +172,39 @@ fn ternary_model_trains_latent_weights() -> Result<()> {
     }
     Ok(())
 }
+
+/// Mixed precision: under autocast (f16 here, as the CPU has no bf16 matmul; CUDA training uses bf16) the
+/// whole model's logits and every parameter gradient stay close to f32, and all stay f32 tensors.
+#[test]
+fn autocast_keeps_the_model_close_to_f32() -> Result<()> {
+    for mixer in [MixerKind::Ttt, MixerKind::Attention] {
+        let cfg = tiny(mixer, WeightKind::Ternary);
+        let (varmap, model) = build(&cfg, DType::F32)?;
+        let x = ids(2, 8, 37, 1)?;
+        let y = ids(2, 8, 37, 2)?;
+        let loss = |m: &BitLlama| -> Result<Tensor> {
+            let logits = m.forward(&x)?;
+            candle_nn::loss::cross_entropy(&logits.reshape((16, 37))?, &y.flatten_all()?)
+        };
+        let exact = loss(&model)?;
+        let g_exact = exact.backward()?;
+        let (half, g_half) = {
+            let _cast = precision::Autocast::new(DType::F16);
+            let l = loss(&model)?;
+            let g = l.backward()?;
+            (l, g)
+        };
+        let (e, h) = (exact.to_scalar::<f32>()?, half.to_scalar::<f32>()?);
+        assert!((e - h).abs() < 1e-2 * e.abs(), "{mixer}: loss {h} vs {e}");
+        for (name, var) in varmap.data().lock().expect("varmap").iter() {
+            let (ge, gh) = (g_exact.get(var.as_tensor()), g_half.get(var.as_tensor()));
+            let (Some(ge), Some(gh)) = (ge, gh) else {
+                continue;
+            };
+            assert_eq!(gh.dtype(), DType::F32, "{name}");
+            let r = max_rel_diff(gh, ge)?;
+            assert!(r < 0.1, "{mixer} {name}: grad rel diff {r}");
+        }
+    }
+    Ok(())
+}

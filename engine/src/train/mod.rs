@@ -241,6 +241,11 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     let model_cfg = cfg.model_config(data.meta.vocab_size);
     model_cfg.validate()?;
     let device = device_for_rank(&cfg.device, dist.local_rank)?;
+    // bf16: the big matmuls in bf16 on this thread; weights, optimizer and loss stay f32.
+    let _autocast = crate::model::precision::Autocast::new(match cfg.dtype.as_str() {
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    });
 
     // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints.
     let _lock = if leader {
