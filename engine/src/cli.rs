@@ -173,6 +173,10 @@ fn tune_allocator() {
         // 32 MiB is glibc's largest allowed mmap threshold on 64-bit.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // Larger blocks (the B×T×V logits and their gradient: 64 MiB at B=8 T=128 V=16,384) would still be
+        // mmapped, faulted in and zeroed page by page every step; from the heap they are reused instead.
+        // Measured +12 % tokens/s at that shape (5 alternating runs), same peak RSS.
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
 

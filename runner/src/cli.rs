@@ -20,8 +20,8 @@ use crate::store::{Id, RunStatus, RunStore};
     version,
     about = "Hyperparameter sweeps over Bit-Llama runs, tracked in SQLite",
     long_about = "Hyperparameter sweeps over Bit-Llama runs: expands sweep files into runs, launches one `engine train` \
-                  process per run on free devices, records metrics, checkpoints and status in HOME/runs.db (SQLite), \
-                  resumes interrupted work and reports results."
+                  process per run on free devices (or submits one sbatch job per run with [resources] backend = \"slurm\"), \
+                  records metrics, checkpoints and status in HOME/runs.db (SQLite), resumes interrupted work and reports results."
 )]
 pub struct Cli {
     /// Folder holding runs.db and one folder per run.
@@ -40,9 +40,10 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Expand sweep files into runs, record them, run them all over the free devices, and print the report.
-    /// Several files share one queue. Ctrl-C asks running engines to checkpoint and stop; `runner resume`
-    /// continues. Exits non-zero when any run failed.
+    /// Expand sweep files into runs, record them, run them all over the free devices (or as Slurm jobs), and
+    /// print the report. Several files share one queue. Ctrl-C asks running engines to checkpoint and stop
+    /// (with Slurm: asks whether to scancel the jobs); `runner resume` continues. Exits non-zero when any run
+    /// failed.
     Sweep {
         /// Sweep TOML files (e.g. experiments/*.toml).
         #[arg(required = true, value_name = "FILE")]
