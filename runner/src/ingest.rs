@@ -269,10 +269,66 @@ pub fn spawn_writer(
     (tx, handle)
 }
 
+/// Send the step, eval and checkpoint events of an existing `metrics.jsonl` of run `run` (none when the
+/// file is missing). Their rows are upserts, so events ingested before are not doubled; start, done and
+/// interruption notes are not repeated.
+pub fn backfill(tx: &mpsc::UnboundedSender<Msg>, run: i64, metrics: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(metrics) else {
+        return;
+    };
+    for ev in text.lines().filter_map(Event::parse) {
+        let keep = match &ev {
+            Event::Step { .. } | Event::Eval { .. } => true,
+            // A checkpoint rotated away since keeps the row (and sha256) it was recorded with.
+            Event::Checkpoint { path, .. } => std::path::Path::new(path).is_dir(),
+            _ => false,
+        };
+        if keep {
+            let _ = tx.send(Msg::Event(run, ev));
+        }
+    }
+}
+
 /// Wait until everything sent so far is committed.
 pub async fn flush(tx: &mpsc::UnboundedSender<Msg>) {
     let (done, wait) = oneshot::channel();
     if tx.send(Msg::Flush(done)).is_ok() {
         let _ = wait.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backfill_resends_steps_evals_and_present_checkpoints_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("step-00000002");
+        std::fs::create_dir(&kept).unwrap();
+        let gone = dir.path().join("step-00000001");
+        let metrics = dir.path().join("metrics.jsonl");
+        let lines = [
+            r#"{"event":"start","version":1,"resumed":false,"step":0,"params":10}"#.to_string(),
+            r#"{"event":"step","step":1,"loss":2.5,"lr":0.001,"tokens":8,"tokens_per_s":100.0,"elapsed_s":0.1,"grad_norm":1.0}"#.into(),
+            format!(r#"{{"event":"checkpoint","step":1,"path":"{}","bytes":10}}"#, gone.display()),
+            r#"{"event":"eval","step":2,"val_loss":2.0,"val_bpb":1.0}"#.into(),
+            format!(r#"{{"event":"checkpoint","step":2,"path":"{}","bytes":10}}"#, kept.display()),
+            "not json".into(),
+        ];
+        std::fs::write(&metrics, lines.join("\n")).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        backfill(&tx, 7, &metrics);
+        backfill(&tx, 7, &dir.path().join("missing.jsonl"));
+        drop(tx);
+        let mut got = Vec::new();
+        while let Ok(Msg::Event(run, ev)) = rx.try_recv() {
+            assert_eq!(run, 7);
+            got.push(ev);
+        }
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(matches!(got[0], Event::Step { step: 1, .. }));
+        assert!(matches!(got[1], Event::Eval { step: 2, .. }));
+        assert!(matches!(got[2], Event::Checkpoint { step: 2, .. }));
     }
 }

@@ -292,6 +292,9 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
         let run_dir = PathBuf::from(&run.run_dir);
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating {}", run_dir.display()))?;
+        // A runner killed outright may not have committed the engine's last lines: take the metrics and
+        // checkpoints the engine already wrote to its run dir again (upserts, so nothing doubles).
+        ingest::backfill(&writer, id, &run_dir.join("metrics.jsonl"));
         let gpus: Vec<&str> = devices
             .iter()
             .filter_map(|d| d.strip_prefix("cuda:"))
