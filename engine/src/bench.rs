@@ -39,6 +39,10 @@ pub struct BenchTrainResult {
     pub params: usize,
     pub steps: usize,
     pub ms_per_step: f64,
+    /// Milliseconds per step in the forward pass with the loss, in backward, and in the optimizer.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
     pub tokens_per_s: f64,
     /// Peak resident set size of this process (VmHWM).
     pub peak_mem_bytes: u64,
@@ -81,22 +85,33 @@ pub fn bench_train(b: &BenchTrain) -> Result<BenchTrainResult> {
             ))
         })
         .collect::<Result<_>>()?;
-    let mut step = |i: usize| -> Result<()> {
+    // Seconds spent in forward (with the loss), backward and the optimizer over the timed steps.
+    let mut phases = [0.0f64; 3];
+    let mut step = |i: usize, phases: &mut [f64; 3]| -> Result<()> {
         let (x, y) = &pool[i % pool.len()];
+        let t = Instant::now();
         let loss = lm_loss(&model, x, y)?;
+        b.device.synchronize()?;
+        phases[0] += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let grads = loss.backward()?;
+        b.device.synchronize()?;
+        phases[1] += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         opt.update(&grads, 3e-4)?;
         b.device.synchronize()?;
+        phases[2] += t.elapsed().as_secs_f64();
         Ok(())
     };
     for i in 0..b.warmup {
-        step(i)?;
+        step(i, &mut [0.0; 3])?;
     }
     let t0 = Instant::now();
     for i in 0..b.steps {
-        step(b.warmup + i)?;
+        step(b.warmup + i, &mut phases)?;
     }
     let dt = t0.elapsed().as_secs_f64();
+    let per_step_ms = |s: f64| s * 1000.0 / b.steps as f64;
 
     // One checkpoint written and read back.
     let dir = std::env::temp_dir().join(format!("engine-bench-{}", std::process::id()));
@@ -139,6 +154,9 @@ pub fn bench_train(b: &BenchTrain) -> Result<BenchTrainResult> {
         params: b.model.param_count(),
         steps: b.steps,
         ms_per_step: dt * 1000.0 / b.steps as f64,
+        forward_ms: per_step_ms(phases[0]),
+        backward_ms: per_step_ms(phases[1]),
+        optimizer_ms: per_step_ms(phases[2]),
         tokens_per_s: (b.batch * b.ctx * b.steps) as f64 / dt,
         peak_mem_bytes: peak_rss_bytes(),
         checkpoint_bytes: bytes,

@@ -76,6 +76,18 @@ impl BitLlama {
         state: Option<ModelState>,
     ) -> Result<(Tensor, ModelState)> {
         let (b, t) = ids.dims2()?;
+        let (x, states) = self.hidden_with_state(ids, state)?;
+        let logits = precision::matmul(&x, &self.head.t()?)?;
+        Ok((logits.reshape((b, t, self.cfg.vocab_size))?, states))
+    }
+
+    /// The final normed hidden states (B·T, D) that the head turns into logits.
+    pub fn hidden_with_state(
+        &self,
+        ids: &Tensor,
+        state: Option<ModelState>,
+    ) -> Result<(Tensor, ModelState)> {
+        let (b, t) = ids.dims2()?;
         let mut x =
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
@@ -91,8 +103,12 @@ impl BitLlama {
             new_states.push(ns);
         }
         let x = self.norm.forward(&x)?;
-        let logits = precision::matmul(&x.reshape((b * t, self.cfg.dim))?, &self.head.t()?)?;
-        Ok((logits.reshape((b, t, self.cfg.vocab_size))?, new_states))
+        Ok((x.reshape((b * t, self.cfg.dim))?, new_states))
+    }
+
+    /// The output head (V, D): the embedding when tied.
+    pub fn head(&self) -> &Tensor {
+        &self.head
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -29,7 +29,7 @@ use checkpoint::{config_hash, CheckpointDir, CheckpointState, CHECKPOINT_FORMAT}
 pub use config::TrainConfig;
 use data::TokenData;
 use emitter::Emitter;
-use optim::{clip_grad_norm, lr_at, AdamW};
+use optim::{clip_scale, grad_norm, lr_at, AdamW};
 
 /// Windows per validation batch: fixed, so evals of runs with different batch sizes compare.
 pub const VAL_BATCH: usize = 8;
@@ -80,13 +80,12 @@ pub fn device_for_rank(name: &str, local_rank: usize) -> Result<Device> {
 
 /// Mean next-token cross entropy of `model` on (x, y).
 pub fn lm_loss(model: &BitLlama, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let logits = model.forward(x)?;
-    let (b, t, v) = logits.dims3()?;
-    let loss = loss::cross_entropy(
-        &logits.reshape((b * t, v))?.to_dtype(DType::F32)?,
+    let (hidden, _) = model.hidden_with_state(x, None)?;
+    Ok(loss::linear_cross_entropy(
+        &hidden,
+        model.head(),
         &y.flatten_all()?,
-    )?;
-    Ok(loss)
+    )?)
 }
 
 /// Sum two gradient stores (gradient accumulation).
@@ -422,8 +421,8 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             (loss_sum, flags)
         };
         let loss = loss / (cfg.grad_accum * world) as f64;
-        let grad_norm = clip_grad_norm(&mut grads, &vars, cfg.grad_clip)?;
-        opt.update(&grads, lr)?;
+        let grad_norm = grad_norm(&grads, &vars)?;
+        opt.update_scaled(&grads, lr, clip_scale(grad_norm, cfg.grad_clip))?;
         if !loss.is_finite() {
             bail!(
                 "loss became {loss} at step {}: lower lr or raise warmup_steps",
