@@ -70,6 +70,28 @@ pub struct TttLinear {
     base_lr: f64,
 }
 
+/// Scale and shift of the inner layer norm: per head (H,1,d), or already broadcast to (B,H,m,d).
+struct LnParams {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LnParams {
+    fn of(layer: &TttLinear) -> Self {
+        Self {
+            weight: layer.ln_weight.clone(),
+            bias: layer.ln_bias.clone(),
+        }
+    }
+
+    fn broadcast(&self, shape: (usize, usize, usize, usize)) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.broadcast_as(shape)?.contiguous()?,
+            bias: self.bias.broadcast_as(shape)?.contiguous()?,
+        })
+    }
+}
+
 /// Layer-norm pieces over the last dim: x̂ = (z − μ)/σ and 1/σ.
 fn normalize(z: &Tensor) -> Result<(Tensor, Tensor)> {
     let mu = z.mean_keepdim(D::Minus1)?;
@@ -133,10 +155,14 @@ impl TttLinear {
     }
 
     /// LN of the inner model with the learned per-head scale and shift.
+    #[cfg(test)]
     fn inner_ln(&self, z: &Tensor) -> Result<Tensor> {
+        self.inner_ln_with(z, &LnParams::of(self))
+    }
+
+    fn inner_ln_with(&self, z: &Tensor, ln: &LnParams) -> Result<Tensor> {
         let (xhat, _) = normalize(z)?;
-        xhat.broadcast_mul(&self.ln_weight)?
-            .broadcast_add(&self.ln_bias)
+        xhat.broadcast_mul(&ln.weight)?.broadcast_add(&ln.bias)
     }
 
     /// ∂ℓ/∂Z of the inner loss ℓ = ½‖LN(Z) − (v − k)‖² at Z = k W_base + b_base (the reconstruction
@@ -147,13 +173,12 @@ impl TttLinear {
         v: &Tensor,
         w_base: &Tensor,
         b_base: &Tensor,
+        ln: &LnParams,
     ) -> Result<Tensor> {
         let z = k.matmul(w_base)?.broadcast_add(b_base)?;
         let (xhat, inv_std) = normalize(&z)?;
-        let ln_out = xhat
-            .broadcast_mul(&self.ln_weight)?
-            .broadcast_add(&self.ln_bias)?;
-        let g = (ln_out - (v - k)?)?.broadcast_mul(&self.ln_weight)?; // ∂ℓ/∂x̂
+        let ln_out = xhat.broadcast_mul(&ln.weight)?.broadcast_add(&ln.bias)?;
+        let g = (ln_out - (v - k)?)?.broadcast_mul(&ln.weight)?; // ∂ℓ/∂x̂
         let g_mean = g.mean_keepdim(D::Minus1)?;
         let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
         // ∂ℓ/∂Z = (g − mean(g) − x̂·mean(g ⊙ x̂)) / σ
@@ -171,9 +196,10 @@ impl TttLinear {
         v: &Tensor,
         eta: &Tensor,
         state: &TttState,
+        ln: &LnParams,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let m = q.dim(2)?;
-        let dz = self.inner_grad_z(k, v, &state.w_base, &state.b_base)?;
+        let dz = self.inner_grad_z(k, v, &state.w_base, &state.b_base, ln)?;
         // Dual form (Sec. 2.5): Z_q = Q W + b − (tril(Q Kᵀ + 1) ⊙ η_sᵀ) ∇Z, causal inside the mini-batch.
         let mask = Tensor::tril2(m, q.dtype(), q.device())?;
         let scores = (q.matmul(&k.t()?)? + 1.0)?
@@ -226,13 +252,25 @@ impl TttLinear {
             None => self.initial_state(b)?,
         };
         let mut outs = Vec::with_capacity(t.div_ceil(self.mini_batch) + 1);
+        // Over whole mini-batches the LN parameters are broadcast once for all of them: the backward then
+        // sums their gradient over the batch once per chunk instead of once per use in every mini-batch.
+        let per_head = LnParams::of(self);
+        let full = if t >= self.mini_batch {
+            Some(per_head.broadcast((b, self.n_heads, self.mini_batch, self.head_dim))?)
+        } else {
+            None
+        };
         let mut start = 0;
         while start < t {
             let len = (self.mini_batch - state.pos).min(t - start);
             let part = |x: &Tensor| x.narrow(2, start, len);
             let (qs, ks, vs, es) = (part(&q)?, part(&k)?, part(&v)?, part(&eta)?);
-            let (zq, w, bias) = self.dual_step(&qs, &ks, &vs, &es, &state)?;
-            outs.push((&qs + self.inner_ln(&zq)?)?); // f(q) = q + LN(Z_q), eq. 5
+            let ln = match &full {
+                Some(full) if len == self.mini_batch => full,
+                _ => &per_head,
+            };
+            let (zq, w, bias) = self.dual_step(&qs, &ks, &vs, &es, &state, ln)?;
+            outs.push((&qs + self.inner_ln_with(&zq, ln)?)?); // f(q) = q + LN(Z_q), eq. 5
             state.w = w;
             state.b = bias;
             state.pos += len;
