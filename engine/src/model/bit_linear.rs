@@ -1,7 +1,8 @@
 //! BitLinear (BitNet b1.58, Ma et al. 2024, arXiv 2402.17764): ternary weights, 8-bit activations.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
 
 use super::config::WeightKind;
 
@@ -9,15 +10,81 @@ use super::config::WeightKind;
 const QUANT_EPS: f64 = 1e-5;
 
 /// Weight quantisation, eq. (1)–(3): W̃ = RoundClip(W / (γ + ε), −1, 1), γ = mean|W|.
-/// Returns the ternary matrix {-1, 0, +1} (as floats) and γ.
+/// Returns the ternary matrix {-1, 0, +1} (as floats) and γ. On CPU it is computed exactly as the fused
+/// training op computes it, so that packed inference multiplies by the very weights training saw.
 pub fn ternary_quantize(w: &Tensor) -> Result<(Tensor, f64)> {
+    if w.device().is_cpu() && w.dtype() == DType::F32 {
+        let v = w.flatten_all()?.to_vec1::<f32>()?;
+        let gamma = absmean(&v);
+        let inv = ternary_inv(gamma);
+        let q: Vec<f32> = v.iter().map(|&x| ternary_level(x, inv)).collect();
+        return Ok((Tensor::from_vec(q, w.shape(), w.device())?, gamma));
+    }
     let gamma = w
         .abs()?
         .mean_all()?
-        .to_dtype(candle_core::DType::F64)?
+        .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
     let q = (w / (gamma + QUANT_EPS))?.round()?.clamp(-1.0, 1.0)?;
     Ok((q, gamma))
+}
+
+/// γ = mean|W|, summed in f64 over fixed blocks (the same value whatever the thread count).
+fn absmean(w: &[f32]) -> f64 {
+    let sums: Vec<f64> = w
+        .par_chunks(1 << 14)
+        .map(|c| c.iter().map(|&x| x.abs() as f64).sum::<f64>())
+        .collect();
+    sums.iter().sum::<f64>() / w.len().max(1) as f64
+}
+
+/// 1 / (γ + ε), the factor that maps latent weights onto the ternary grid.
+fn ternary_inv(gamma: f64) -> f32 {
+    (1.0 / (gamma + QUANT_EPS)) as f32
+}
+
+/// RoundClip(w / (γ + ε), −1, 1) given 1 / (γ + ε).
+fn ternary_level(w: f32, inv: f32) -> f32 {
+    (w * inv).round().clamp(-1.0, 1.0)
+}
+
+/// γ·W̃ with a straight-through backward, in one pass on CPU (the composed form makes nine full-size
+/// passes and an extra graph node per linear per step).
+struct FakeTernaryWeights;
+
+impl candle_core::CustomOp1 for FakeTernaryWeights {
+    fn name(&self) -> &'static str {
+        "fake-quant-ternary"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(data), Some((start, end))) =
+            (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("fused ternary quantisation takes contiguous f32 weights");
+        };
+        let w = &data[start..end];
+        let gamma = absmean(w);
+        let (inv, g) = (ternary_inv(gamma), gamma as f32);
+        let mut out = vec![0f32; w.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(w.par_chunks(1 << 14))
+            .for_each(|(o, w)| {
+                for (o, &w) in o.iter_mut().zip(w) {
+                    *o = ternary_level(w, inv) * g;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // Straight-through: ∂(γW̃)/∂W ≈ 1.
+        Ok(Some(grad_res.clone()))
+    }
 }
 
 /// Activation quantisation (BitNet eq. (4)–(5), per token): x̃ = Clip(round(x · 127 / max|x|), −128, 127),
@@ -50,7 +117,6 @@ impl candle_core::CustomOp1 for FakeQuantActivations {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
         let candle_core::CpuStorage::F32(data) = storage else {
             candle_core::bail!("fused activation quantisation takes f32");
         };
@@ -77,7 +143,7 @@ impl candle_core::CustomOp1 for FakeQuantActivations {
 
 /// 8-bit activations through the STE: fused on CPU for f32, composed ops elsewhere.
 fn quantize_activations_ste(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(FakeQuantActivations)
     } else {
         ste(x, &quantize_activations(x)?)
@@ -126,6 +192,11 @@ impl BitLinear {
     pub fn effective_weight(&self) -> Result<Tensor> {
         match self.kind {
             WeightKind::Float => Ok(self.weight.clone()),
+            WeightKind::Ternary
+                if self.weight.device().is_cpu() && self.weight.dtype() == DType::F32 =>
+            {
+                self.weight.contiguous()?.apply_op1(FakeTernaryWeights)
+            }
             WeightKind::Ternary => {
                 let (q, gamma) = ternary_quantize(&self.weight)?;
                 ste(&self.weight, &q.affine(gamma, 0.0)?)
@@ -232,6 +303,25 @@ mod tests {
                 assert!((v - s).abs() <= absmax / 127.0);
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_ternary_weights_match_quantize_and_pass_gradients_straight() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let lin = BitLinear::new(48, 20, WeightKind::Ternary, 0.05, vb.pp("lin"))?;
+        let (q, gamma) = ternary_quantize(lin.weight())?;
+        let expected: Vec<f32> = q.affine(gamma, 0.0)?.flatten_all()?.to_vec1()?;
+        let fused = lin.effective_weight()?;
+        assert_eq!(fused.flatten_all()?.to_vec1::<f32>()?, expected);
+        // The composed straight-through form gives the same gradient to the latent weights.
+        let w = Tensor::randn(0f32, 1.0, (20, 48), &dev)?;
+        let g = (fused * &w)?.sum_all()?.backward()?;
+        let got = g.get(lin.weight()).expect("gradient reaches W");
+        let diff = (got - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
         Ok(())
     }
 }
