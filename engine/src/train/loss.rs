@@ -129,6 +129,7 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 /// eˣ for x ≤ 0 (Cephes' expf: 2ⁿ · a degree-6 polynomial in the remainder, within 2 ulp; 0 below −87),
 /// branch-free so the row loop vectorises, unlike a call to libm's `expf` per element.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' coefficients as published
 fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // 1.5 · 2²³: adding and subtracting it rounds to the nearest integer.
@@ -178,15 +179,13 @@ impl CustomOp2 for LinearCrossEntropy {
         }
         // logits = h · Wᵀ (every element is written by the GEMM, which does not read its destination)
         let mut logits = Vec::<f32>::with_capacity(n * v);
-        // SAFETY: f32 has no invalid bit patterns, and the GEMM below overwrites all n·v elements before
-        // anything reads them.
-        unsafe { logits.set_len(n * v) };
         let (vi, di) = (v as isize, d as isize);
-        // SAFETY: shapes checked above; `logits` is a fresh buffer.
+        // SAFETY: shapes checked above; the GEMM (which does not read its destination) writes all n·v
+        // elements of the reserved capacity, and only then does the length cover them.
         unsafe {
             sgemm(
                 (n, v, d),
-                logits.as_mut_ptr(),
+                logits.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
                 (vi, 1),
                 h.as_ptr(),
                 (di, 1),
@@ -194,6 +193,7 @@ impl CustomOp2 for LinearCrossEntropy {
                 (1, di),
                 1.0,
             );
+            logits.set_len(n * v);
         }
         // Per row: loss_i = lse(x_i) − x_{i,t_i}; then x_i ← (softmax(x_i) − onehot(t_i)) / N in place.
         let inv_n = 1.0 / n as f32;
