@@ -1,7 +1,7 @@
 //! Causal multi-head softmax attention with rotary position embeddings (RoPE, Su et al. 2021),
 //! the comparison mixer (`mixer = "attention"`).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::bit_linear::BitLinear;
@@ -107,23 +107,16 @@ impl Attention {
             Some(c) => (Tensor::cat(&[&c.k, &k], 2)?, Tensor::cat(&[&c.v, &v], 2)?),
             None => (k, v),
         };
-        let s = offset + t;
-        // softmax(Q Kᵀ / √d + M) V with M = −∞ above the causal diagonal.
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..s).map(move |j| {
-                    if j > offset + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, s), x.device())?.to_dtype(x.dtype())?;
-        let scores = (super::precision::matmul(&q, &k.t()?)? / (self.head_dim as f64).sqrt())?
-            .broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = super::precision::matmul(&q, &k.t()?)?;
+        let probs = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+            scores.contiguous()?.apply_op1(CausalSoftmax {
+                scale: scale as f32,
+                offset,
+            })?
+        } else {
+            causal_softmax_composed(&scores, scale, offset)?
+        };
         let y = super::precision::matmul(&probs, &v)?
             .transpose(1, 2)?
             .reshape((b, t, dim))?;
@@ -131,8 +124,131 @@ impl Attention {
     }
 }
 
+/// softmax(S·scale + M) over the last dim, with M = −∞ above the causal diagonal (query i of a chunk that
+/// starts at `offset` sees keys 0 ..= offset + i), from candle ops.
+fn causal_softmax_composed(scores: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    let (t, s) = (scores.dim(2)?, scores.dim(3)?);
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, s), scores.device())?.to_dtype(scores.dtype())?;
+    candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+}
+
+/// The causal scaled softmax as one op on CPU: one pass per row forward, one backward
+/// (∂S = scale · P ⊙ (∂P − Σ ∂P ⊙ P)), instead of the scale, mask, max, exp, sum and divide nodes.
+struct CausalSoftmax {
+    scale: f32,
+    offset: usize,
+}
+
+impl CausalSoftmax {
+    /// Keys visible to row `r` of a (…, t, s) score tensor.
+    fn visible(&self, r: usize, t: usize, s: usize) -> usize {
+        (self.offset + r % t + 1).min(s)
+    }
+}
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (candle_core::CpuStorage::F32(data), Some((a, z))) =
+            (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("causal softmax takes contiguous f32 scores");
+        };
+        let dims = layout.dims();
+        let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let mut out = vec![0f32; z - a];
+        out.par_chunks_mut(s)
+            .zip(data[a..z].par_chunks(s))
+            .enumerate()
+            .for_each(|(r, (p, x))| {
+                let n = self.visible(r, t, s);
+                let m = x[..n].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+                let mut sum = 0f32;
+                for (p, &x) in p[..n].iter_mut().zip(&x[..n]) {
+                    *p = (x * self.scale - m).exp();
+                    sum += *p;
+                }
+                let inv = 1.0 / sum;
+                for p in &mut p[..n] {
+                    *p *= inv;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let dims = probs.dims().to_vec();
+        let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let p: Vec<f32> = probs.flatten_all()?.to_vec1()?;
+        let mut g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+        g.par_chunks_mut(s)
+            .zip(p.par_chunks(s))
+            .enumerate()
+            .for_each(|(r, (g, p))| {
+                let n = self.visible(r, t, s);
+                let dot: f32 = g[..n].iter().zip(&p[..n]).map(|(g, p)| g * p).sum();
+                for (g, &p) in g[..n].iter_mut().zip(&p[..n]) {
+                    *g = self.scale * p * (*g - dot);
+                }
+                g[n..].fill(0.0);
+            });
+        Ok(Some(Tensor::from_vec(g, dims, probs.device())?))
+    }
+}
+
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.forward_with_cache(x, None)?.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_causal_softmax_matches_composed_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        // A chunk of 4 queries continuing after 2 cached keys: 6 keys in all.
+        let x = Var::randn(0f32, 2.0, (2, 3, 4, 6), &dev)?;
+        let op = CausalSoftmax {
+            scale: 0.5,
+            offset: 2,
+        };
+        let fused = x.as_tensor().apply_op1(op)?;
+        let composed = causal_softmax_composed(x.as_tensor(), 0.5, 2)?;
+        let diff = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "forward differs by {diff}");
+        let w = Tensor::randn(0f32, 1.0, (2, 3, 4, 6), &dev)?;
+        let ga = (fused * &w)?.sum_all()?.backward()?;
+        let gb = (composed * &w)?.sum_all()?.backward()?;
+        let (a, b) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "gradients differ by {diff}");
+        Ok(())
     }
 }
