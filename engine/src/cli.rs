@@ -180,6 +180,18 @@ fn tune_allocator() {
     }
 }
 
+/// For training: leave candle's element-wise worker pool at the calling thread alone (unless
+/// `CANDLE_NUM_THREADS` is set).
+/// The large element-wise work of a training step runs in our fused ops on rayon; what stays in candle's
+/// pool is small, and its extra worker spins between ops on a core the GEMM threads need: measured
+/// +4.5 % (TTT) and +5 % (attention) training tokens/s on 2 cores (4 alternating runs each).
+fn tune_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Called right after argument parsing, before any thread exists.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// Parse `args` (the first is the program name) and run the command.
 pub fn run_from<I, T>(args: I) -> ExitCode
 where
@@ -195,6 +207,12 @@ where
         .with_target(false)
         .try_init();
     let cli = Cli::parse_from(args);
+    if matches!(
+        cli.command,
+        Command::Train { .. } | Command::BenchTrain { .. }
+    ) {
+        tune_threads();
+    }
     match cli.command {
         Command::BenchAllreduce {
             world,
