@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cpu_f32;
 pub mod dist;
 pub mod events;
 pub mod infer;

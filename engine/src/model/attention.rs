@@ -3,9 +3,11 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use super::bit_linear::BitLinear;
 use super::config::WeightKind;
+use crate::cpu_f32;
 
 /// RoPE base frequency.
 const ROPE_THETA: f64 = 10_000.0;
@@ -167,17 +169,12 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (candle_core::CpuStorage::F32(data), Some((a, z))) =
-            (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("causal softmax takes contiguous f32 scores");
-        };
+        let data = cpu_f32::slice(storage, layout, "causal softmax")?;
         let dims = layout.dims();
         let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let mut out = vec![0f32; z - a];
+        let mut out = vec![0f32; data.len()];
         out.par_chunks_mut(s)
-            .zip(data[a..z].par_chunks(s))
+            .zip(data.par_chunks(s))
             .enumerate()
             .for_each(|(r, (p, x))| {
                 let n = self.visible(r, t, s);
@@ -196,10 +193,11 @@ impl candle_core::CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        use rayon::prelude::*;
         let dims = probs.dims().to_vec();
         let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let p: Vec<f32> = probs.flatten_all()?.to_vec1()?;
+        let p = cpu_f32::view(probs);
+        let p = p.slice("causal softmax")?;
+        // The output buffer starts as a copy of ∂P and is turned into ∂S in place.
         let mut g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
         g.par_chunks_mut(s)
             .zip(p.par_chunks(s))

@@ -5,6 +5,7 @@ use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use super::config::WeightKind;
+use crate::cpu_f32;
 
 /// ε guarding the absmean / absmax scales against division by zero.
 const QUANT_EPS: f64 = 1e-5;
@@ -62,12 +63,7 @@ impl candle_core::CustomOp1 for FakeTernaryWeights {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(data), Some((start, end))) =
-            (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("fused ternary quantisation takes contiguous f32 weights");
-        };
-        let w = &data[start..end];
+        let w = cpu_f32::slice(storage, layout, "fused ternary quantisation")?;
         let gamma = absmean(w);
         let (inv, g) = (ternary_inv(gamma), gamma as f32);
         let mut out = vec![0f32; w.len()];
@@ -117,14 +113,9 @@ impl candle_core::CustomOp1 for FakeQuantActivations {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused activation quantisation takes f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused activation quantisation needs a contiguous input");
-        };
+        let x = cpu_f32::slice(storage, layout, "fused activation quantisation")?;
         let row = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = data[start..end].to_vec();
+        let mut out = x.to_vec();
         out.par_chunks_mut(row).for_each(|r| {
             let absmax = r.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = ((absmax as f64 + QUANT_EPS) / 127.0) as f32;

@@ -4,11 +4,11 @@
 //! and the composed form costs five graph nodes and, for ∂g, a strided reduction over all rows);
 //! elsewhere it is built from elementary ops so that autograd differentiates it.
 
-use candle_core::{
-    CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
+
+use crate::cpu_f32;
 
 /// Root-mean-square layer norm over the last dimension.
 #[derive(Debug, Clone)]
@@ -43,15 +43,10 @@ impl Module for RmsNorm {
 /// the work was split.
 const ROWS_PER_TASK: usize = 64;
 
+const OP: &str = "rms norm";
+
 struct FusedRmsNorm {
     eps: f32,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("rms norm: inputs must be contiguous f32"),
-    }
 }
 
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
@@ -71,7 +66,7 @@ impl CustomOp2 for FusedRmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (x, g) = (cpu_f32::slice(s1, l1, OP)?, cpu_f32::slice(s2, l2, OP)?);
         let d = g.len();
         if l1.dims().last() != Some(&d) {
             candle_core::bail!("rms norm: input {:?} against a scale of {d}", l1.dims());
@@ -99,13 +94,8 @@ impl CustomOp2 for FusedRmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let (shape, dev) = (x.shape().clone(), x.device().clone());
-        let (xs, xl) = x.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (dys, dyl) = dy.storage_and_layout();
-        let (Storage::Cpu(xs), Storage::Cpu(gs), Storage::Cpu(dys)) = (&*xs, &*gs, &*dys) else {
-            candle_core::bail!("rms norm: tensors left the CPU");
-        };
-        let (x, g, dy) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?, f32_slice(dys, dyl)?);
+        let (x, g, dy) = (cpu_f32::view(x), cpu_f32::view(g), cpu_f32::view(&dy));
+        let (x, g, dy) = (x.slice(OP)?, g.slice(OP)?, dy.slice(OP)?);
         let d = g.len();
         // With u = ∂y ⊙ g and r = 1/rms(x):  ∂x = r·u − x · r³ · (u·x)/D;  ∂g = Σ_rows ∂y ⊙ x·r.
         let mut dx = vec![0f32; x.len()];

@@ -3,9 +3,11 @@
 //! On CPU in f32 the gate silu(a) ⊙ b is one fused op forward and one backward (candle's silu backward
 //! alone makes about ten full-size temporaries).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
+
+use crate::cpu_f32;
 
 use super::bit_linear::BitLinear;
 use super::config::WeightKind;
@@ -56,12 +58,7 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("silu gate: inputs must be contiguous f32"),
-    }
-}
+const OP: &str = "silu gate";
 
 struct SiluGate;
 
@@ -77,7 +74,7 @@ impl CustomOp2 for SiluGate {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (a, b) = (cpu_f32::slice(s1, l1, OP)?, cpu_f32::slice(s2, l2, OP)?);
         if l1.dims() != l2.dims() {
             candle_core::bail!("silu gate: {:?} against {:?}", l1.dims(), l2.dims());
         }
@@ -101,13 +98,8 @@ impl CustomOp2 for SiluGate {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (shape, dev) = (a.shape().clone(), a.device().clone());
-        let (sa, la) = a.storage_and_layout();
-        let (sb, lb) = b.storage_and_layout();
-        let (sg, lg) = grad.storage_and_layout();
-        let (Storage::Cpu(sa), Storage::Cpu(sb), Storage::Cpu(sg)) = (&*sa, &*sb, &*sg) else {
-            candle_core::bail!("silu gate: tensors left the CPU");
-        };
-        let (a, b, g) = (f32_slice(sa, la)?, f32_slice(sb, lb)?, f32_slice(sg, lg)?);
+        let (a, b, g) = (cpu_f32::view(a), cpu_f32::view(b), cpu_f32::view(&grad));
+        let (a, b, g) = (a.slice(OP)?, b.slice(OP)?, g.slice(OP)?);
         // ∂a = g · b · σ(a)(1 + a(1 − σ(a)));  ∂b = g · silu(a)
         let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; a.len()]);
         da.par_chunks_mut(CHUNK)

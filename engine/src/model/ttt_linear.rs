@@ -84,6 +84,16 @@ impl LnParams {
         }
     }
 
+    /// LN(z) = normalize(z) · scale + shift.
+    fn layer_norm(&self, z: &Tensor) -> Result<Tensor> {
+        self.apply(&normalize(z)?.0)
+    }
+
+    /// x̂ · scale + shift.
+    fn apply(&self, xhat: &Tensor) -> Result<Tensor> {
+        xhat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+
     fn broadcast(&self, shape: (usize, usize, usize, usize)) -> Result<Self> {
         Ok(Self {
             weight: self.weight.broadcast_as(shape)?.contiguous()?,
@@ -157,12 +167,7 @@ impl TttLinear {
     /// LN of the inner model with the learned per-head scale and shift.
     #[cfg(test)]
     fn inner_ln(&self, z: &Tensor) -> Result<Tensor> {
-        self.inner_ln_with(z, &LnParams::of(self))
-    }
-
-    fn inner_ln_with(&self, z: &Tensor, ln: &LnParams) -> Result<Tensor> {
-        let (xhat, _) = normalize(z)?;
-        xhat.broadcast_mul(&ln.weight)?.broadcast_add(&ln.bias)
+        LnParams::of(self).layer_norm(z)
     }
 
     /// ∂ℓ/∂Z of the inner loss ℓ = ½‖LN(Z) − (v − k)‖² at Z = k W_base + b_base (the reconstruction
@@ -177,7 +182,7 @@ impl TttLinear {
     ) -> Result<Tensor> {
         let z = k.matmul(w_base)?.broadcast_add(b_base)?;
         let (xhat, inv_std) = normalize(&z)?;
-        let ln_out = xhat.broadcast_mul(&ln.weight)?.broadcast_add(&ln.bias)?;
+        let ln_out = ln.apply(&xhat)?;
         let g = (ln_out - (v - k)?)?.broadcast_mul(&ln.weight)?; // ∂ℓ/∂x̂
         let g_mean = g.mean_keepdim(D::Minus1)?;
         let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
@@ -270,7 +275,7 @@ impl TttLinear {
                 _ => &per_head,
             };
             let (zq, w, bias) = self.dual_step(&qs, &ks, &vs, &es, &state, ln)?;
-            outs.push((&qs + self.inner_ln_with(&zq, ln)?)?); // f(q) = q + LN(Z_q), eq. 5
+            outs.push((&qs + ln.layer_norm(&zq)?)?); // f(q) = q + LN(Z_q), eq. 5
             state.w = w;
             state.b = bias;
             state.pos += len;

@@ -7,72 +7,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_f32;
 use crate::model::precision;
-
-struct FusedCrossEntropy;
-
-impl CustomOp2 for FusedCrossEntropy {
-    fn name(&self) -> &'static str {
-        "fused-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(logits), CpuStorage::U32(targets)) = (s1, s2) else {
-            candle_core::bail!("fused cross entropy takes f32 logits and u32 targets");
-        };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("fused cross entropy needs contiguous inputs");
-        };
-        let (logits, targets) = (&logits[a0..a1], &targets[b0..b1]);
-        let (n, v) = l1.shape().dims2()?;
-        if targets.len() != n {
-            candle_core::bail!(
-                "fused cross entropy: {n} rows of logits but {} targets",
-                targets.len()
-            );
-        }
-        let total: f64 = logits
-            .par_chunks(v)
-            .zip(targets.par_iter())
-            .map(|(row, &t)| {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let s: f32 = row.iter().map(|x| (x - m).exp()).sum();
-                (m + s.ln() - row[t as usize]) as f64
-            })
-            .sum();
-        Ok((
-            CpuStorage::F32(vec![(total / n as f64) as f32]),
-            Shape::from(()),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // ∂/∂logits mean_i(lse_i − x_{i,t_i}) = (softmax(x) − onehot(t)) / N
-        let n = logits.dim(0)?;
-        let p = candle_nn::ops::softmax_last_dim(logits)?;
-        let idx = targets.unsqueeze(1)?;
-        let minus_one = Tensor::full(-1f32, (n, 1), logits.device())?;
-        let g = p.scatter_add(&idx, &minus_one, 1)?;
-        let scale = (grad.to_dtype(DType::F32)? / n as f64)?;
-        Ok((Some(g.broadcast_mul(&scale)?), None))
-    }
-}
 
 /// `dst (m×n) = beta · lhs (m×k) · rhs (k×n)`, each operand given by its pointer and (row, column) strides.
 ///
@@ -119,12 +58,7 @@ unsafe fn sgemm(
     )
 }
 
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("linear cross entropy: {what} must be contiguous f32 on the CPU"),
-    }
-}
+const OP: &str = "linear cross entropy";
 
 /// eˣ for x ≤ 0 (Cephes' expf: 2ⁿ · a degree-6 polynomial in the remainder, within 2 ulp; 0 below −87),
 /// branch-free so the row loop vectorises, unlike a call to libm's `expf` per element.
@@ -166,7 +100,7 @@ impl CustomOp2 for LinearCrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (h, w) = (cpu_f32(s1, l1, "hidden")?, cpu_f32(s2, l2, "head")?);
+        let (h, w) = (cpu_f32::slice(s1, l1, OP)?, cpu_f32::slice(s2, l2, OP)?);
         let ((n, d), (v, d2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         if d != d2 || self.targets.len() != n {
             candle_core::bail!(
@@ -238,12 +172,8 @@ impl CustomOp2 for LinearCrossEntropy {
         let beta = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let ((n, d), (v, _)) = (h.dims2()?, w.dims2()?);
         let (mut dh, mut dw) = (vec![0f32; n * d], vec![0f32; v * d]);
-        let (hs, hl) = h.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (Storage::Cpu(hs), Storage::Cpu(ws)) = (&*hs, &*ws) else {
-            candle_core::bail!("linear cross entropy: tensors left the CPU");
-        };
-        let (hv, wv) = (cpu_f32(hs, hl, "hidden")?, cpu_f32(ws, wl, "head")?);
+        let (hv, wv) = (cpu_f32::view(h), cpu_f32::view(w));
+        let (hv, wv) = (hv.slice(OP)?, wv.slice(OP)?);
         let (vi, di) = (v as isize, d as isize);
         // SAFETY: shapes as in the forward; dh and dw are fresh buffers.
         unsafe {
@@ -280,7 +210,7 @@ impl CustomOp2 for LinearCrossEntropy {
 
 /// Mean next-token cross entropy of the logits `hidden (N, D) · headᵀ` against `targets (N,)`. On CPU in f32
 /// the head GEMM, the loss and its gradient are one fused op; elsewhere (CUDA, autocast) it is the
-/// `precision::matmul` head followed by [`cross_entropy`].
+/// `precision::matmul` head followed by candle-nn's cross entropy.
 pub fn linear_cross_entropy(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let fused = hidden.device().is_cpu()
         && hidden.dtype() == DType::F32
@@ -288,24 +218,13 @@ pub fn linear_cross_entropy(hidden: &Tensor, head: &Tensor, targets: &Tensor) ->
         && precision::matmul_dtype() == DType::F32;
     if !fused {
         let logits = precision::matmul(hidden, &head.t()?)?;
-        return cross_entropy(&logits.to_dtype(DType::F32)?, targets);
+        return candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets);
     }
     let op = LinearCrossEntropy {
         targets: targets.flatten_all()?.to_vec1::<u32>()?,
         dlogits: Mutex::new(None),
     };
     hidden.contiguous()?.apply_op2(&head.contiguous()?, op)
-}
-
-/// Mean cross entropy of logits (N, V) against targets (N,): fused on CPU for f32, candle-nn's elsewhere.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 && logits.rank() == 2 {
-        logits
-            .contiguous()?
-            .apply_op2(&targets.contiguous()?, FusedCrossEntropy)
-    } else {
-        candle_nn::loss::cross_entropy(logits, targets)
-    }
 }
 
 #[cfg(test)]
@@ -352,30 +271,6 @@ mod tests {
         // A target outside the vocabulary is an error, not a read out of bounds.
         let bad = Tensor::new(&[13u32; 9], &dev)?;
         assert!(linear_cross_entropy(h.as_tensor(), w.as_tensor(), &bad).is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn matches_candle_nn_value_and_gradient() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::randn(0f32, 3.0, (7, 11), &dev)?;
-        let t = Tensor::new(&[0u32, 3, 10, 10, 5, 1, 2], &dev)?;
-        let ours = cross_entropy(x.as_tensor(), &t)?;
-        let reference = candle_nn::loss::cross_entropy(x.as_tensor(), &t)?;
-        let (a, b) = (ours.to_scalar::<f32>()?, reference.to_scalar::<f32>()?);
-        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        let ga = (ours * 2.0)?
-            .backward()?
-            .get(x.as_tensor())
-            .expect("grad")
-            .clone();
-        let gb = (reference * 2.0)?
-            .backward()?
-            .get(x.as_tensor())
-            .expect("grad")
-            .clone();
-        let diff = (ga - gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "gradients differ by {diff}");
         Ok(())
     }
 }

@@ -11,6 +11,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::cpu_f32;
+
 /// β1, β2, ε of AdamW.
 pub const BETA1: f64 = 0.9;
 pub const BETA2: f64 = 0.95;
@@ -113,9 +115,10 @@ impl AdamW {
                     inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
                 };
                 // m and v first (they read g), then θ (reads the new m and v).
+                let moment = |second| MomentUpdate { c: op, second };
                 slot.m
-                    .inplace_op2(&g, &MomentUpdate(op))
-                    .and_then(|()| slot.v.inplace_op2(&g, &SecondMomentUpdate(op)))
+                    .inplace_op2(&g, &moment(false))
+                    .and_then(|()| slot.v.inplace_op2(&g, &moment(true)))
                     .and_then(|()| theta.inplace_op3(&slot.m, &slot.v, &ParamUpdate(op)))
                     .with_context(|| format!("AdamW step of {name}"))?;
                 continue;
@@ -194,11 +197,16 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
             continue;
         };
         sq += if g.device().is_cpu() && g.dtype() == DType::F32 {
-            g.flatten_all()?
-                .to_vec1::<f32>()?
+            // Read in place; partial sums over fixed chunks added in order, so the norm (and the clipping
+            // it decides) does not depend on how rayon split the work.
+            let g = g.contiguous()?;
+            let view = cpu_f32::view(&g);
+            let partial: Vec<f64> = view
+                .slice("gradient norm")?
                 .par_chunks(CHUNK)
                 .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .sum::<f64>()
+                .collect();
+            partial.iter().sum::<f64>()
         } else {
             g.sqr()?
                 .sum_all()?
@@ -218,23 +226,10 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
-/// Scale gradients so their global L2 norm is at most `max_norm` (0 = no clipping). Returns the norm
-/// before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads, vars)?;
-    let scale = clip_scale(norm, max_norm);
-    if scale != 1.0 {
-        for v in vars {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g * scale)?);
-            }
-        }
-    }
-    Ok(norm)
-}
-
 /// Elements per parallel chunk of the fused CPU loops.
 const CHUNK: usize = 1 << 14;
+
+const OP: &str = "fused AdamW";
 
 /// Constants of one fused AdamW step.
 #[derive(Clone, Copy)]
@@ -249,30 +244,22 @@ struct FusedAdamW {
     inv_sqrt_bc2: f32,
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("fused AdamW: {what} must be contiguous f32"),
-    }
+/// m ← β1 m + (1−β1) g, or with `second`: v ← β2 v + (1−β2) g²  (g already scaled by the clipping factor).
+struct MomentUpdate {
+    c: FusedAdamW,
+    second: bool,
 }
 
-fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("fused AdamW: the updated tensor must be contiguous f32"),
-    }
-}
-
-/// m ← β1 m + (1−β1) g
-struct MomentUpdate(FusedAdamW);
-/// v ← β2 v + (1−β2) g²
-struct SecondMomentUpdate(FusedAdamW);
 /// θ ← θ(1 − lr·λ) − lr · m̂ / (√v̂ + ε)
 struct ParamUpdate(FusedAdamW);
 
 impl InplaceOp2 for MomentUpdate {
     fn name(&self) -> &'static str {
-        "adamw-m"
+        if self.second {
+            "adamw-v"
+        } else {
+            "adamw-m"
+        }
     }
     fn cpu_fwd(
         &self,
@@ -281,42 +268,22 @@ impl InplaceOp2 for MomentUpdate {
         g: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, g) = (f32s_mut(dst, dst_l)?, f32s(g, gl, "gradient")?);
-        let FusedAdamW {
-            beta1, grad_scale, ..
-        } = self.0;
+        let (m, g) = (
+            cpu_f32::slice_mut(dst, dst_l, OP)?,
+            cpu_f32::slice(g, gl, OP)?,
+        );
+        let (second, s) = (self.second, self.c.grad_scale);
+        let beta = if second { self.c.beta2 } else { self.c.beta1 };
         m.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .for_each(|(m, g)| {
                 for (m, &g) in m.iter_mut().zip(g) {
-                    *m = beta1 * *m + (1.0 - beta1) * (g * grad_scale);
-                }
-            });
-        Ok(())
-    }
-}
-
-impl InplaceOp2 for SecondMomentUpdate {
-    fn name(&self) -> &'static str {
-        "adamw-v"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        let (v, g) = (f32s_mut(dst, dst_l)?, f32s(g, gl, "gradient")?);
-        let FusedAdamW {
-            beta2, grad_scale, ..
-        } = self.0;
-        v.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(v, g)| {
-                for (v, &g) in v.iter_mut().zip(g) {
-                    let g = g * grad_scale;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                    let g = g * s;
+                    *m = if second {
+                        beta * *m + (1.0 - beta) * g * g
+                    } else {
+                        beta * *m + (1.0 - beta) * g
+                    };
                 }
             });
         Ok(())
@@ -336,8 +303,8 @@ impl InplaceOp3 for ParamUpdate {
         v: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<()> {
-        let theta = f32s_mut(dst, dst_l)?;
-        let (m, v) = (f32s(m, ml, "m")?, f32s(v, vl, "v")?);
+        let theta = cpu_f32::slice_mut(dst, dst_l, OP)?;
+        let (m, v) = (cpu_f32::slice(m, ml, OP)?, cpu_f32::slice(v, vl, OP)?);
         let FusedAdamW {
             lr,
             decay,
