@@ -316,3 +316,39 @@ fn a_checkpoint_from_another_model_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("different model config"));
 }
+
+#[test]
+fn a_data_dir_with_another_vocab_is_refused_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    // The same corpus tokenized with a smaller vocabulary.
+    let other = dir.path().join("data-small-vocab");
+    let mut opts = data_prep::BuildOptions::new(vec![dir.path().join("corpus.txt")], &other);
+    opts.vocab_size = 280;
+    opts.val_fraction = 0.1;
+    data_prep::build(&opts).expect("data_prep build");
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 5\n")).unwrap();
+    let run_dir = dir.path().join("run");
+    assert!(run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run_dir.to_str().unwrap()
+    ])
+    .status
+    .success());
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        &format!("data_dir={}", other.display()),
+        "--set",
+        "steps=8",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vocab") && err.contains("data_dir"), "{err}");
+}
