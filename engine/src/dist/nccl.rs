@@ -4,14 +4,26 @@
 //! same rendezvous the CPU backend uses (`MASTER_ADDR:MASTER_PORT`, a TCP ring, so it works across
 //! machines without a shared filesystem): the id's 128 bytes go round as an all-reduce that only rank 0
 //! contributes to. With `NCCL_COMM_ID=host:port` set, NCCL derives the id itself and no exchange is needed.
-//! The TCP ring stays open for nothing else; a rank that dies or hangs during setup fails the others
-//! after `ENGINE_DIST_TIMEOUT` (NCCL's own watchdog and `--kill-on-bad-exit` / the runner cover later).
+//!
+//! A rank that dies or hangs must not leave the others waiting forever (NCCL itself would: a collective
+//! whose peer is gone spins on the GPU). So every NCCL call here has a deadline of `ENGINE_DIST_TIMEOUT`
+//! seconds: the communicator is created on a helper thread that is waited for with a timeout, and after
+//! each all-reduce this thread polls a CUDA event recorded behind it together with
+//! `ncclCommGetAsyncError`; on an error or a passed deadline the communicator is aborted
+//! (`ncclCommAbort`, which makes the stuck kernels return) and the step fails with an error naming why.
+//! cudarc's safe `Comm` hides the raw handle these calls need, so this file drives NCCL through cudarc's
+//! thin `result`/`sys` layer.
 
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys::CUdeviceptr, CudaStream, DevicePtr, DevicePtrMut,
+};
+use candle_core::cuda_backend::cudarc::nccl::{result, sys};
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 
@@ -25,32 +37,45 @@ pub struct Nccl {
     rank: usize,
     world: usize,
     device: Device,
-    comm: Arc<SendComm>,
+    comm: Arc<Watched>,
 }
 
-/// `Comm` holds raw NCCL and CUDA handles. This process uses it from the training thread only, one
-/// collective at a time, which is what NCCL requires of a communicator.
-struct SendComm(Comm);
-// SAFETY: see above: never used from two threads at once.
-unsafe impl Send for SendComm {}
-// SAFETY: see above.
-unsafe impl Sync for SendComm {}
+/// A raw NCCL communicator with the deadline every collective on it must meet. Aborted (once) when a
+/// collective fails or times out, and on drop.
+struct Watched {
+    comm: Mutex<Option<RawComm>>,
+    timeout: Duration,
+}
+
+/// The raw handle. This process drives it from the training thread only, one collective at a time, as
+/// NCCL requires of a communicator.
+struct RawComm(sys::ncclComm_t);
+// SAFETY: see above: never used from two threads at once (the `Mutex` in `Watched` guarantees it).
+unsafe impl Send for RawComm {}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitRank and is dropped exactly once.
+        let _ = unsafe { result::comm_abort(self.0) };
+    }
+}
 
 impl Nccl {
     pub fn connect(env: &DistEnv, device: &Device) -> Result<Self> {
         let Device::Cuda(dev) = device else {
             bail!("the NCCL backend needs a CUDA device: set device = \"cuda\" (GPU LOCAL_RANK) or \"cuda:N\"");
         };
+        let timeout = super::timeout();
         let id = if env.world_size == 1 || std::env::var_os("NCCL_COMM_ID").is_some() {
-            Id::new().map_err(|e| anyhow!("ncclGetUniqueId (NCCL_COMM_ID): {e:?}"))?
+            result::get_uniqueid().map_err(|e| anyhow!("ncclGetUniqueId (NCCL_COMM_ID): {e:?}"))?
         } else {
-            let mut ring = super::tcp::TcpRing::connect(env, super::timeout())
+            let mut ring = super::tcp::TcpRing::connect(env, timeout)
                 .context("the rendezvous that shares the NCCL id")?;
             let mut buf = [0f32; ID_BYTES];
             if env.rank == 0 {
-                let id = Id::new().map_err(|e| anyhow!("ncclGetUniqueId: {e:?}"))?;
-                for (b, c) in buf.iter_mut().zip(id.internal()) {
-                    *b = *c as f32;
+                let id = result::get_uniqueid().map_err(|e| anyhow!("ncclGetUniqueId: {e:?}"))?;
+                for (b, c) in buf.iter_mut().zip(id.internal) {
+                    *b = c as f32;
                 }
             }
             ring.all_reduce_sum(&mut buf)?;
@@ -58,22 +83,124 @@ impl Nccl {
             for (c, b) in internal.iter_mut().zip(buf) {
                 *c = b as std::ffi::c_char;
             }
-            Id::uninit(internal)
+            sys::ncclUniqueId { internal }
         };
-        let comm =
-            Comm::from_rank(dev.cuda_stream(), env.rank, env.world_size, id).map_err(|e| {
-                anyhow!(
-                    "ncclCommInitRank (rank {} of {}): {e:?}",
-                    env.rank,
-                    env.world_size
-                )
-            })?;
+        let comm = init_rank(dev.cuda_stream(), env.rank, env.world_size, id, timeout)?;
         Ok(Self {
             rank: env.rank,
             world: env.world_size,
             device: device.clone(),
-            comm: Arc::new(SendComm(comm)),
+            comm: Arc::new(Watched {
+                comm: Mutex::new(Some(comm)),
+                timeout,
+            }),
         })
+    }
+}
+
+/// `ncclCommInitRank` on a helper thread, waited for at most `timeout`: it blocks until every rank has
+/// joined, so a rank that died after the id exchange would otherwise hang this one.
+fn init_rank(
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+    id: sys::ncclUniqueId,
+    timeout: Duration,
+) -> Result<RawComm> {
+    let (tx, rx) = mpsc::channel();
+    let ctx = stream.context().clone();
+    std::thread::Builder::new()
+        .name("nccl-init".into())
+        .spawn(move || {
+            let made = ctx
+                .bind_to_thread()
+                .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
+                .and_then(|()| {
+                    let mut comm = std::mem::MaybeUninit::uninit();
+                    // SAFETY: `comm` is written by a successful ncclCommInitRank before it is read.
+                    unsafe {
+                        result::comm_init_rank(comm.as_mut_ptr(), world as i32, id, rank as i32)
+                            .map_err(|e| {
+                                anyhow!("ncclCommInitRank (rank {rank} of {world}): {e:?}")
+                            })?;
+                        Ok(RawComm(comm.assume_init()))
+                    }
+                });
+            let _ = tx.send(made);
+        })
+        .context("starting the NCCL init thread")?;
+    match rx.recv_timeout(timeout) {
+        Ok(made) => made,
+        Err(_) => bail!(
+            "ncclCommInitRank (rank {rank} of {world}) did not finish within {:.0} s: a rank died or cannot reach the others; check MASTER_ADDR and the network (ENGINE_DIST_TIMEOUT sets the limit)",
+            timeout.as_secs_f64()
+        ),
+    }
+}
+
+impl Watched {
+    /// Sum of `n` f32 from `src` into `dst` over all ranks, on `stream`, waited for with the deadline.
+    fn all_reduce_sum(
+        &self,
+        stream: &Arc<CudaStream>,
+        src: CUdeviceptr,
+        dst: CUdeviceptr,
+        n: usize,
+    ) -> Result<()> {
+        let mut guard = self
+            .comm
+            .lock()
+            .map_err(|_| anyhow!("NCCL lock poisoned"))?;
+        let Some(comm) = guard.as_ref() else {
+            bail!("the NCCL communicator was aborted by an earlier failure");
+        };
+        // SAFETY: `src` and `dst` are live device buffers of `n` f32 on `stream`'s device.
+        unsafe {
+            result::all_reduce(
+                src as _,
+                dst as _,
+                n,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                comm.0,
+                stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| anyhow!("ncclAllReduce: {e:?}"))?;
+        let done = stream
+            .record_event(None)
+            .map_err(|e| anyhow!("recording a CUDA event: {e:?}"))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut nap = Duration::from_micros(20);
+        loop {
+            match done.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    guard.take();
+                    bail!("the all-reduce failed on the GPU: {e:?}");
+                }
+            }
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator and a valid out-pointer.
+            unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) };
+            if !matches!(
+                state,
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+            ) {
+                guard.take();
+                bail!("NCCL reported {state:?} during the gradient all-reduce: a rank died or the network failed");
+            }
+            if Instant::now() > deadline {
+                guard.take();
+                bail!(
+                    "the gradient all-reduce did not complete within {:.0} s: a rank died or hangs (ENGINE_DIST_TIMEOUT sets the limit)",
+                    self.timeout.as_secs_f64()
+                );
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(1));
+        }
     }
 }
 
@@ -104,7 +231,7 @@ impl Communicator for Nccl {
 
 /// Sum over ranks of an f32 CUDA tensor, as a candle op.
 struct AllReduce {
-    comm: Arc<SendComm>,
+    comm: Arc<Watched>,
 }
 
 impl CustomOp1 for AllReduce {
@@ -120,16 +247,19 @@ impl CustomOp1 for AllReduce {
         let n = l.shape().elem_count();
         let src = s.as_cuda_slice::<f32>()?;
         let src = match l.contiguous_offsets() {
-            Some((0, end)) if end == src.len() => src.slice(..),
             Some((a, b)) => src.slice(a..b),
             None => candle_core::bail!("the NCCL all-reduce needs a contiguous tensor"),
         };
         let dev = s.device().clone();
+        let stream = dev.cuda_stream();
         let mut dst = dev.alloc_zeros::<f32>(n)?;
-        self.comm
-            .0
-            .all_reduce(&src, &mut dst, &ReduceOp::Sum)
-            .map_err(|e| candle_core::Error::Msg(format!("ncclAllReduce: {e:?}")))?;
+        {
+            let (src_ptr, _src_read) = src.device_ptr(&stream);
+            let (dst_ptr, _dst_write) = dst.device_ptr_mut(&stream);
+            self.comm
+                .all_reduce_sum(&stream, src_ptr, dst_ptr, n)
+                .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        }
         Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
     }
 }
