@@ -315,6 +315,152 @@ fn a_checkpoint_from_another_model_is_refused() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("different model config"));
+    // The refused --set must not have been saved: a plain resume still works.
+    let saved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    assert!(!saved.contains("dim = 64"), "{saved}");
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "steps=8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        step_losses(&String::from_utf8_lossy(&out.stdout))
+            .last()
+            .unwrap()
+            .0,
+        8
+    );
+}
+
+#[test]
+fn a_data_dir_with_another_tokenizer_is_refused_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    // Same vocabulary size, different text: a different tokenizer that the vocab check alone would pass.
+    let corpus = dir.path().join("other.txt");
+    data_prep::synth(&corpus, 300, 7).expect("synth corpus");
+    let other = dir.path().join("data-other");
+    let mut opts = data_prep::BuildOptions::new(vec![corpus], &other);
+    opts.vocab_size = 400;
+    opts.val_fraction = 0.1;
+    data_prep::build(&opts).expect("data_prep build");
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 5\n")).unwrap();
+    let run_dir = dir.path().join("run");
+    let ok = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run_dir.to_str().unwrap(),
+    ]);
+    assert!(ok.status.success());
+    let vocab = |d: &std::path::Path| {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("meta.json")).unwrap()).unwrap();
+        meta["vocab_size"].clone()
+    };
+    assert_eq!(
+        vocab(&data),
+        vocab(&other),
+        "the fixture needs equal vocab sizes"
+    );
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        &format!("data_dir={}", other.display()),
+        "--set",
+        "steps=8",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("differs from the tokenizer"), "{err}");
+    // The run's own tokenizer was not replaced.
+    assert_eq!(
+        std::fs::read(run_dir.join("tokenizer.json")).unwrap(),
+        std::fs::read(data.join("tokenizer.json")).unwrap()
+    );
+}
+
+#[test]
+fn unusable_checkpoints_are_set_aside_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 10\n")).unwrap();
+    let run_dir = dir.path().join("run");
+    let ok = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "keep_checkpoints=2",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let ck = run_dir.join("checkpoints");
+    let truncate = |step: u64| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(ck.join(format!("step-{step:08}/model.safetensors")))
+            .unwrap();
+        f.set_len(16).unwrap();
+    };
+    // The newest is corrupt: resume from step 5, move step-10 aside, and keep the new checkpoints.
+    truncate(10);
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "steps=20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(step_losses(&stdout).first().unwrap().0, 6, "{stdout}");
+    assert!(ck.join("unusable-step-00000010").is_dir());
+    let mut names: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["step-00000015", "step-00000020"]);
+    // Every checkpoint corrupt: refuse, naming what to do, and touch nothing.
+    truncate(15);
+    truncate(20);
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "steps=30",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("none of the 2 checkpoint(s)") && err.contains("start the run over"),
+        "{err}"
+    );
+    assert!(ck.join("step-00000020").is_dir());
 }
 
 #[test]
@@ -351,4 +497,16 @@ fn a_data_dir_with_another_vocab_is_refused_on_resume() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vocab") && err.contains("data_dir"), "{err}");
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "steps=8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -4,7 +4,9 @@
 //! `state.json` (step, RNG position, tokens seen, config hash, sha256 of both tensor files). It is written
 //! under `.tmp-step-NNNNNNNN/`, every file fsynced, renamed into place, the parent fsynced, and only then is
 //! the `latest` pointer replaced (temp file + rename). A crash at any instant leaves the previous checkpoint
-//! usable; a checkpoint whose files fail their sha256 is skipped with a warning on load.
+//! usable; a checkpoint whose files fail their sha256 is skipped with a warning on load (and the run's
+//! leader renames it `unusable-step-N` so it is neither loaded again nor counted by pruning). A run whose
+//! checkpoints all fail refuses to resume rather than silently start over.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -47,6 +49,9 @@ pub struct LoadedCheckpoint {
     pub state: CheckpointState,
     pub model: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
+    /// Newer checkpoint folders that failed to load (corrupt, truncated, another format) and were passed
+    /// over for this one: see [`CheckpointDir::set_aside`].
+    pub skipped: Vec<PathBuf>,
 }
 
 /// Hash of a model config, stored in checkpoints.
@@ -92,6 +97,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     fsync_path(dir)
+}
+
+/// Bytes of a checkpoint folder's three files.
+fn folder_bytes(dir: &Path) -> u64 {
+    ["model.safetensors", "optimizer.safetensors", "state.json"]
+        .iter()
+        .map(|f| fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .sum()
 }
 
 /// The checkpoints of one run.
@@ -142,6 +155,15 @@ impl CheckpointDir {
         fs::create_dir_all(&self.root)
             .with_context(|| format!("creating {}", self.root.display()))?;
         let name = step_name(state.step);
+        let dst = self.root.join(&name);
+        if Self::verify(&dst).is_ok_and(|s| s.step == state.step) {
+            // This step is already on disk and sound (a resumed run that ends where it was resumed, or a stop
+            // right after a periodic save): the state is the same, and replacing the folder would open a
+            // window in which this step exists nowhere.
+            write_atomic(&self.root.join("latest"), name.as_bytes())?;
+            let bytes = folder_bytes(&dst);
+            return Ok((dst, bytes));
+        }
         let tmp = self.root.join(format!(".tmp-{name}"));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
@@ -163,26 +185,48 @@ impl CheckpointDir {
             f.sync_all()?;
         }
         fsync_path(&tmp)?;
-        let dst = self.root.join(&name);
         if dst.exists() {
-            // Re-saving the same step (e.g. the final checkpoint after a periodic one): replace it.
+            // Same step, but the folder on disk failed its check above: nothing sound is lost.
             fs::remove_dir_all(&dst)?;
         }
         fs::rename(&tmp, &dst).with_context(|| format!("renaming {} into place", tmp.display()))?;
         fsync_path(&self.root)?;
         write_atomic(&self.root.join("latest"), name.as_bytes())?;
-        let bytes = ["model.safetensors", "optimizer.safetensors", "state.json"]
-            .iter()
-            .map(|f| fs::metadata(dst.join(f)).map(|m| m.len()).unwrap_or(0))
-            .sum();
-        for old in self.steps().into_iter().skip(keep.max(1)) {
+        let bytes = folder_bytes(&dst);
+        // Keep this one and the newest `keep - 1` before it; never touch a folder of a later step.
+        let older = self.steps().into_iter().filter(|s| *s < state.step);
+        for old in older.skip(keep.max(1) - 1) {
             let _ = fs::remove_dir_all(self.root.join(step_name(old)));
         }
         Ok((dst, bytes))
     }
 
-    /// Read and verify one checkpoint folder.
-    pub fn load_from(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+    /// Rename checkpoint folders that failed to load to `unusable-step-N` (kept for inspection; neither
+    /// loaded nor pruned). Called by the run's leader after a resume passed them over.
+    pub fn set_aside(&self, paths: &[PathBuf]) {
+        for p in paths {
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let to = self.root.join(format!("unusable-{name}"));
+            match fs::rename(p, &to) {
+                Ok(()) => tracing::warn!(
+                    "moved the unusable checkpoint {} to {}",
+                    p.display(),
+                    to.display()
+                ),
+                Err(e) => tracing::warn!(
+                    "could not move the unusable checkpoint {} aside: {e}",
+                    p.display()
+                ),
+            }
+        }
+        let _ = fsync_path(&self.root);
+    }
+
+    /// Check one checkpoint folder without loading its tensors: `state.json` parses, has this engine's
+    /// format, and both tensor files match their sha256.
+    pub fn verify(path: &Path) -> Result<CheckpointState> {
         let state_path = path.join("state.json");
         let text = fs::read_to_string(&state_path)
             .with_context(|| format!("reading {}", state_path.display()))?;
@@ -207,6 +251,12 @@ impl CheckpointDir {
                 );
             }
         }
+        Ok(state)
+    }
+
+    /// Read and verify one checkpoint folder.
+    pub fn load_from(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+        let state = Self::verify(path)?;
         let model = candle_core::safetensors::load(path.join("model.safetensors"), device)?;
         let optimizer = candle_core::safetensors::load(path.join("optimizer.safetensors"), device)?;
         Ok(LoadedCheckpoint {
@@ -214,11 +264,14 @@ impl CheckpointDir {
             state,
             model,
             optimizer,
+            skipped: Vec::new(),
         })
     }
 
     /// The newest valid checkpoint: the `latest` pointer first, then every folder newest first; corrupt
-    /// ones are skipped with a warning. `None` when the run has none.
+    /// ones are skipped with a warning (and listed in `skipped`). `None` when the run has no checkpoint
+    /// folder; an error when it has some but none loads, naming the newest and why (starting over from
+    /// step 0 must be the user's choice, not a silent fallback).
     pub fn load_latest(&self, device: &Device) -> Result<Option<LoadedCheckpoint>> {
         let mut candidates: Vec<PathBuf> = Vec::new();
         if let Ok(name) = fs::read_to_string(self.root.join("latest")) {
@@ -230,16 +283,30 @@ impl CheckpointDir {
                 candidates.push(p);
             }
         }
+        let mut skipped: Vec<(PathBuf, String)> = Vec::new();
         for path in candidates {
             if !path.is_dir() {
                 continue;
             }
             match Self::load_from(&path, device) {
-                Ok(ck) => return Ok(Some(ck)),
-                Err(e) => tracing::warn!("skipping checkpoint {}: {e:#}", path.display()),
+                Ok(mut ck) => {
+                    ck.skipped = skipped.into_iter().map(|(p, _)| p).collect();
+                    return Ok(Some(ck));
+                }
+                Err(e) => {
+                    tracing::warn!("skipping checkpoint {}: {e:#}", path.display());
+                    skipped.push((path, format!("{e:#}")));
+                }
             }
         }
-        Ok(None)
+        match skipped.first() {
+            None => Ok(None),
+            Some((_, why)) => bail!(
+                "none of the {} checkpoint(s) in {root} can be loaded (newest: {why}); restore a good copy, or delete {root} to start the run over from step 0",
+                skipped.len(),
+                root = self.root.display(),
+            ),
+        }
     }
 }
 
@@ -292,6 +359,21 @@ mod tests {
         // Pruning keeps the newest `keep`.
         ck.save(state(30), &model, &opt, 2)?;
         assert_eq!(ck.steps(), vec![30, 20]);
+        // Saving a step that is already on disk and sound leaves its folder as it is.
+        let before = fs::metadata(ck.root().join("step-00000030/model.safetensors"))?.modified()?;
+        ck.save(state(30), &model, &opt, 2)?;
+        let after = fs::metadata(ck.root().join("step-00000030/model.safetensors"))?.modified()?;
+        assert_eq!(before, after);
+        // A corrupt newer folder is passed over and listed; once set aside, pruning ignores it.
+        let loaded = ck.load_latest(&dev)?.expect("a checkpoint");
+        assert_eq!((loaded.state.step, loaded.skipped.len()), (30, 0));
+        ck.set_aside(&[ck.root().join("step-00000020")]);
+        assert_eq!(ck.steps(), vec![30]);
+        assert!(ck.root().join("unusable-step-00000020").is_dir());
+        // Every folder corrupt: an error, not a silent fresh start.
+        fs::write(ck.root().join("step-00000030/state.json"), "{")?;
+        let err = ck.load_latest(&dev).err().expect("refused").to_string();
+        assert!(err.contains("none of the 1 checkpoint(s)"), "{err}");
         Ok(())
     }
 }

@@ -112,6 +112,25 @@ fn evaluate(model: &BitLlama, batches: &[(Tensor, Tensor)]) -> Result<f64> {
 }
 
 /// Load a checkpoint's tensors into the model's variables, refusing another architecture.
+/// A resumed run must read its data through the tokenizer it was trained with: the copy in the run dir
+/// and `data_dir`'s must be the same file (the vocab size alone does not catch a rebuilt data dir).
+fn check_same_tokenizer(run_dir: &Path, data_dir: &Path) -> Result<()> {
+    let (ours, theirs) = (
+        run_dir.join("tokenizer.json"),
+        data_dir.join("tokenizer.json"),
+    );
+    if let (Ok(a), Ok(b)) = (std::fs::read(&ours), std::fs::read(&theirs)) {
+        if a != b {
+            bail!(
+                "{} differs from the tokenizer this run was trained with ({}): point data_dir at the data the run was made with",
+                theirs.display(),
+                ours.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn restore(
     varmap: &candle_nn::VarMap,
     ck: &checkpoint::LoadedCheckpoint,
@@ -246,17 +265,13 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         _ => DType::F32,
     });
 
-    // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints.
+    // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints. The config and the
+    // tokenizer are written only once the checkpoint has been checked against them (below), so a refused
+    // `--set` on resume leaves the run as it was.
     let _lock = if leader {
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating run dir {}", run_dir.display()))?;
         let lock = lock_run_dir(&run_dir)?;
-        checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-        let tok_src = data_dir.join("tokenizer.json");
-        if tok_src.is_file() {
-            std::fs::copy(&tok_src, run_dir.join("tokenizer.json"))
-                .context("copying tokenizer.json into the run dir")?;
-        }
         emitter.attach_file(&run_dir.join("metrics.jsonl"))?;
         Some(lock)
     } else {
@@ -290,6 +305,10 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                     );
                 }
                 restore(&varmap, &ck, &model_cfg)?;
+                check_same_tokenizer(&run_dir, &data_dir)?;
+                if leader && !ck.skipped.is_empty() {
+                    ckpts.set_aside(&ck.skipped);
+                }
                 opt.load_state(&ck.optimizer, ck.state.step)?;
                 rng = ChaCha8Rng::seed_from_u64(ck.state.rng_seed);
                 rng.set_word_pos(
@@ -304,9 +323,19 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 tracing::info!("resuming from {} (step {step})", ck.path.display());
             }
             None => tracing::warn!(
-                "no valid checkpoint in {}: starting from step 0",
+                "{} has no checkpoint yet: starting from step 0",
                 run_dir.display()
             ),
+        }
+    }
+    if leader {
+        checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        let tok_src = data_dir.join("tokenizer.json");
+        if tok_src.is_file() {
+            let bytes = std::fs::read(&tok_src)
+                .with_context(|| format!("reading {}", tok_src.display()))?;
+            checkpoint::write_atomic(&run_dir.join("tokenizer.json"), &bytes)
+                .context("copying tokenizer.json into the run dir")?;
         }
     }
     let mut comm = dist::connect(&dist, &device)?;
