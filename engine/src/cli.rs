@@ -46,11 +46,13 @@ enum Command {
     /// Benchmark the CPU all-reduce (TCP ring) between `--world` local processes; prints one JSON line per
     /// size with the median time and bus bandwidth.
     BenchAllreduce {
+        /// Processes (ranks) started on this machine.
         #[arg(long, default_value_t = 2)]
         world: usize,
         /// Buffer sizes in floats, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1000000,16000000")]
         floats: Vec<usize>,
+        /// Timed all-reduces per size (the median is reported), after one warm-up.
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
@@ -62,25 +64,34 @@ enum Command {
         /// floatttt (TTT + float linears).
         #[arg(long, default_value = "bitttt")]
         arch: String,
+        /// Model width.
         #[arg(long, default_value_t = 256)]
         dim: usize,
+        /// Blocks.
         #[arg(long, default_value_t = 4)]
         layers: usize,
+        /// Attention heads (and TTT heads).
         #[arg(long, default_value_t = 4)]
         heads: usize,
+        /// Sequences per step.
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Tokens per sequence.
         #[arg(long, default_value_t = 128)]
         ctx: usize,
+        /// Vocabulary size (embedding and head rows).
         #[arg(long, default_value_t = 16384)]
         vocab: usize,
+        /// TTT inner-loop mini-batch (tokens per inner gradient step).
         #[arg(long, default_value_t = 16)]
         mini_batch: usize,
         /// Timed steps.
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// cpu or cuda:N (CUDA build).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// f32, or bf16 (mixed precision: bf16 matmuls, f32 weights and optimizer; CUDA only).
@@ -113,6 +124,7 @@ enum Command {
         /// Sample among the most likely tokens covering probability p only (nucleus sampling).
         #[arg(long)]
         top_p: Option<f64>,
+        /// Seed of the sampler: the same seed, prompt and settings give the same text.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// cpu (packed ternary kernels) or cuda:N (the training model on the GPU; needs a CUDA build).
@@ -136,22 +148,28 @@ enum Command {
     /// Benchmark batch-1 generation on a model with random weights: prompt and decode tokens/s and weight
     /// bytes of the packed ternary path and of the f32 path (the same quantized weights held in f32).
     BenchGenerate {
+        /// Model width.
         #[arg(long, default_value_t = 256)]
         dim: usize,
+        /// Blocks.
         #[arg(long, default_value_t = 4)]
         n_layers: usize,
+        /// Attention heads (and TTT heads).
         #[arg(long, default_value_t = 4)]
         n_heads: usize,
+        /// Vocabulary size.
         #[arg(long, default_value_t = 16384)]
         vocab: usize,
         /// Decoded tokens timed.
         #[arg(long, default_value_t = 64)]
         tokens: usize,
+        /// Prompt length (prefill timed separately).
         #[arg(long, default_value_t = 64)]
         prompt_tokens: usize,
         /// ttt or attention.
         #[arg(long, default_value = "ttt")]
         mixer: String,
+        /// TTT inner-loop mini-batch.
         #[arg(long, default_value_t = 16)]
         mini_batch: usize,
         /// Keep the packed path's embedding and head in f32 (as `generate --f32-tables`).

@@ -58,7 +58,11 @@ enum Command {
     },
     /// Continue a run (ID like 7) from its latest checkpoint, or a sweep (ID like s3): its interrupted and
     /// failed runs resume and never-started ones launch. Completed runs are not rerun.
-    Resume { id: String },
+    Resume {
+        /// A run id (7) or a sweep id (s3), as `runner ls` shows them.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// Compare runs: one row per run with swept parameters, steps, final/best val loss, bpb, tokens/s, wall
     /// time and the latest checkpoint.
     Report {
@@ -67,6 +71,7 @@ enum Command {
         /// Column to sort by: id, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s.
         #[arg(long, default_value = "id")]
         sort: String,
+        /// table (aligned text), csv, or json (one object per run, every column).
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
         /// Also write a self-contained HTML page (loss curves, val loss vs each swept parameter, the table).
@@ -76,17 +81,24 @@ enum Command {
     /// List sweeps and runs with their status.
     Ls,
     /// Show a run (config, status events, checkpoints, last metrics, why it failed) or a sweep's runs.
-    Show { id: String },
+    Show {
+        /// A run id (7) or a sweep id (s3), as `runner ls` shows them.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// Benchmark ingestion: synthetic engine streams through the real parse + SQLite path. Leaves the DB in
     /// --home so `runner report` can be timed on it.
     BenchIngest {
+        /// Simulated runs, ingested at once.
         #[arg(long, default_value_t = 100)]
         runs: usize,
+        /// Step events per run.
         #[arg(long, default_value_t = 1000)]
         steps: usize,
         /// Metrics per step event (at least 4: loss, lr, tokens_per_s, grad_norm).
         #[arg(long, default_value_t = 4)]
         metrics: usize,
+        /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -172,11 +184,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Open an existing home. Runs left `running` by a runner that is gone (and whose engine is gone too)
+/// become `interrupted` here, so `ls`, `show` and `report` never show dead runs as running.
 async fn open_existing(home: &Path) -> Result<RunStore> {
     if !home.join("runs.db").is_file() {
         bail!("no runs.db in {}: start a sweep first (`runner sweep experiments/quickstart.toml`) or pass --home", home.display());
     }
-    RunStore::open(home).await
+    let store = RunStore::open(home).await?;
+    report_recovered(&store).await?;
+    Ok(store)
+}
+
+async fn report_recovered(store: &RunStore) -> Result<()> {
+    let recovered = store.recover_orphans().await?;
+    if !recovered.is_empty() {
+        eprintln!("marked runs {recovered:?} interrupted (their processes are gone); `runner resume` continues them");
+    }
+    Ok(())
 }
 
 async fn report_runs(
@@ -265,11 +289,21 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let store = RunStore::open(home).await?;
-    let recovered = store.recover_orphans().await?;
-    if !recovered.is_empty() {
-        eprintln!("marked runs {recovered:?} interrupted (their processes are gone); `runner resume` continues them");
+    // One queue, one set of devices: the files must agree on [resources].
+    let resources = &sweeps[0].spec.resources;
+    for s in &sweeps[1..] {
+        if serde_json::to_value(&s.spec.resources)? != serde_json::to_value(resources)? {
+            bail!(
+                "{} and {} ask for different [resources]: sweep them with separate `runner sweep` commands, or give them the same [resources]",
+                sweeps[0].file.display(),
+                s.file.display()
+            );
+        }
     }
+    // Before anything is recorded: a bad RUNNER_ENGINE must not leave a queued sweep behind.
+    let engine = EngineCommand::detect()?;
+    let store = RunStore::open(home).await?;
+    report_recovered(&store).await?;
     let mut sweep_ids = Vec::new();
     for s in &sweeps {
         let vocab = vocab_of(s)?;
@@ -304,8 +338,7 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     for id in &sweep_ids {
         runs.extend(store.runs(Some(*id)).await?);
     }
-    let engine = EngineCommand::detect()?;
-    let summary = scheduler::execute(&store, runs, &sweeps[0].spec.resources, &engine).await?;
+    let summary = scheduler::execute(&store, runs, resources, &engine).await?;
     for id in &sweep_ids {
         println!("sweep s{id}:");
         report_runs(&store, Some(*id), "id", Format::Table, None).await?;
@@ -317,7 +350,6 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
 async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
     let id: Id = id.parse()?;
     let store = open_existing(home).await?;
-    store.recover_orphans().await?;
     let (sweep_id, runs) = match id {
         Id::Run(r) => {
             let run = store.run(r).await?;

@@ -49,38 +49,50 @@ impl EngineCommand {
     }
 }
 
-/// Free devices, handed out `per_run` at a time.
+/// Free devices, handed out `per_run` at a time, to at most `max_runs` runs at once.
 #[derive(Debug)]
 pub struct DeviceSlots {
     free: Vec<String>,
     per_run: usize,
+    max_runs: usize,
+    running: usize,
 }
 
 impl DeviceSlots {
-    /// CPU: `max_parallel` engine processes named `cpu`, `per_run` (= procs_per_run) to a run. GPUs: each
-    /// device once, `per_run` (= gpus_per_run) to a run.
-    pub fn new(devices: &[String], per_run: usize, max_parallel: usize) -> Self {
-        let free = if devices.iter().all(|d| d == "cpu") {
-            vec!["cpu".to_string(); max_parallel.max(per_run)]
+    /// CPU: `max_parallel` (default 2) engine processes named `cpu`, `per_run` (= procs_per_run) to a run.
+    /// GPUs: each device once, `per_run` (= gpus_per_run) to a run, and no more than `max_parallel` runs
+    /// when it is set.
+    pub fn new(devices: &[String], per_run: usize, max_parallel: Option<usize>) -> Self {
+        let (free, max_runs) = if devices.iter().all(|d| d == "cpu") {
+            let procs = max_parallel.unwrap_or(2).max(per_run);
+            (vec!["cpu".to_string(); procs], usize::MAX)
         } else {
-            devices.iter().rev().cloned().collect()
+            let gpus = devices.iter().rev().cloned().collect();
+            (gpus, max_parallel.unwrap_or(usize::MAX))
         };
-        Self { free, per_run }
+        Self {
+            free,
+            per_run,
+            max_runs,
+            running: 0,
+        }
     }
 
     pub fn take(&mut self) -> Option<Vec<String>> {
-        if self.free.len() < self.per_run {
+        if !self.capacity_for_one() {
             return None;
         }
+        self.running += 1;
         Some((0..self.per_run).filter_map(|_| self.free.pop()).collect())
     }
 
     pub fn give(&mut self, devices: Vec<String>) {
+        self.running = self.running.saturating_sub(1);
         self.free.extend(devices);
     }
 
     pub fn capacity_for_one(&self) -> bool {
-        self.free.len() >= self.per_run
+        self.free.len() >= self.per_run && self.running < self.max_runs
     }
 }
 
@@ -134,7 +146,7 @@ pub fn resolve_devices(res: &Resources) -> (Vec<String>, Option<f64>) {
         }
     };
     let limit = res.memory_gb.or(if devices.iter().all(|d| d == "cpu") {
-        ram_gib().map(|r| r / res.max_parallel as f64)
+        ram_gib().map(|r| r / res.cpu_parallel() as f64)
     } else {
         gpu_mem
     });
@@ -389,7 +401,18 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
         }
         let (mut done, mut interrupted, mut error) = (false, false, None::<String>);
         let mut lines = BufReader::new(rank0_stdout.expect("rank 0")).lines();
-        while let Some(line) = lines.next_line().await? {
+        loop {
+            let line = match lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                // A line that is not UTF-8 is consumed and skipped; the stream goes on.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
+                Err(e) => {
+                    // Stop reading but still wait for (and account for) every rank below.
+                    error.get_or_insert(format!("reading the engine's output: {e}"));
+                    break;
+                }
+            };
             let Some(ev) = Event::parse(&line) else {
                 continue;
             };
@@ -534,7 +557,7 @@ async fn execute_local(
     }
     let mut slots = DeviceSlots::new(&devices, per_run, res.max_parallel);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads_per_run = (cores / res.max_parallel.max(res.procs_per_run)).max(1);
+    let threads_per_run = (cores / res.cpu_parallel().max(res.procs_per_run)).max(1);
     let (writer, writer_task) = ingest::spawn_writer(store.clone());
     let (ui_tx, mut ui_rx) = mpsc::unbounded_channel::<(i64, Event)>();
     let pids: Arc<Mutex<HashMap<i64, Vec<u32>>>> = Arc::default();
@@ -595,9 +618,14 @@ async fn execute_local(
                 slots.give(ended.devices);
             }
             Some((run, ev)) = ui_rx.recv() => display.event(run, &ev),
-            _ = tokio::signal::ctrl_c(), if !stopping => {
+            _ = tokio::signal::ctrl_c() => {
+                // The engines treat a second signal as "exit now" (their last checkpoint stays usable).
+                if stopping {
+                    display.line("second Ctrl-C: engines exit now, without a new checkpoint".into());
+                } else {
+                    display.line("stopping: asking running engines to checkpoint (SIGTERM); Ctrl-C again to stop at once…".into());
+                }
                 stopping = true;
-                display.line("stopping: asking running engines to checkpoint (SIGTERM)…".into());
                 signal_all(&pids, libc::SIGTERM);
             }
             _ = sigterm.recv(), if !stopping => {
@@ -629,17 +657,31 @@ mod tests {
 
     #[test]
     fn device_slots_hand_out_and_take_back() {
-        let mut cpu = DeviceSlots::new(&["cpu".into()], 1, 2);
+        let mut cpu = DeviceSlots::new(&["cpu".into()], 1, None);
         let a = cpu.take().unwrap();
         let _b = cpu.take().unwrap();
         assert!(cpu.take().is_none());
         cpu.give(a);
         assert!(cpu.take().is_some());
-        let mut gpus = DeviceSlots::new(&["cuda:0".into(), "cuda:1".into(), "cuda:2".into()], 2, 8);
+        let mut gpus = DeviceSlots::new(
+            &["cuda:0".into(), "cuda:1".into(), "cuda:2".into()],
+            2,
+            None,
+        );
         assert_eq!(
             gpus.take().unwrap(),
             vec!["cuda:0".to_string(), "cuda:1".to_string()]
         );
         assert!(gpus.take().is_none());
+        // max_parallel caps the runs on GPUs too: 4 GPUs, 1 per run, at most 2 at once.
+        let four: Vec<String> = (0..4).map(|i| format!("cuda:{i}")).collect();
+        let mut capped = DeviceSlots::new(&four, 1, Some(2));
+        let first = capped.take().unwrap();
+        assert!(capped.take().is_some() && capped.take().is_none());
+        capped.give(first);
+        assert_eq!(capped.take().unwrap(), vec!["cuda:0".to_string()]);
+        // Unset, every GPU runs one.
+        let mut all = DeviceSlots::new(&four, 1, None);
+        assert_eq!((0..5).filter(|_| all.take().is_some()).count(), 4);
     }
 }

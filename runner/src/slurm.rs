@@ -437,7 +437,7 @@ pub async fn execute(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Submit while under max_parallel.
-        while !stopping && active.len() < res.max_parallel {
+        while !stopping && active.len() < res.cpu_parallel() {
             let Some(run) = queue.pop_front() else { break };
             // The nodes' memory is unknown here: `memory_gb` (per run) is the only limit applied.
             if let (Some(limit), Some(est)) = (res.memory_gb, run.mem_estimate) {

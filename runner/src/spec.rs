@@ -42,8 +42,9 @@ pub struct Resources {
     pub gpus_per_run: usize,
     /// CPU data-parallel ranks per run.
     pub procs_per_run: usize,
-    /// Runs at once (on CPU they share the cores).
-    pub max_parallel: usize,
+    /// Runs at once. CPU: engine processes at once, default 2 (they share the cores). GPUs: one run per
+    /// `gpus_per_run` free GPUs, capped by this when set. Slurm: jobs kept submitted, default 2.
+    pub max_parallel: Option<usize>,
     /// Memory a run may use, in GiB; default: the GPU's memory, or RAM / max_parallel on CPU.
     pub memory_gb: Option<f64>,
     /// `"local"` (this machine's devices) or `"slurm"` (one `sbatch` job per run).
@@ -85,13 +86,20 @@ pub enum Devices {
     List(Vec<String>),
 }
 
+impl Resources {
+    /// Engine processes at once on CPU (and Slurm jobs kept submitted): `max_parallel`, default 2.
+    pub fn cpu_parallel(&self) -> usize {
+        self.max_parallel.unwrap_or(2)
+    }
+}
+
 impl Default for Resources {
     fn default() -> Self {
         Self {
             devices: Devices::Auto("auto".into()),
             gpus_per_run: 1,
             procs_per_run: 1,
-            max_parallel: 2,
+            max_parallel: None,
             memory_gb: None,
             backend: Backend::Local,
             runs_dir: None,
@@ -168,10 +176,17 @@ impl SweepFile {
                 one_line(&e.to_string())
             )
         })?;
+        // Only `RUNNER_<SECTION>__<KEY>` of the file's sections: CI systems set plain RUNNER_* variables
+        // of their own (GitHub Actions: RUNNER_OS, RUNNER_TEMP, RUNNER_NAME…) that must not become keys.
         let mut fig = Figment::new().merge(Toml::file(path)).merge(
-            Env::prefixed("RUNNER_")
-                .split("__")
-                .ignore(&["home", "engine"]),
+            Env::prefixed("RUNNER_").split("__").filter(|key| {
+                // The key as `split` left it, before lowercasing: `RESOURCES.MAX_PARALLEL`.
+                key.as_str().split_once('.').is_some_and(|(section, _)| {
+                    ["base", "sweep", "resources", "data"]
+                        .iter()
+                        .any(|s| section.eq_ignore_ascii_case(s))
+                })
+            }),
         );
         for kv in sets {
             let (key, value) = engine::train::config::parse_set(kv)?;
@@ -269,7 +284,7 @@ impl Sweep {
             combos.truncate(trials);
         }
         let r = &spec.resources;
-        if r.max_parallel == 0 || r.gpus_per_run == 0 || r.procs_per_run == 0 {
+        if r.max_parallel == Some(0) || r.gpus_per_run == 0 || r.procs_per_run == 0 {
             bail!(
                 "{f}: [resources] max_parallel, gpus_per_run and procs_per_run must be at least 1"
             );
@@ -441,7 +456,7 @@ mod tests {
             &["resources.max_parallel=5".into(), "base.steps=9".into()],
         )
         .unwrap();
-        assert_eq!(spec.resources.max_parallel, 5);
+        assert_eq!(spec.resources.max_parallel, Some(5));
         assert_eq!(spec.base["steps"].as_integer(), Some(9));
         assert!(SweepFile::load_with(&p, &["steps=9".into()]).is_err());
     }

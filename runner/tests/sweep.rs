@@ -198,9 +198,14 @@ fn killed_sweep_resumes_from_checkpoints() {
     }
     let before = report_json(&home, "s1");
     let stopped_at: Vec<i64> = before.iter().map(|r| r["step"].as_i64().unwrap()).collect();
+    // Reading the DB (report, ls, show) already marks runs whose runner and engine are gone.
     assert!(
-        before.iter().any(|r| r["status"] == "running"),
-        "the DB still says running until recovery"
+        before.iter().all(|r| r["status"] != "running"),
+        "dead runs still shown as running: {before:?}"
+    );
+    assert!(
+        before.iter().any(|r| r["status"] == "interrupted"),
+        "{before:?}"
     );
 
     let out = runner(&home).args(["resume", "s1"]).output().unwrap();
@@ -382,7 +387,61 @@ fn malformed_sweep_files_are_refused_before_launch() {
             "case {i}: {line}"
         );
     }
+    // Two files that disagree on [resources] cannot share one queue.
+    let other = dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        good.replace("name = \"good\"", "name = \"other\"")
+            .replace("max_parallel = 2", "max_parallel = 1"),
+    )
+    .unwrap();
+    let out = runner(&home)
+        .arg("sweep")
+        .arg(dir.path().join("good.toml"))
+        .arg(&other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("different [resources]"),
+        "{err}"
+    );
+    // A bad RUNNER_ENGINE is refused before a sweep is recorded.
+    let out = runner(&home)
+        .arg("sweep")
+        .arg(dir.path().join("good.toml"))
+        .env("RUNNER_ENGINE", dir.path().join("no-engine"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("RUNNER_ENGINE"),
+        "{err}"
+    );
     assert!(!home.join("runs.db").exists(), "nothing was recorded");
+    // CI systems' own RUNNER_* variables are not sweep keys; RUNNER_<SECTION>__<KEY> still is.
+    let ci_env = |c: &mut Command| {
+        c.env("RUNNER_TEMP", "/tmp")
+            .env("RUNNER_OS", "Linux")
+            .env("RUNNER_NAME", "GitHub Actions 2");
+    };
+    let mut c = runner(&home);
+    c.args(["sweep", "--dry-run"])
+        .arg(dir.path().join("good.toml"));
+    ci_env(&mut c);
+    let dry = ok(&c.output().unwrap());
+    assert!(dry.contains("sweep good"), "{dry}");
+    let mut c = runner(&home);
+    c.args(["sweep", "--dry-run"])
+        .arg(dir.path().join("good.toml"))
+        .env("RUNNER_RESOURCES__MAX_PARALLEL", "0");
+    ci_env(&mut c);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("max_parallel"),
+        "{err}"
+    );
     let out = runner(&home)
         .arg("sweep")
         .arg(dir.path().join("nope.toml"))
