@@ -510,3 +510,49 @@ fn a_data_dir_with_another_vocab_is_refused_on_resume() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn engine_env_settings_sit_between_the_file_and_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 5\n")).unwrap();
+    let last_step = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        step_losses(&String::from_utf8_lossy(&out.stdout))
+            .last()
+            .unwrap()
+            .0
+    };
+    let a = dir.path().join("a");
+    let out = engine()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            a.to_str().unwrap(),
+        ])
+        .env("ENGINE_STEPS", "3")
+        .output()
+        .unwrap();
+    assert_eq!(last_step(&out), 3);
+    let b = dir.path().join("b");
+    let out = engine()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            b.to_str().unwrap(),
+        ])
+        .args(["--set", "steps=2"])
+        .env("ENGINE_STEPS", "3")
+        .output()
+        .unwrap();
+    assert_eq!(last_step(&out), 2);
+}

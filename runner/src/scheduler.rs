@@ -335,11 +335,12 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
         for rank in 0..world {
             let mut cmd = tokio::process::Command::new(&engine.program);
             cmd.args(&args);
+            // Always set: a runner started inside a Slurm step or torchrun must not pass its own rank on.
+            cmd.env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string());
             if world > 1 {
-                cmd.env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", world.to_string())
-                    .env("LOCAL_RANK", rank.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
+                cmd.env("MASTER_ADDR", "127.0.0.1")
                     .env("MASTER_PORT", port.to_string());
             }
             if !gpus.is_empty() {

@@ -142,7 +142,7 @@ pub fn job_script(run: &RunRow, res: &Resources, engine: &EngineCommand, gpus: b
         r#"# Written by `runner` for run {id}; resubmitted as is after a preemption or timeout.
 set -eu
 cd {q}
-# Rendezvous of the ranks (the engine reads SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID).
+# Rendezvous of the ranks (the engine reads SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID under srun).
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export RAYON_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"

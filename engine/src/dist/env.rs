@@ -1,6 +1,8 @@
 //! Rank and world size from the environment: torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-//! `MASTER_PORT`, or Slurm's `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` (the master address then comes
-//! from `MASTER_ADDR`, which the job script sets to the first node).
+//! `MASTER_PORT`, or, inside an `srun` step, Slurm's `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`
+//! (the master address then comes from `MASTER_ADDR`, which the job script sets to the first node). The
+//! job-wide `SLURM_NTASKS` is not used: a batch script or `salloc` shell has it too, and an engine started
+//! there by hand is one process, not a rank of an N-task step.
 
 use anyhow::{bail, Context, Result};
 
@@ -40,9 +42,21 @@ impl DistEnv {
             }
             Ok(None)
         };
-        let world_size = num(&["WORLD_SIZE", "SLURM_NTASKS"])?.unwrap_or(1);
-        let rank = num(&["RANK", "SLURM_PROCID"])?.unwrap_or(0);
-        let local_rank = num(&["LOCAL_RANK", "SLURM_LOCALID"])?.unwrap_or(0);
+        let (world_size, rank, local_rank) = if let Some(w) = num(&["WORLD_SIZE"])? {
+            let rank = match num(&["RANK"])? {
+                Some(r) => r,
+                None if w > 1 => bail!(
+                    "WORLD_SIZE={w} is set but RANK is not: give every process its RANK (0..{w})"
+                ),
+                None => 0,
+            };
+            (w, rank, num(&["LOCAL_RANK"])?.unwrap_or(0))
+        } else if let Some(w) = num(&["SLURM_STEP_NUM_TASKS"])? {
+            let rank = num(&["SLURM_PROCID"])?.unwrap_or(0);
+            (w, rank, num(&["SLURM_LOCALID"])?.unwrap_or(0))
+        } else {
+            (1, 0, 0)
+        };
         if world_size == 0 {
             bail!("WORLD_SIZE must be at least 1");
         }
@@ -107,14 +121,35 @@ mod tests {
         );
         let s = env(&[
             ("SLURM_PROCID", "3"),
+            ("SLURM_STEP_NUM_TASKS", "4"),
             ("SLURM_NTASKS", "4"),
             ("SLURM_LOCALID", "1"),
             ("MASTER_PORT", "9"),
         ])
         .unwrap();
         assert_eq!((s.rank, s.world_size, s.local_rank), (3, 4, 1));
+        // A batch script or salloc shell (no srun step): one process, whatever the job's task count.
+        let batch = env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_LOCALID", "0"),
+        ])
+        .unwrap();
+        assert_eq!(batch, DistEnv::single());
+        // torchrun's variables win over Slurm's.
+        let t = env(&[
+            ("WORLD_SIZE", "1"),
+            ("SLURM_STEP_NUM_TASKS", "4"),
+            ("SLURM_PROCID", "2"),
+        ])
+        .unwrap();
+        assert_eq!(t, DistEnv::single());
+        assert!(env(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "1")])
+            .unwrap_err()
+            .to_string()
+            .contains("RANK"));
         assert!(env(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).is_err());
-        assert!(env(&[("WORLD_SIZE", "2")])
+        assert!(env(&[("WORLD_SIZE", "2"), ("RANK", "0")])
             .unwrap_err()
             .to_string()
             .contains("MASTER_PORT"));

@@ -34,6 +34,13 @@ pub trait Communicator: Send {
         }
         Ok(Tensor::from_vec(flat, t.shape(), t.device())?)
     }
+
+    /// How long the next collectives may wait for a peer. The training loop lengthens it (to
+    /// [`leader_work_timeout`]) for the collective that follows an eval or a checkpoint, which only the
+    /// leader does while the other ranks wait, and shortens it again after.
+    fn set_timeout(&mut self, _timeout: Duration) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The communicator of a single-process run: every collective is the identity.
@@ -51,14 +58,22 @@ impl Communicator for SingleProcess {
     }
 }
 
-/// How long a collective may wait for a peer before the run fails.
+/// How long a collective may wait for a peer before the run fails: `ENGINE_DIST_TIMEOUT` seconds (default
+/// 120; at least 1 ms, at most a year, so `inf` means "practically never").
 pub fn timeout() -> Duration {
     let secs = std::env::var("ENGINE_DIST_TIMEOUT")
         .ok()
-        .and_then(|s| s.parse::<f64>().ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
         .filter(|s| *s > 0.0)
-        .unwrap_or(120.0);
+        .unwrap_or(120.0)
+        .clamp(1e-3, 365.0 * 86_400.0);
     Duration::from_secs_f64(secs)
+}
+
+/// The wait allowed for the collective after an eval or a checkpoint, which the leader runs alone (a
+/// large model's checkpoint on a network filesystem can take minutes): ten times [`timeout`].
+pub fn leader_work_timeout() -> Duration {
+    timeout().saturating_mul(10)
 }
 
 /// The communicator for this process: none for one rank, NCCL for ranks on CUDA devices (CUDA builds),

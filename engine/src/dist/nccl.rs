@@ -44,7 +44,7 @@ pub struct Nccl {
 /// collective fails or times out, and on drop.
 struct Watched {
     comm: Mutex<Option<RawComm>>,
-    timeout: Duration,
+    timeout: Mutex<Duration>,
 }
 
 /// The raw handle. This process drives it from the training thread only, one collective at a time, as
@@ -92,7 +92,7 @@ impl Nccl {
             device: device.clone(),
             comm: Arc::new(Watched {
                 comm: Mutex::new(Some(comm)),
-                timeout,
+                timeout: Mutex::new(timeout),
             }),
         })
     }
@@ -170,7 +170,11 @@ impl Watched {
         let done = stream
             .record_event(None)
             .map_err(|e| anyhow!("recording a CUDA event: {e:?}"))?;
-        let deadline = Instant::now() + self.timeout;
+        let timeout = *self
+            .timeout
+            .lock()
+            .map_err(|_| anyhow!("NCCL lock poisoned"))?;
+        let deadline = Instant::now() + timeout;
         let mut nap = Duration::from_micros(20);
         loop {
             match done.try_is_complete() {
@@ -195,7 +199,7 @@ impl Watched {
                 guard.take();
                 bail!(
                     "the gradient all-reduce did not complete within {:.0} s: a rank died or hangs (ENGINE_DIST_TIMEOUT sets the limit)",
-                    self.timeout.as_secs_f64()
+                    timeout.as_secs_f64()
                 );
             }
             std::thread::sleep(nap);
@@ -218,6 +222,15 @@ impl Communicator for Nccl {
         let t = Tensor::from_slice(buf, buf.len(), &self.device)?;
         let out = self.all_reduce_tensor_sum(&t)?.to_vec1::<f32>()?;
         buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        *self
+            .comm
+            .timeout
+            .lock()
+            .map_err(|_| anyhow!("NCCL lock poisoned"))? = timeout;
         Ok(())
     }
 

@@ -249,6 +249,11 @@ impl Communicator for TcpRing {
         }
         Ok(())
     }
+
+    fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        configure(&self.next, timeout)?;
+        configure(&self.prev, timeout)
+    }
 }
 
 impl Drop for TcpRing {

@@ -143,6 +143,9 @@ pub fn generate_text(
     let mut stream = tokenizer.decode_stream(false);
     let mut generated = Vec::new();
     for i in 0..max_tokens {
+        if logits.iter().any(|v| v.is_nan()) {
+            anyhow::bail!("the model produced NaN logits after {i} generated token(s): the checkpoint's weights are not finite (a diverged run?); try an earlier checkpoint dir");
+        }
         let next = sampler.sample(&logits);
         if next == data_prep::EOT_ID {
             stats.hit_eot = true;

@@ -623,8 +623,8 @@ mod tests {
     use super::*;
     use crate::model::bit_linear::BitLinear;
     use crate::model::WeightKind;
-    use candle_core::{DType, Device, Module, Tensor};
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_core::{DType, Device, Module};
+    use candle_nn::VarMap;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -734,9 +734,11 @@ mod tests {
         .enumerate()
         {
             let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let vb = crate::model::init::seeded_var_builder(&varmap, 7, DType::F32, &dev);
             let lin = BitLinear::new(in_dim, out_dim, WeightKind::Ternary, 0.05, vb.pp("l"))?;
-            let x = (Tensor::randn(0f32, 1.0, (t, in_dim), &dev)? * (1.0 + i as f64))?;
+            let x =
+                (crate::model::init::seeded_randn(112, 0.0, 1.0, (t, in_dim), DType::F32, &dev)?
+                    * (1.0 + i as f64))?;
             let want: Vec<f32> = lin.forward(&x)?.flatten_all()?.to_vec1()?;
             let p = PackedTernary::from_weight(lin.weight())?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;

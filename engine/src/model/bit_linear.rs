@@ -224,7 +224,7 @@ mod tests {
     fn quantized_weights_take_three_values() -> Result<()> {
         let dev = Device::Cpu;
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let vb = crate::model::init::seeded_var_builder(&varmap, 7, DType::F32, &dev);
         let lin = BitLinear::new(64, 32, WeightKind::Ternary, 0.02, vb.pp("lin"))?;
         let (q, gamma) = ternary_quantize(lin.weight())?;
         let mut values: Vec<f32> = q.flatten_all()?.to_vec1()?;
@@ -301,14 +301,14 @@ mod tests {
     fn fused_ternary_weights_match_quantize_and_pass_gradients_straight() -> Result<()> {
         let dev = Device::Cpu;
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let vb = crate::model::init::seeded_var_builder(&varmap, 7, DType::F32, &dev);
         let lin = BitLinear::new(48, 20, WeightKind::Ternary, 0.05, vb.pp("lin"))?;
         let (q, gamma) = ternary_quantize(lin.weight())?;
         let expected: Vec<f32> = q.affine(gamma, 0.0)?.flatten_all()?.to_vec1()?;
         let fused = lin.effective_weight()?;
         assert_eq!(fused.flatten_all()?.to_vec1::<f32>()?, expected);
         // The composed straight-through form gives the same gradient to the latent weights.
-        let w = Tensor::randn(0f32, 1.0, (20, 48), &dev)?;
+        let w = crate::model::init::seeded_randn(109, 0.0, 1.0, (20, 48), DType::F32, &dev)?;
         let g = (fused * &w)?.sum_all()?.backward()?;
         let got = g.get(lin.weight()).expect("gradient reaches W");
         let diff = (got - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -93,13 +93,42 @@ pub fn build_seeded(
     device: &Device,
 ) -> Result<(VarMap, BitLlama)> {
     let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, seed, dtype, device);
+    let model = BitLlama::new(cfg, vb)?;
+    Ok((varmap, model))
+}
+
+/// A `VarBuilder` over `varmap` whose new parameters are drawn from `seed`: single layers built the way
+/// [`build_seeded`] builds the model (tests use it so that they see the same weights on every run).
+pub fn seeded_var_builder(
+    varmap: &VarMap,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
     let backend = SeededVarMap {
         varmap: varmap.clone(),
         seed,
     };
-    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-    let model = BitLlama::new(cfg, vb)?;
-    Ok((varmap, model))
+    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+}
+
+/// Normal draws from a seeded stream (candle's CPU `randn` cannot be seeded).
+pub fn seeded_randn(
+    seed: u64,
+    mean: f64,
+    stdev: f64,
+    shape: impl Into<Shape>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    let values = draw(
+        &shape,
+        Init::Randn { mean, stdev },
+        &mut ChaCha8Rng::seed_from_u64(seed),
+    );
+    Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ fn tiny(mixer: MixerKind, weights: WeightKind) -> ModelConfig {
 
 fn build(cfg: &ModelConfig, dtype: DType) -> Result<(VarMap, BitLlama)> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let vb = crate::model::init::seeded_var_builder(&varmap, 7, dtype, &Device::Cpu);
     let model = BitLlama::new(cfg, vb)?;
     Ok((varmap, model))
 }

@@ -149,7 +149,9 @@ impl TrainConfig {
         }
         let keys = known_keys();
         fig = fig.merge(
-            Env::prefixed("ENGINE_").filter(move |k| keys.iter().any(|n| n.as_str() == k.as_str())),
+            // figment lowercases env keys only after filtering: compare without case.
+            Env::prefixed("ENGINE_")
+                .filter(move |k| keys.iter().any(|n| n.eq_ignore_ascii_case(k.as_str()))),
         );
         for kv in sets {
             let (key, value) = parse_set(kv)?;
@@ -214,15 +216,23 @@ impl TrainConfig {
                 self.grad_accum
             );
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
+        // `(0.0..=x).contains` is false for NaN, so NaN fails every check.
+        let lr_ok = self.lr > 0.0 && self.lr.is_finite() && (0.0..=self.lr).contains(&self.min_lr);
+        if !lr_ok {
             bail!(
                 "need 0 <= min_lr <= lr and lr > 0 (got lr = {}, min_lr = {})",
                 self.lr,
                 self.min_lr
             );
         }
-        if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
-            bail!("weight_decay and grad_clip must be >= 0 (0 turns clipping off)");
+        let decay_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
+        let clip_ok = (0.0..=f64::INFINITY).contains(&self.grad_clip);
+        if !(decay_ok && clip_ok) {
+            bail!(
+                "weight_decay must be a finite number >= 0 and grad_clip a number >= 0 (0 turns clipping off; got {} and {})",
+                self.weight_decay,
+                self.grad_clip
+            );
         }
         match self.dtype.as_str() {
             "f32" => {}
@@ -393,6 +403,31 @@ mod tests {
             ..ok.clone()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("CUDA"));
+        // NaN and infinities are refused, not passed on to the optimizer.
+        for bad in [
+            TrainConfig {
+                min_lr: f64::NAN,
+                ..ok.clone()
+            },
+            TrainConfig {
+                lr: f64::NAN,
+                ..ok.clone()
+            },
+            TrainConfig {
+                weight_decay: f64::NAN,
+                ..ok.clone()
+            },
+            TrainConfig {
+                weight_decay: f64::INFINITY,
+                ..ok.clone()
+            },
+            TrainConfig {
+                grad_clip: f64::NAN,
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
         let gpu = TrainConfig {
             dtype: "bf16".into(),
             device: "cuda:0".into(),

@@ -289,7 +289,8 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         .collect();
     let vars: Vec<Var> = named.values().cloned().collect();
     let mut opt = AdamW::new(&named, cfg.weight_decay)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut data_seed = cfg.seed;
+    let mut rng = ChaCha8Rng::seed_from_u64(data_seed);
     let (mut step, mut tokens, mut elapsed_before) = (0u64, 0u64, 0f64);
     let ckpts = CheckpointDir::new(&run_dir);
     let mut last_val: Option<f64> = None;
@@ -310,7 +311,8 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                     ckpts.set_aside(&ck.skipped);
                 }
                 opt.load_state(&ck.optimizer, ck.state.step)?;
-                rng = ChaCha8Rng::seed_from_u64(ck.state.rng_seed);
+                data_seed = ck.state.rng_seed;
+                rng = ChaCha8Rng::seed_from_u64(data_seed);
                 rng.set_word_pos(
                     ck.state
                         .rng_word_pos
@@ -390,7 +392,8 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             step,
             tokens,
             elapsed_s: elapsed,
-            rng_seed: cfg.seed,
+            // The seed of the stream in use (a resumed run keeps its own even under `--set seed=…`).
+            rng_seed: data_seed,
             rng_word_pos: rng.get_word_pos().to_string(),
             config_hash: config_hash(&model_cfg),
             model_config: model_cfg.clone(),
@@ -426,7 +429,11 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     let elapsed = |started: &Instant| elapsed_before + started.elapsed().as_secs_f64();
     let time_up = |started: &Instant| cfg.max_seconds.is_some_and(|s| elapsed(started) >= s);
     let mut saved_at = step;
-    let (mut stopped, mut timed_out) = (false, world == 1 && time_up(&started));
+    // Decided from the checkpoint's clock alone, so every rank agrees without a collective: a run resumed
+    // after its max_seconds were spent takes no further step.
+    let (mut stopped, mut timed_out) =
+        (false, cfg.max_seconds.is_some_and(|s| elapsed_before >= s));
+    let mut patient = false;
     while !cfg.finished(step, tokens, 0.0) && !timed_out {
         let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, horizon);
         let starts = data.sample_starts(&mut rng, cfg.batch_size, t);
@@ -451,13 +458,14 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         };
         let loss = loss / (cfg.grad_accum * world) as f64;
         let grad_norm = grad_norm(&grads, &vars)?;
-        opt.update_scaled(&grads, lr, clip_scale(grad_norm, cfg.grad_clip))?;
-        if !loss.is_finite() {
+        // Checked before the update, so the weights (and any later checkpoint) never hold NaN/inf.
+        if !loss.is_finite() || !grad_norm.is_finite() {
             bail!(
-                "loss became {loss} at step {}: lower lr or raise warmup_steps",
+                "loss became {loss} (gradient norm {grad_norm}) at step {}: lower lr or raise warmup_steps (the weights were not updated; the last checkpoint is intact)",
                 step + 1
             );
         }
+        opt.update_scaled(&grads, lr, clip_scale(grad_norm, cfg.grad_clip))?;
         step += 1;
         tokens += (cfg.batch_size * t) as u64;
         (stopped, timed_out) = (any_stop, any_time_up);
@@ -481,6 +489,18 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             });
         }
         let finishing = cfg.finished(step, tokens, 0.0) || timed_out;
+        // Every rank knows whether the leader evaluates or checkpoints now; the others then wait longer
+        // for it in the next all-reduce.
+        let leader_work = !finishing
+            && ((step % cfg.eval_every == 0 && !stopped) || step % cfg.checkpoint_every == 0);
+        if world > 1 && leader_work != patient {
+            patient = leader_work;
+            comm.set_timeout(if patient {
+                dist::leader_work_timeout()
+            } else {
+                dist::timeout()
+            })?;
+        }
         if step % cfg.eval_every == 0 && !finishing && !stopped {
             if let Some(val_loss) = evaluate_on_leader(&model)? {
                 last_val = Some(val_loss);
