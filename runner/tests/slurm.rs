@@ -1,7 +1,8 @@
 //! End-to-end on a real one-node Slurm cluster (opt-in: `BITLLAMA_SLURM_TEST=1`, as `.ci/run` sets it).
 //! Starts slurmctld/slurmd/munged with `tests/slurm/cluster.sh`, runs a 2-run CPU sweep through
 //! `backend = "slurm"`, `scancel`s one job mid-run, and checks it was resubmitted and finished from its
-//! checkpoint. Without the opt-in it does nothing; with it, a cluster that cannot start fails the test.
+//! checkpoint; then detaches and re-adopts jobs, and runs one 2-rank CPU job (ranks from `srun`). Without
+//! the opt-in it does nothing; with it, a cluster that cannot start fails the test.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -309,4 +310,23 @@ fn a_sweep_runs_on_slurm_and_a_cancelled_job_is_resubmitted() {
             );
         }
     });
+
+    // Sweep s3 (run 5): one run of 2 CPU ranks in one job; `srun` hands each its rank through
+    // SLURM_PROCID / SLURM_STEP_NUM_TASKS.
+    let file3 = sweep_file("two-ranks", 20);
+    let text = std::fs::read_to_string(&file3)
+        .unwrap()
+        .replace("n_layers = [1, 2]", "n_layers = [1]")
+        .replace("max_parallel = 2", "max_parallel = 1\nprocs_per_run = 2");
+    std::fs::write(&file3, text).unwrap();
+    let mut third = runner(&["sweep", file3.to_str().unwrap()], "s3.log");
+    let out = third.0.take().unwrap().wait_with_output().unwrap();
+    let log3 = std::fs::read_to_string(dir.path().join("s3.log")).unwrap_or_default();
+    assert!(out.status.success(), "{log3}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(runs_dir.join("run-5/checkpoints/step-00000020/state.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["world_size"], 2, "{state}");
 }
