@@ -1,5 +1,10 @@
 //! Ingestion: engine protocol events in, SQLite rows out. One writer task owns all writes and commits
 //! batches in single transactions (metrics as multi-row upserts, one progress update per run per batch).
+//!
+//! A run has one timeline. An engine that resumes from the checkpoint at step s (after a kill, the steps
+//! after s it had logged are abandoned) says so in its `start` event; ingesting that event drops the run's
+//! metrics and checkpoint rows after s, in the database and in the batch, and recomputes the run's
+//! val_loss / best_val_loss / checkpoint columns, so no value from an abandoned timeline survives.
 
 use std::collections::HashMap;
 
@@ -54,8 +59,10 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
     let t = unix_now();
     let mut points: Vec<(i64, &str, i64, f64)> = Vec::new();
     let mut progress: HashMap<i64, Progress> = HashMap::new();
-    let mut checkpoints = Vec::new();
+    let mut checkpoints: Vec<(i64, i64, String, i64, Option<String>)> = Vec::new();
     let mut notes = Vec::new();
+    // Run → the earliest step a `start` in this batch continues from: later rows are dropped.
+    let mut truncate: HashMap<i64, i64> = HashMap::new();
     for (run, ev) in batch {
         let p = progress.entry(*run).or_default();
         match ev {
@@ -65,8 +72,19 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
                 resumed,
                 ..
             } => {
-                p.step = Some(*step as i64);
-                p.total_steps = total_steps.map(|s| s as i64);
+                let s = *step as i64;
+                // What this batch gathered after step s belongs to the abandoned timeline.
+                points.retain(|q| q.0 != *run || q.2 <= s);
+                checkpoints.retain(|c| c.0 != *run || c.1 <= s);
+                truncate
+                    .entry(*run)
+                    .and_modify(|m| *m = (*m).min(s))
+                    .or_insert(s);
+                *p = Progress {
+                    step: Some(s),
+                    total_steps: total_steps.map(|t| t as i64),
+                    ..Progress::default()
+                };
                 let what = if *resumed { "resumed" } else { "started" };
                 notes.push((*run, "engine", format!("engine {what} at step {step}")));
             }
@@ -144,6 +162,17 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
     // Insert in primary-key order: the B-tree is then walked left to right instead of hopping between runs.
     points.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
     let mut tx = store.pool.begin().await?;
+    for (run, step) in &truncate {
+        for table in ["metrics", "checkpoints"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE run_id = ? AND step > ?"
+            ))
+            .bind(run)
+            .bind(step)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
     for chunk in points.chunks(ROWS_PER_STATEMENT) {
         // Plain `?` only: sqlx looks up the name of every numbered parameter, which SQLite answers by a
         // linear scan (quadratic in the row count).
@@ -186,6 +215,24 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
             .bind(reason)
             .execute(&mut *tx)
             .await?;
+    }
+    for run in truncate.keys() {
+        // What the remaining timeline says (the progress update below then folds in this batch).
+        sqlx::query(
+            "UPDATE runs SET \
+             best_val_loss = (SELECT MIN(value) FROM metrics WHERE run_id = ? AND name = 'val_loss'), \
+             val_loss = (SELECT value FROM metrics WHERE run_id = ? AND name = 'val_loss' ORDER BY step DESC LIMIT 1), \
+             val_bpb = (SELECT value FROM metrics WHERE run_id = ? AND name = 'val_bpb' ORDER BY step DESC LIMIT 1), \
+             checkpoint = (SELECT path FROM checkpoints WHERE run_id = ? ORDER BY step DESC LIMIT 1) \
+             WHERE id = ?",
+        )
+        .bind(run)
+        .bind(run)
+        .bind(run)
+        .bind(run)
+        .bind(run)
+        .execute(&mut *tx)
+        .await?;
     }
     for (run, p) in progress {
         sqlx::query(
@@ -270,22 +317,29 @@ pub fn spawn_writer(
 }
 
 /// Send the step, eval and checkpoint events of an existing `metrics.jsonl` of run `run` (none when the
-/// file is missing). Their rows are upserts, so events ingested before are not doubled; start, done and
-/// interruption notes are not repeated.
+/// file is missing), of its final timeline only: a `start` at step s in the file discards the events after
+/// s that came before it. Their rows are upserts, so events ingested before are not doubled; start, done
+/// and interruption notes are not repeated.
 pub fn backfill(tx: &mpsc::UnboundedSender<Msg>, run: i64, metrics: &std::path::Path) {
     let Ok(text) = std::fs::read_to_string(metrics) else {
         return;
     };
+    let mut timeline: Vec<(u64, Event)> = Vec::new();
     for ev in text.lines().filter_map(Event::parse) {
-        let keep = match &ev {
-            Event::Step { .. } | Event::Eval { .. } => true,
+        let step = match &ev {
+            Event::Start { step, .. } => {
+                timeline.retain(|(s, _)| s <= step);
+                continue;
+            }
+            Event::Step { step, .. } | Event::Eval { step, .. } => *step,
             // A checkpoint rotated away since keeps the row (and sha256) it was recorded with.
-            Event::Checkpoint { path, .. } => std::path::Path::new(path).is_dir(),
-            _ => false,
+            Event::Checkpoint { path, step, .. } if std::path::Path::new(path).is_dir() => *step,
+            _ => continue,
         };
-        if keep {
-            let _ = tx.send(Msg::Event(run, ev));
-        }
+        timeline.push((step, ev));
+    }
+    for (_, ev) in timeline {
+        let _ = tx.send(Msg::Event(run, ev));
     }
 }
 
@@ -330,5 +384,101 @@ mod tests {
         assert!(matches!(got[0], Event::Step { step: 1, .. }));
         assert!(matches!(got[1], Event::Eval { step: 2, .. }));
         assert!(matches!(got[2], Event::Checkpoint { step: 2, .. }));
+
+        // A resumed start discards what the file logged after its step before it.
+        let resumed = [
+            lines[0].clone(),
+            lines[1].clone(),
+            lines[3].clone(),
+            r#"{"event":"start","protocol":1,"run_dir":"r","step":1,"total_steps":null,"params":10,"resumed":true,"device":"cpu","world_size":1}"#.into(),
+            r#"{"event":"step","step":2,"loss":9.0,"lr":0.001,"tokens":16,"tokens_per_s":100.0,"elapsed_s":0.2,"grad_norm":1.0}"#.into(),
+        ];
+        std::fs::write(&metrics, resumed.join("\n")).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        backfill(&tx, 7, &metrics);
+        drop(tx);
+        let mut got = Vec::new();
+        while let Ok(Msg::Event(_, ev)) = rx.try_recv() {
+            got.push(ev);
+        }
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(matches!(got[0], Event::Step { step: 1, .. }));
+        assert!(matches!(got[1], Event::Step { step: 2, loss, .. } if loss == 9.0));
+    }
+
+    fn start(step: u64, resumed: bool) -> Event {
+        Event::parse(&format!(
+            r#"{{"event":"start","protocol":1,"run_dir":"r","step":{step},"total_steps":null,"params":10,"resumed":{resumed},"device":"cpu","world_size":1}}"#
+        ))
+        .unwrap()
+    }
+
+    fn step(step: u64, loss: f64) -> Event {
+        Event::parse(&format!(
+            r#"{{"event":"step","step":{step},"loss":{loss},"lr":0.001,"tokens":8,"tokens_per_s":100.0,"elapsed_s":0.1,"grad_norm":1.0}}"#
+        ))
+        .unwrap()
+    }
+
+    fn eval(step: u64, val: f64) -> Event {
+        Event::parse(&format!(
+            r#"{{"event":"eval","step":{step},"val_loss":{val},"val_bpb":{val}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn checkpoint(step: u64) -> Event {
+        Event::parse(&format!(
+            r#"{{"event":"checkpoint","step":{step},"path":"/nowhere/step-{step}","bytes":1}}"#
+        ))
+        .unwrap()
+    }
+
+    /// Timeline A logs steps 1–14 (evals at 6 and 12, checkpoints at 5 and 10); it is killed and resumed
+    /// from step 10 as timeline B, which logs 11–12 with other values. Whether the resume lands in a later
+    /// batch or in the same one, nothing of A after step 10 survives.
+    #[tokio::test]
+    async fn a_resumed_start_drops_the_abandoned_timeline() -> Result<()> {
+        let timeline_a: Vec<Event> = std::iter::once(start(0, false))
+            .chain((1..=14).map(|s| step(s, 5.0)))
+            .chain([eval(6, 4.0), checkpoint(5), checkpoint(10), eval(12, 1.0)])
+            .collect();
+        let timeline_b: Vec<Event> =
+            vec![start(10, true), step(11, 7.0), step(12, 7.5), eval(12, 3.0)];
+        for split in [true, false] {
+            let d = tempfile::tempdir()?;
+            let store = RunStore::open(d.path()).await?;
+            let s = store.create_sweep("t", "f.toml", "{}").await?;
+            let run = store
+                .add_runs(s, &[(Default::default(), "dim = 8".into(), 10, 20)], None)
+                .await?[0];
+            let a: Vec<(i64, Event)> = timeline_a.iter().map(|e| (run, e.clone())).collect();
+            let b: Vec<(i64, Event)> = timeline_b.iter().map(|e| (run, e.clone())).collect();
+            if split {
+                apply(&store, &a).await?;
+                apply(&store, &b).await?;
+            } else {
+                apply(&store, &[a, b].concat()).await?;
+            }
+            let loss = store.metric(run, "loss").await?;
+            assert_eq!(loss.len(), 12, "split {split}: {loss:?}");
+            assert_eq!(&loss[10..], &[(11, 7.0), (12, 7.5)], "split {split}");
+            assert_eq!(
+                store.metric(run, "val_loss").await?,
+                vec![(6, 4.0), (12, 3.0)]
+            );
+            let r = store.run(run).await?;
+            assert_eq!(
+                (r.step, r.val_loss, r.best_val_loss),
+                (12, Some(3.0), Some(3.0)),
+                "split {split}: the abandoned eval's 1.0 must not stay best"
+            );
+            assert_eq!(
+                r.checkpoint.as_deref(),
+                Some("/nowhere/step-10"),
+                "split {split}"
+            );
+        }
+        Ok(())
     }
 }

@@ -319,6 +319,16 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
         if run_dir.join("config.toml").is_file() {
             args.extend(["--resume".into(), run_dir.clone().into_os_string()]);
         } else {
+            if run.step > 0 {
+                // The engine's start event at step 0 then clears the old metrics and checkpoint rows.
+                let why = format!(
+                    "run dir {} is gone (it had reached step {}): starting the run over from step 0",
+                    run_dir.display(),
+                    run.step
+                );
+                store.note(id, "runner", &why).await?;
+                tracing::warn!("run {id}: {why}");
+            }
             let cfg = run_dir.join("run.toml");
             std::fs::write(&cfg, &run.config)
                 .with_context(|| format!("writing {}", cfg.display()))?;
