@@ -262,6 +262,27 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
     Ok(())
 }
 
+/// [`apply`], retried for about a minute when it fails (a long-held lock beyond the busy timeout, a disk
+/// briefly full): a failed commit rolls back whole, so retrying cannot double anything.
+async fn apply_with_retries(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
+    const TRIES: u32 = 12;
+    for attempt in 1.. {
+        match apply(store, batch).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < TRIES => {
+                tracing::warn!("writing {} events to runs.db failed (try {attempt} of {TRIES}; retrying): {e:#}", batch.len());
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt).min(10))).await;
+            }
+            Err(e) => {
+                return Err(e.context(
+                    "writing to runs.db kept failing (every run's metrics.jsonl in its run dir still holds all its events)",
+                ))
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 /// Most events one transaction takes.
 const MAX_BATCH: usize = 100_000;
 
@@ -304,7 +325,7 @@ pub fn spawn_writer(
                 };
             }
             if !batch.is_empty() {
-                apply(&store, &batch).await?;
+                apply_with_retries(&store, &batch).await?;
                 batch.clear();
             }
             for w in waiters.drain(..) {

@@ -365,16 +365,24 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(false);
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("starting {}", engine.program.display()))?;
-            children.push(child);
+            match cmd.spawn() {
+                Ok(child) => children.push(child),
+                Err(e) => {
+                    // Ranks already started would wait for this one until their timeout: stop them now.
+                    terminate(&children.iter().filter_map(|c| c.id()).collect::<Vec<_>>());
+                    return Err(e).with_context(|| format!("starting {}", engine.program.display()));
+                }
+            }
         }
         let rank_pids: Vec<u32> = children.iter().map(|c| c.id().unwrap_or(0)).collect();
         pids.lock()
             .expect("pids lock")
             .insert(id, rank_pids.clone());
-        store.set_pid(id, rank_pids[0]).await?;
+        if let Err(e) = store.set_pid(id, rank_pids[0]).await {
+            terminate(&rank_pids);
+            pids.lock().expect("pids lock").remove(&id);
+            return Err(e);
+        }
 
         // Every rank: stderr to RUN_DIR/engine.log (rank 0) or rank-N.log, keeping a tail for the reason;
         // ranks > 0 also log their stdout there. Rank 0's stdout is the protocol stream.
@@ -454,12 +462,7 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
                             "rank {rank} exited with {status}; stderr tail: {}",
                             t.join(" | ")
                         ));
-                        for pid in &rank_pids {
-                            // SAFETY: kill(2) on processes this run started.
-                            unsafe {
-                                libc::kill(*pid as i32, libc::SIGTERM);
-                            }
-                        }
+                        terminate(&rank_pids);
                     }
                 }
             }
@@ -651,6 +654,16 @@ async fn execute_local(
     writer_task.await.context("the DB writer panicked")??;
     display.overall.finish_and_clear();
     Ok(summary)
+}
+
+/// SIGTERM to engine processes this runner started (they checkpoint and exit).
+fn terminate(pids: &[u32]) {
+    for pid in pids.iter().filter(|p| **p > 0) {
+        // SAFETY: kill(2) on processes this runner started; no memory is touched.
+        unsafe {
+            libc::kill(*pid as i32, libc::SIGTERM);
+        }
+    }
 }
 
 fn signal_all(pids: &Arc<Mutex<HashMap<i64, Vec<u32>>>>, sig: i32) {

@@ -209,6 +209,24 @@ async fn squeue_states(jobs: &[String]) -> Result<HashMap<String, String>> {
         .collect())
 }
 
+/// A pending or running job whose script is this run's `job.sh` (found by its job name and script path,
+/// so a run of the same id in another runner home does not match).
+async fn live_job_for(run: &RunRow) -> Option<String> {
+    let out = Command::new("squeue")
+        .args(["-h", "-n", &format!("bitllama-{}", run.id), "-o", "%i %o"])
+        .output()
+        .await
+        .ok()?;
+    let script = Path::new(&run.run_dir).join("job.sh");
+    let script = std::fs::canonicalize(&script).unwrap_or(script);
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (id, command) = l.trim().split_once(' ')?;
+        let command = Path::new(command.trim());
+        let command = std::fs::canonicalize(command).unwrap_or_else(|_| command.to_path_buf());
+        (command == script).then(|| id.to_string())
+    })
+}
+
 async fn scontrol_show(job: &str) -> Option<JobInfo> {
     let out = Command::new("scontrol")
         .args(["show", "job", job, "-o"])
@@ -389,9 +407,27 @@ pub async fn execute(
     let mut active: HashMap<i64, Job> = HashMap::new();
     let mut queue = VecDeque::new();
 
-    for run in runs {
+    for mut run in runs {
+        if run.slurm_job.as_deref() == Some("submitting") {
+            // Claimed by a runner that was about to run sbatch. Still alive: it is that runner's. Gone: it
+            // may have died before sbatch (no job) or after it but before recording the id (a live job
+            // runs this run's script): adopt such a job rather than submit a second one.
+            let claimer = run
+                .runner_pid
+                .filter(|p| *p as u32 != std::process::id() && process_alive(*p));
+            if let Some(p) = claimer {
+                display.line(format!(
+                    "run {}: runner pid {p} is submitting it; skipping",
+                    run.id
+                ));
+                continue;
+            }
+            let job = live_job_for(&run).await;
+            store.set_slurm_job(run.id, job.as_deref(), false).await?;
+            run.slurm_job = job;
+        }
         match run.slurm_job.clone() {
-            Some(job) if job != "submitting" => {
+            Some(job) => {
                 let other_runner = run
                     .runner_pid
                     .filter(|p| *p as u32 != std::process::id() && process_alive(*p));
@@ -420,11 +456,6 @@ pub async fn execute(
                         run,
                     },
                 );
-            }
-            // A claim that died between claiming and sbatch: no job exists; submit afresh.
-            Some(_) => {
-                store.set_slurm_job(run.id, None, false).await?;
-                queue.push_back(run);
             }
             None => queue.push_back(run),
         }
