@@ -8,7 +8,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use engine::train::TrainConfig;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -200,6 +199,62 @@ impl SweepFile {
     }
 }
 
+/// Most runs a grid may expand to.
+const MAX_GRID_RUNS: usize = 100_000;
+
+/// The combination at `index` of the grid's order (the first axis varies slowest).
+fn combo_at(
+    axes: &[(String, Vec<toml::Value>)],
+    mut index: usize,
+) -> BTreeMap<String, toml::Value> {
+    let mut picks = vec![0; axes.len()];
+    for (i, (_, values)) in axes.iter().enumerate().rev() {
+        picks[i] = index % values.len();
+        index /= values.len();
+    }
+    axes.iter()
+        .zip(picks)
+        .map(|((k, values), p)| (k.clone(), values[p].clone()))
+        .collect()
+}
+
+/// `trials` distinct combinations drawn uniformly from the seeded stream, never materialising the space:
+/// exact index sampling when it has a countable size, per-axis draws with rejection of repeats beyond.
+fn sample_combos(
+    axes: &[(String, Vec<toml::Value>)],
+    total: Option<usize>,
+    trials: usize,
+    seed: u64,
+) -> Vec<BTreeMap<String, toml::Value>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    match total {
+        Some(n) if n <= 1 << 24 => rand::seq::index::sample(&mut rng, n, trials.min(n))
+            .into_iter()
+            .map(|i| combo_at(axes, i))
+            .collect(),
+        _ => {
+            // More than 16M combinations: a repeat among `trials` draws is rare, and rejected.
+            let mut seen = std::collections::HashSet::new();
+            let mut out = Vec::with_capacity(trials);
+            while out.len() < trials {
+                let picks: Vec<usize> = axes
+                    .iter()
+                    .map(|(_, v)| rand::Rng::gen_range(&mut rng, 0..v.len()))
+                    .collect();
+                if seen.insert(picks.clone()) {
+                    out.push(
+                        axes.iter()
+                            .zip(&picks)
+                            .map(|((k, v), p)| (k.clone(), v[*p].clone()))
+                            .collect(),
+                    );
+                }
+            }
+            out
+        }
+    }
+}
+
 /// Cartesian product of the swept lists, in key order.
 fn grid(axes: &[(String, Vec<toml::Value>)]) -> Vec<BTreeMap<String, toml::Value>> {
     let mut out = vec![BTreeMap::new()];
@@ -265,9 +320,34 @@ impl Sweep {
             if values.is_empty() {
                 bail!("{f}: [sweep] {key}: the list is empty: give at least one value");
             }
+            if let Some((i, v)) = values
+                .iter()
+                .enumerate()
+                .find(|(i, v)| values[..*i].contains(v))
+            {
+                bail!("{f}: [sweep] {key}: {v} is listed twice (item {}): each value once, or the same run is made twice", i + 1);
+            }
             axes.push((key.clone(), values.clone()));
         }
-        let mut combos = grid(&axes);
+        // Combinations, without building them: a random search may span far more than it samples.
+        let total = axes
+            .iter()
+            .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()));
+        if strategy == Strategy::Grid {
+            for key in ["trials", "seed"] {
+                if spec.sweep.get(key).is_some_and(|v| !v.is_array()) {
+                    bail!("{f}: [sweep] {key}: only strategy = \"random\" takes {key} (to sweep the engine's seed, give a list: seed = [0, 1, 2])");
+                }
+            }
+            if total.is_none_or(|n| n > MAX_GRID_RUNS) {
+                bail!("{f}: [sweep] the grid has more than {MAX_GRID_RUNS} combinations: use strategy = \"random\" with trials = N, or fewer values");
+            }
+        }
+        let mut combos = if strategy == Strategy::Grid {
+            grid(&axes)
+        } else {
+            Vec::new()
+        };
         if strategy == Strategy::Random {
             let trials = match spec.sweep.get("trials") {
                 Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
@@ -279,9 +359,13 @@ impl Sweep {
                 None | Some(toml::Value::Array(_)) => 0,
                 Some(other) => bail!("{f}: [sweep] seed: {other} is not an integer"),
             };
-            // Sample without replacement from the grid.
-            combos.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-            combos.truncate(trials);
+            combos = sample_combos(&axes, total, trials, seed);
+            if total.is_some_and(|n| trials > n) {
+                tracing::warn!(
+                    "{f}: trials = {trials} but the space has only {} combinations: all of them run",
+                    combos.len()
+                );
+            }
         }
         let r = &spec.resources;
         if r.max_parallel == Some(0) || r.gpus_per_run == 0 || r.procs_per_run == 0 {
@@ -436,6 +520,53 @@ mod tests {
         let b = Sweep::from_file(&write(d.path(), &text), 100).unwrap();
         assert_eq!(a.runs.len(), 3);
         assert_eq!(a.runs, b.runs);
+        // Distinct runs, each a point of the grid.
+        let grid = Sweep::from_file(&write(d.path(), OK), 100).unwrap();
+        for (i, r) in a.runs.iter().enumerate() {
+            assert!(grid.runs.iter().any(|g| g.params == r.params));
+            assert!(a.runs[..i].iter().all(|o| o.params != r.params));
+        }
+        // More trials than combinations: every combination once.
+        let all = OK.replace(
+            "[sweep]\n",
+            "[sweep]\nstrategy = \"random\"\ntrials = 1000\n",
+        );
+        let all = Sweep::from_file(&write(d.path(), &all), 100).unwrap();
+        assert_eq!(all.runs.len(), grid.runs.len());
+        // A space of 10^30 combinations is sampled without being built.
+        let combos = sample_combos(
+            &(0..30)
+                .map(|i| (format!("k{i}"), (0..10).map(toml::Value::Integer).collect()))
+                .collect::<Vec<_>>(),
+            None,
+            5,
+            1,
+        );
+        assert_eq!(combos.len(), 5);
+    }
+
+    #[test]
+    fn grid_misuse_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        for (text, needle) in [
+            (
+                OK.replace("n_layers = [1, 2]", "n_layers = [1, 2, 1]"),
+                "listed twice",
+            ),
+            (
+                OK.replace("[sweep]\n", "[sweep]\ntrials = 3\n"),
+                "only strategy = \"random\"",
+            ),
+            (
+                OK.replace("[sweep]\n", "[sweep]\nseed = 3\n"),
+                "only strategy = \"random\"",
+            ),
+        ] {
+            let err = Sweep::from_file(&write(d.path(), &text), 100)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
     }
 
     #[test]
