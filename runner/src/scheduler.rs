@@ -49,13 +49,18 @@ impl EngineCommand {
     }
 }
 
-/// Free devices, handed out `per_run` at a time, to at most `max_runs` runs at once.
+/// Free devices, handed out `per_run` at a time, to at most `max_runs` runs at once. With a lock dir
+/// (GPUs), a device is also taken only under an exclusive lock on `DIR/HOST-DEVICE.lock`, held until the
+/// run gives it back: runners sharing one home never put two runs on one GPU, and a runner that dies
+/// releases its locks with it.
 #[derive(Debug)]
 pub struct DeviceSlots {
     free: Vec<String>,
     per_run: usize,
     max_runs: usize,
     running: usize,
+    lock_dir: Option<PathBuf>,
+    held: HashMap<String, std::fs::File>,
 }
 
 impl DeviceSlots {
@@ -75,19 +80,79 @@ impl DeviceSlots {
             per_run,
             max_runs,
             running: 0,
+            lock_dir: None,
+            held: HashMap::new(),
         }
     }
 
+    /// Lock GPUs across processes through files in `dir` (created if missing).
+    pub fn with_locks(mut self, dir: PathBuf) -> Self {
+        if self.free.iter().any(|d| d != "cpu") {
+            self.lock_dir = Some(dir);
+        }
+        self
+    }
+
+    /// `Err` when another process holds `device`.
+    fn try_lock(&self, device: &str) -> std::result::Result<Option<std::fs::File>, ()> {
+        let Some(dir) = &self.lock_dir else {
+            return Ok(None);
+        };
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let name = format!("{}-{}.lock", host.trim(), device.replace(':', "-"));
+        let file = std::fs::create_dir_all(dir)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(dir.join(name))
+            })
+            // An unusable lock dir must not stop the sweep: fall back to this process's own accounting.
+            .map_err(|e| tracing::warn!("device lock for {device}: {e}"));
+        let Ok(file) = file else { return Ok(None) };
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(_) => Err(()),
+        }
+    }
+
+    /// `per_run` devices for one run, or `None` when too few are free (here, or, with locks, in other
+    /// runners).
     pub fn take(&mut self) -> Option<Vec<String>> {
         if !self.capacity_for_one() {
             return None;
         }
+        let mut picked: Vec<(usize, Option<std::fs::File>)> = Vec::new();
+        for i in (0..self.free.len()).rev() {
+            if picked.len() == self.per_run {
+                break;
+            }
+            if let Ok(lock) = self.try_lock(&self.free[i]) {
+                picked.push((i, lock));
+            }
+        }
+        if picked.len() < self.per_run {
+            return None; // the locks taken so far drop here
+        }
         self.running += 1;
-        Some((0..self.per_run).filter_map(|_| self.free.pop()).collect())
+        // Indices are in descending order, so each removal leaves the next index valid.
+        let mut devices = Vec::with_capacity(self.per_run);
+        for (i, lock) in picked {
+            let d = self.free.remove(i);
+            if let Some(lock) = lock {
+                self.held.insert(d.clone(), lock);
+            }
+            devices.push(d);
+        }
+        Some(devices)
     }
 
     pub fn give(&mut self, devices: Vec<String>) {
         self.running = self.running.saturating_sub(1);
+        for d in &devices {
+            self.held.remove(d);
+        }
         self.free.extend(devices);
     }
 
@@ -569,7 +634,8 @@ async fn execute_local(
             devices.join(", ")
         );
     }
-    let mut slots = DeviceSlots::new(&devices, per_run, res.max_parallel);
+    let mut slots = DeviceSlots::new(&devices, per_run, res.max_parallel)
+        .with_locks(store.home.join(".device-locks"));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads_per_run = (cores / res.cpu_parallel().max(res.procs_per_run)).max(1);
     let (writer, writer_task) = ingest::spawn_writer(store.clone());
@@ -588,6 +654,7 @@ async fn execute_local(
     let mut queue: VecDeque<RunRow> = runs.into();
     let mut active = tokio::task::JoinSet::new();
     let mut stopping = false;
+    let mut waiting_for_devices = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
 
     loop {
@@ -606,7 +673,16 @@ async fn execute_local(
                     continue;
                 }
             }
-            let devs = slots.take().expect("capacity checked");
+            let Some(devs) = slots.take() else {
+                // Free here but held by another runner: try again after the next event or a pause.
+                if !waiting_for_devices {
+                    display.line("waiting for GPUs that another runner is using…".into());
+                }
+                waiting_for_devices = true;
+                queue.push_front(run);
+                break;
+            };
+            waiting_for_devices = false;
             if !store.claim(run.id, &devs.join(",")).await? {
                 display.line(format!("run {}: taken by another runner, skipping", run.id));
                 slots.give(devs);
@@ -616,7 +692,15 @@ async fn execute_local(
             active.spawn(launch(run, devs, ctx.clone()));
         }
         if active.is_empty() {
-            break;
+            if stopping || queue.is_empty() || !waiting_for_devices {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::signal::ctrl_c() => stopping = true,
+                _ = sigterm.recv() => stopping = true,
+            }
+            continue;
         }
         tokio::select! {
             Some(ended) = active.join_next() => {
@@ -707,5 +791,18 @@ mod tests {
         // Unset, every GPU runs one.
         let mut all = DeviceSlots::new(&four, 1, None);
         assert_eq!((0..5).filter(|_| all.take().is_some()).count(), 4);
+        // Two runners' slots over one lock dir share the GPUs; a given-back GPU is free again.
+        let dir = tempfile::tempdir().unwrap();
+        let two: Vec<String> = (0..2).map(|i| format!("cuda:{i}")).collect();
+        let mut a = DeviceSlots::new(&two, 1, None).with_locks(dir.path().into());
+        let mut b = DeviceSlots::new(&two, 1, None).with_locks(dir.path().into());
+        let a0 = a.take().unwrap();
+        assert_eq!(b.take().unwrap(), vec!["cuda:1".to_string()]);
+        assert!(b.capacity_for_one() && b.take().is_none(), "cuda:0 is a's");
+        a.give(a0);
+        assert_eq!(b.take().unwrap(), vec!["cuda:0".to_string()]);
+        // CPU slots are never locked.
+        let cpu = DeviceSlots::new(&["cpu".into()], 1, None).with_locks(dir.path().into());
+        assert!(cpu.lock_dir.is_none());
     }
 }
