@@ -91,7 +91,8 @@ fn two_ranks_match_one_process_with_the_same_global_batch() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let want = step_losses(&String::from_utf8(out.stdout).unwrap());
+    let single_out = String::from_utf8(out.stdout).unwrap();
+    let want = step_losses(&single_out);
 
     let multi = dir.path().join("multi");
     let results = finish(ranks(
@@ -115,6 +116,24 @@ fn two_ranks_match_one_process_with_the_same_global_batch() {
         assert!(
             (a - b).abs() / a.abs() < 1e-4,
             "step {s1}: one process {a}, two ranks {b}"
+        );
+    }
+    // The evals, shared between the ranks, give the one-process values.
+    let val = |text: &str| -> Vec<(u64, f64)> {
+        events(text)
+            .into_iter()
+            .filter(|e| e["event"] == "eval")
+            .map(|e| (e["step"].as_u64().unwrap(), e["val_loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let (want_val, got_val) = (val(&single_out), val(&results[0].1));
+    assert_eq!(want_val.len(), got_val.len());
+    assert!(!want_val.is_empty());
+    for ((s1, a), (s2, b)) in want_val.iter().zip(&got_val) {
+        assert_eq!(s1, s2);
+        assert!(
+            (a - b).abs() / a.abs() < 1e-4,
+            "eval at {s1}: one process {a}, two ranks {b}"
         );
     }
     // Weights identical on both ranks; only rank 0 wrote the run dir.

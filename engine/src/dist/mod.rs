@@ -36,8 +36,8 @@ pub trait Communicator: Send {
     }
 
     /// How long the next collectives may wait for a peer. The training loop lengthens it (to
-    /// [`leader_work_timeout`]) for the collective that follows an eval or a checkpoint, which only the
-    /// leader does while the other ranks wait, and shortens it again after.
+    /// [`leader_work_timeout`]) for the collective that follows a checkpoint, which only the leader
+    /// writes while the other ranks wait, and shortens it again after.
     fn set_timeout(&mut self, _timeout: Duration) -> Result<()> {
         Ok(())
     }
@@ -70,8 +70,8 @@ pub fn timeout() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-/// The wait allowed for the collective after an eval or a checkpoint, which the leader runs alone (a
-/// large model's checkpoint on a network filesystem can take minutes): ten times [`timeout`].
+/// The wait allowed for the collective after a checkpoint, which the leader writes alone (a large
+/// model's checkpoint on a network filesystem can take minutes): ten times [`timeout`].
 pub fn leader_work_timeout() -> Duration {
     timeout().saturating_mul(10)
 }

@@ -103,15 +103,27 @@ fn add_grads(mut acc: GradStore, g: GradStore, vars: &[Var]) -> Result<GradStore
 }
 
 /// Mean loss over the fixed validation batches.
-fn evaluate(model: &BitLlama, batches: &[(Tensor, Tensor)]) -> Result<f64> {
+/// Mean loss over the fixed validation batches. In a data-parallel run each rank evaluates its share
+/// (`batches` holds the ones with index ≡ rank mod world) and one all-reduce adds the sums, so every rank
+/// gets the same value and none sits idle while another evaluates.
+fn evaluate(
+    model: &BitLlama,
+    batches: &[(Tensor, Tensor)],
+    total: usize,
+    comm: &mut dyn dist::Communicator,
+) -> Result<f64> {
     let mut sum = 0.0;
     for (x, y) in batches {
         sum += lm_loss(model, x, y)?.to_scalar::<f32>()? as f64;
     }
-    Ok(sum / batches.len() as f64)
+    if comm.world_size() > 1 {
+        let mut buf = [sum as f32];
+        comm.all_reduce_sum(&mut buf)?;
+        sum = buf[0] as f64;
+    }
+    Ok(sum / total as f64)
 }
 
-/// Load a checkpoint's tensors into the model's variables, refusing another architecture.
 /// A resumed run must read its data through the tokenizer it was trained with: the copy in the run dir
 /// and `data_dir`'s must be the same file (the vocab size alone does not catch a rebuilt data dir).
 fn check_same_tokenizer(run_dir: &Path, data_dir: &Path) -> Result<()> {
@@ -131,6 +143,7 @@ fn check_same_tokenizer(run_dir: &Path, data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Load a checkpoint's tensors into the model's variables, refusing another architecture.
 fn restore(
     varmap: &candle_nn::VarMap,
     ck: &checkpoint::LoadedCheckpoint,
@@ -363,11 +376,14 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     });
     let stop = install_signal_handlers()?;
     die_with_parent();
-    let val_batches = if leader {
-        data.val_batches(cfg.eval_batches, VAL_BATCH, cfg.context_len, &device)?
-    } else {
-        Vec::new()
-    };
+    // This rank's share of the fixed validation batches (all of them in a single-process run).
+    let val_batches: Vec<(Tensor, Tensor)> = data
+        .val_batches(cfg.eval_batches, VAL_BATCH, cfg.context_len, &device)?
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % world == dist.rank)
+        .map(|(_, b)| b)
+        .collect();
     let local = cfg.batch_size / world;
     let micro = local / cfg.grad_accum;
     let t = cfg.context_len;
@@ -413,13 +429,6 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             path: path.display().to_string(),
             bytes,
         }))
-    };
-    let evaluate_on_leader = |model: &BitLlama| -> Result<Option<f64>> {
-        if leader {
-            evaluate(model, &val_batches).map(Some)
-        } else {
-            Ok(None)
-        }
     };
 
     // 3. The loop. Every rank draws the same global batch and trains on its slice; the all-reduce also
@@ -489,10 +498,9 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             });
         }
         let finishing = cfg.finished(step, tokens, 0.0) || timed_out;
-        // Every rank knows whether the leader evaluates or checkpoints now; the others then wait longer
-        // for it in the next all-reduce.
-        let leader_work = !finishing
-            && ((step % cfg.eval_every == 0 && !stopped) || step % cfg.checkpoint_every == 0);
+        // Every rank knows whether the leader writes a checkpoint now; the others then wait longer for
+        // it in the next all-reduce.
+        let leader_work = !finishing && step % cfg.checkpoint_every == 0;
         if world > 1 && leader_work != patient {
             patient = leader_work;
             comm.set_timeout(if patient {
@@ -502,14 +510,13 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             })?;
         }
         if step % cfg.eval_every == 0 && !finishing && !stopped {
-            if let Some(val_loss) = evaluate_on_leader(&model)? {
-                last_val = Some(val_loss);
-                emitter.emit(&Event::Eval {
-                    step,
-                    val_loss,
-                    val_bpb: data.bits_per_byte(val_loss),
-                });
-            }
+            let val_loss = evaluate(&model, &val_batches, cfg.eval_batches, comm.as_mut())?;
+            last_val = Some(val_loss);
+            emitter.emit(&Event::Eval {
+                step,
+                val_loss,
+                val_bpb: data.bits_per_byte(val_loss),
+            });
         }
         if step % cfg.checkpoint_every == 0 && !finishing {
             if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, last_val)? {
@@ -536,31 +543,22 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         });
         return Ok(Outcome::Interrupted);
     }
-    let final_val = evaluate_on_leader(&model)?;
-    let val_bpb = final_val.map(|v| data.bits_per_byte(v));
-    if let (Some(val_loss), Some(val_bpb)) = (final_val, val_bpb) {
-        emitter.emit(&Event::Eval {
-            step,
-            val_loss,
-            val_bpb,
-        });
-    }
-    if let Some(ev) = save(
+    let final_val = evaluate(&model, &val_batches, cfg.eval_batches, comm.as_mut())?;
+    let val_bpb = data.bits_per_byte(final_val);
+    emitter.emit(&Event::Eval {
         step,
-        tokens,
-        elapsed(&started),
-        &rng,
-        &opt,
-        final_val.or(last_val),
-    )? {
+        val_loss: final_val,
+        val_bpb,
+    });
+    if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, Some(final_val))? {
         emitter.emit(&ev);
     }
     emitter.emit(&Event::Done {
         step,
         tokens,
         elapsed_s: elapsed(&started),
-        val_loss: final_val,
-        val_bpb,
+        val_loss: Some(final_val),
+        val_bpb: Some(val_bpb),
         params_sha256: Some(params_sha256(&named)?),
     });
     Ok(Outcome::Done)
