@@ -111,6 +111,19 @@ fn two_ranks_match_one_process_with_the_same_global_batch() {
     }
     let got = step_losses(&results[0].1);
     assert_eq!(got.len(), 20);
+    // Each step reports its all-reduce time; the one-process run has none.
+    let allreduce = |text: &str| {
+        events(text)
+            .into_iter()
+            .filter(|e| e["event"] == "step")
+            .filter(|e| {
+                e["extra"]["allreduce_ms"]
+                    .as_f64()
+                    .is_some_and(|ms| ms >= 0.0)
+            })
+            .count()
+    };
+    assert_eq!((allreduce(&results[0].1), allreduce(&single_out)), (20, 0));
     for ((s1, a), (s2, b)) in want.iter().zip(&got) {
         assert_eq!(s1, s2);
         assert!(

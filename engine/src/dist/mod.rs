@@ -22,6 +22,11 @@ pub use env::DistEnv;
 pub trait Communicator: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
+    /// Whether collectives really run (any backend, even for one rank, as `ENGINE_DIST_BACKEND=nccl` asks),
+    /// rather than being the identity of a plain single-process run.
+    fn is_collective(&self) -> bool {
+        true
+    }
     /// Element-wise sum of `buf` over all ranks, in place on every rank.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
 
@@ -52,6 +57,9 @@ impl Communicator for SingleProcess {
     }
     fn world_size(&self) -> usize {
         1
+    }
+    fn is_collective(&self) -> bool {
+        false
     }
     fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<()> {
         Ok(())

@@ -460,10 +460,11 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         }
         let mut grads = grads.expect("at least one micro-batch");
         let flags = [stop.load(Ordering::SeqCst), time_up(&started)];
-        let (loss, [any_stop, any_time_up]) = if world > 1 {
+        // Through the communicator whenever it is a real one: also a one-rank NCCL check run exercises it.
+        let (loss, [any_stop, any_time_up], allreduce_ms) = if comm.is_collective() {
             average_gradients(comm.as_mut(), &mut grads, &vars, loss_sum, flags)?
         } else {
-            (loss_sum, flags)
+            (loss_sum, flags, None)
         };
         let loss = loss / (cfg.grad_accum * world) as f64;
         let grad_norm = grad_norm(&grads, &vars)?;
@@ -494,7 +495,10 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 tokens_per_s: tps,
                 elapsed_s: elapsed(&started),
                 grad_norm,
-                extra: Default::default(),
+                // The gradient all-reduce of this step (data-parallel runs), for its share of the step time.
+                extra: allreduce_ms
+                    .map(|ms| [("allreduce_ms".to_string(), ms)].into())
+                    .unwrap_or_default(),
             });
         }
         let finishing = cfg.finished(step, tokens, 0.0) || timed_out;
@@ -565,14 +569,15 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
 }
 
 /// Average gradients across ranks with one flat all-reduce per bucket; the same buffer carries the
-/// local loss sum and the stop/time-up flags. Returns the global loss sum and whether any rank set a flag.
+/// local loss sum and the stop/time-up flags. Returns the global loss sum, whether any rank set a flag,
+/// and the all-reduce's milliseconds (the device is synchronised first, so backward is not counted).
 fn average_gradients(
     comm: &mut dyn dist::Communicator,
     grads: &mut GradStore,
     vars: &[Var],
     loss_sum: f64,
     flags: [bool; 2],
-) -> Result<(f64, [bool; 2])> {
+) -> Result<(f64, [bool; 2], Option<f64>)> {
     let world = comm.world_size() as f64;
     // One flat f32 buffer on the training device: every gradient, then the loss and the two flags.
     let mut parts = Vec::with_capacity(vars.len() + 1);
@@ -597,7 +602,11 @@ fn average_gradients(
     parts.push(Tensor::new(&tail, &device)?);
     let flat = Tensor::cat(&parts, 0)?;
     let n_grads = flat.elem_count() - tail.len();
+    flat.device().synchronize()?;
+    let started = Instant::now();
     let summed = comm.all_reduce_tensor_sum(&flat)?;
+    // Both backends return once the sum is complete (NCCL: its completion event was waited for).
+    let allreduce_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut offset = 0;
     for (v, shape) in vars.iter().zip(shapes) {
         let Some((shape, dtype)) = shape else {
@@ -609,7 +618,11 @@ fn average_gradients(
         grads.insert(v.as_tensor(), avg.reshape(shape)?.to_dtype(dtype)?);
     }
     let tail = summed.narrow(0, n_grads, 3)?.to_vec1::<f32>()?;
-    Ok((tail[0] as f64, [tail[1] > 0.0, tail[2] > 0.0]))
+    Ok((
+        tail[0] as f64,
+        [tail[1] > 0.0, tail[2] > 0.0],
+        Some(allreduce_ms),
+    ))
 }
 
 /// sha256 over every parameter's bytes in name order: equal on every rank of a data-parallel run.
