@@ -50,6 +50,7 @@ pub fn write(
     weights: &ModelWeights,
     tokenizer_json: &str,
     source: &str,
+    context_len: Option<usize>,
 ) -> Result<u64> {
     let mut tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for (name, lin) in &weights.linears {
@@ -83,7 +84,7 @@ pub fn write(
             (Dtype::F32, d.shape.clone(), f32_bytes(&d.data)),
         );
     }
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("format".to_string(), EXPORT_FORMAT.to_string()),
         ("format_version".to_string(), EXPORT_VERSION.to_string()),
         ("model_config".to_string(), serde_json::to_string(&weights.cfg)?),
@@ -100,6 +101,10 @@ pub fn write(
         ),
         ("source".to_string(), source.to_string()),
     ]);
+    if let Some(n) = context_len {
+        // The trained context: `generate` keeps attention to this many tokens.
+        meta.insert("context_len".to_string(), n.to_string());
+    }
     let views = tensors
         .iter()
         .map(|(name, (dtype, shape, data))| {
@@ -249,7 +254,7 @@ mod tests {
                 .collect();
             let w = ModelWeights::from_tensors(&cfg, &tensors, LinearMode::Packed)?;
             let path = dir.path().join(format!("{mixer}.safetensors"));
-            write(&path, &w, "{\"tok\": 1}", "test")?;
+            write(&path, &w, "{\"tok\": 1}", "test", Some(64))?;
             let back = read(&path)?;
             assert_eq!(back.weights.cfg, cfg);
             assert_eq!(back.weights.linears, w.linears);

@@ -68,6 +68,8 @@ pub struct CandleDecoder {
     model: BitLlama,
     state: Option<ModelState>,
     device: Device,
+    /// Attention window (see `InferenceModel::with_window`); applied between feeds.
+    window: Option<usize>,
 }
 
 impl CandleDecoder {
@@ -82,7 +84,15 @@ impl CandleDecoder {
             model: BitLlama::new(cfg, vb)?,
             state: None,
             device: device.clone(),
+            window: None,
         })
+    }
+
+    /// Attend to at most `window` most recent tokens. The window is applied between `feed` calls: within
+    /// one chunk (a prompt longer than the window) attention still reaches back to the chunk's start.
+    pub fn with_window(mut self, window: Option<usize>) -> Self {
+        self.window = window.filter(|w| *w > 1);
+        self
     }
 }
 
@@ -93,7 +103,15 @@ impl Decoder for CandleDecoder {
 
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let (logits, state) = self.model.forward_with_state(&ids, self.state.take())?;
+        let (logits, mut state) = self.model.forward_with_state(&ids, self.state.take())?;
+        if let Some(w) = self.window {
+            // The next token attends to the kept keys and to itself: w in all.
+            for s in &mut state {
+                if let crate::model::block::MixerState::Attention(kv) = s {
+                    kv.keep_last(w - 1)?;
+                }
+            }
+        }
         self.state = Some(state);
         let t = tokens.len();
         Ok(logits
@@ -192,6 +210,7 @@ pub fn load_decoder(
     let src = Source::load(path)?;
     let desc = src.description.clone();
     let tokenizer = src.tokenizer.clone();
+    let window = src.context_len;
     let decoder: Box<dyn Decoder> = if device.is_cpu() {
         let weights = src.into_weights(LinearMode::Packed)?;
         let model = InferenceModel::new(weights)?;
@@ -200,10 +219,10 @@ pub fn load_decoder(
         } else {
             model.with_int8_tables()
         };
-        Box::new(PackedDecoder::new(model))
+        Box::new(PackedDecoder::new(model.with_window(window)))
     } else {
         let tensors = src.latent_tensors(&device)?;
-        Box::new(CandleDecoder::new(src.config(), tensors, &device)?)
+        Box::new(CandleDecoder::new(src.config(), tensors, &device)?.with_window(window))
     };
     Ok((decoder, tokenizer, desc))
 }
@@ -310,9 +329,10 @@ pub fn run_export(checkpoint: &Path, out_path: &Path) -> Result<String> {
     let src = Source::load(checkpoint)?;
     let desc = src.description.clone();
     let tok = src.tokenizer_json.clone();
+    let context_len = src.context_len;
     let weights = src.into_weights(LinearMode::Packed)?;
     let (lin, total) = weights.bytes();
-    let bytes = export::write(out_path, &weights, &tok, &desc)?;
+    let bytes = export::write(out_path, &weights, &tok, &desc, context_len)?;
     Ok(format!(
         "exported {desc} to {} ({bytes} bytes; weights {total} bytes, of which packed linears {lin})",
         out_path.display()
@@ -370,6 +390,71 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// With an attention window of 4, both backends fed token by token agree past the window, and differ
+    /// from the unwindowed model there (the window is really applied).
+    #[test]
+    fn attention_window_is_the_same_on_both_backends() -> Result<()> {
+        let cfg = ModelConfig {
+            vocab_size: 50,
+            dim: 32,
+            n_layers: 2,
+            n_heads: 2,
+            mixer: MixerKind::Attention,
+            weights: WeightKind::Ternary,
+            mlp_hidden: Some(64),
+            ttt_mini_batch: 4,
+            ttt_base_lr: 1.0,
+            tie_embeddings: false,
+        };
+        let (vm, _) = build_seeded(&cfg, 9, DType::F32, &Device::Cpu)?;
+        let tensors: std::collections::HashMap<String, Tensor> = vm
+            .data()
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let packed_model = || -> Result<InferenceModel> {
+            InferenceModel::new(ModelWeights::from_tensors(
+                &cfg,
+                &tensors,
+                LinearMode::Packed,
+            )?)
+        };
+        let mut windowed = PackedDecoder::new(packed_model()?.with_window(Some(4)));
+        let mut full = PackedDecoder::new(packed_model()?);
+        let mut candle =
+            CandleDecoder::new(&cfg, tensors.clone(), &Device::Cpu)?.with_window(Some(4));
+        let mut max_gap = 0f32;
+        for (i, tok) in [0u32, 5, 17, 3, 42, 8, 7, 1, 33, 12].iter().enumerate() {
+            let a = windowed.feed(&[*tok])?;
+            let b = candle.feed(&[*tok])?;
+            let c = full.feed(&[*tok])?;
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-3 * scale,
+                "token {i}: diff {diff} (scale {scale})"
+            );
+            let gap = a
+                .iter()
+                .zip(&c)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            if i < 4 {
+                let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(gap <= 1e-6 * scale, "token {i}: inside the window nothing changes ({gap})");
+            }
+            max_gap = max_gap.max(gap);
+        }
+        assert!(max_gap > 1e-4, "the window changed nothing");
+        // Memory stays bounded: 4 positions of K and V per attention layer.
+        assert_eq!(windowed.state.floats(), 2 * 2 * 4 * 32);
         Ok(())
     }
 }

@@ -161,6 +161,9 @@ pub struct InferenceModel {
     head: Option<TokenTable>,
     weight_bytes: usize,
     linear_bytes: usize,
+    /// Attention layers attend to at most this many most recent tokens (the trained context): generation
+    /// past it stays in the range of relative positions the model was trained on, in bounded memory.
+    window: Option<usize>,
 }
 
 /// Σ a·b with 8 interleaved partial sums (vectorisable, fixed order), then the tail.
@@ -377,6 +380,7 @@ impl Attn {
         x: &[f32],
         t: usize,
         start: usize,
+        window: Option<usize>,
         state: &mut LayerState,
     ) -> Vec<f32> {
         let (dim, nh, d) = (cfg.dim, cfg.n_heads, cfg.head_dim());
@@ -398,7 +402,15 @@ impl Attn {
             }
             kc.extend_from_slice(&k);
             vc.extend_from_slice(&row[2 * dim..]);
-            let s = pos + 1;
+            // Keys carry their RoPE rotation, so dropping the oldest keeps every score as it was.
+            if let Some(w) = window {
+                if kc.len() > w * dim {
+                    let drop = kc.len() - w * dim;
+                    kc.drain(..drop);
+                    vc.drain(..drop);
+                }
+            }
+            let s = kc.len() / dim;
             let mut scores = vec![0f32; s];
             for h in 0..nh {
                 let qh = &q[h * d..(h + 1) * d];
@@ -484,7 +496,14 @@ impl InferenceModel {
             head,
             weight_bytes,
             linear_bytes,
+            window: None,
         })
+    }
+
+    /// Attend to at most `window` tokens (see the field); `None` attends to the whole sequence.
+    pub fn with_window(mut self, window: Option<usize>) -> Self {
+        self.window = window.filter(|w| *w > 0);
+        self
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -590,7 +609,7 @@ impl InferenceModel {
             let h = rms_norm(&x, &layer.norm1);
             let mixed = match &layer.mixer {
                 Mixer::Ttt(m) => m.forward(&self.cfg, &h, t, st),
-                Mixer::Attention(m) => m.forward(&self.cfg, &h, t, state.pos, st),
+                Mixer::Attention(m) => m.forward(&self.cfg, &h, t, state.pos, self.window, st),
             };
             x.iter_mut().zip(&mixed).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &layer.norm2);

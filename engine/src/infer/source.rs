@@ -29,6 +29,20 @@ pub struct Source {
     pub tokenizer_json: String,
     /// Where the model came from, for messages (`runs/a/checkpoints/step-00000040`).
     pub description: String,
+    /// The context length it was trained with (the run's `config.toml`, or an export's metadata), when
+    /// known: attention layers then attend to at most this many tokens when generating.
+    pub context_len: Option<usize>,
+}
+
+/// `context_len` of a run dir's `config.toml`.
+fn run_context_len(run_dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(run_dir.join("config.toml")).ok()?;
+    let n = text
+        .parse::<toml::Table>()
+        .ok()?
+        .get("context_len")?
+        .as_integer()?;
+    usize::try_from(n).ok().filter(|n| *n > 0)
 }
 
 /// The tokenizer of a run dir: `RUN_DIR/tokenizer.json`, else the one in the `data_dir` of its `config.toml`.
@@ -100,6 +114,11 @@ impl Source {
                 tokenizer,
                 tokenizer_json: ex.tokenizer_json,
                 description: path.display().to_string(),
+                context_len: ex
+                    .metadata
+                    .get("context_len")
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n > 0),
             });
         }
         let (ck, run_dir) = if path.join("state.json").is_file() {
@@ -134,6 +153,7 @@ impl Source {
             tokenizer,
             tokenizer_json,
             description: format!("{} (step {})", ck.path.display(), ck.state.step),
+            context_len: run_context_len(&run_dir),
         })
     }
 

@@ -17,12 +17,25 @@ const ROPE_THETA: f64 = 10_000.0;
 pub struct KvCache {
     pub k: Tensor,
     pub v: Tensor,
+    /// Position of the next token (for RoPE): more than `len()` once [`Self::keep_last`] dropped keys.
+    pub pos: usize,
 }
 
 impl KvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.k.dim(2).unwrap_or(0)
+    }
+
+    /// Keep only the newest `window` positions (a sliding attention window for generation past the
+    /// trained context). Keys carry their RoPE rotation, so the kept scores do not change.
+    pub fn keep_last(&mut self, window: usize) -> Result<()> {
+        let n = self.len();
+        if n > window {
+            self.k = self.k.narrow(2, n - window, window)?.contiguous()?;
+            self.v = self.v.narrow(2, n - window, window)?.contiguous()?;
+        }
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -95,13 +108,15 @@ impl Attention {
         cache: Option<KvCache>,
     ) -> Result<(Tensor, KvCache)> {
         let (b, t, dim) = x.dims3()?;
+        // Keys cached (where this chunk's causal mask starts) and the chunk's first RoPE position.
         let offset = cache.as_ref().map_or(0, KvCache::len);
+        let pos = cache.as_ref().map_or(0, |c| c.pos);
         let heads = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, self.n_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (cos, sin) = rope_tables(t, offset, self.head_dim, x)?;
+        let (cos, sin) = rope_tables(t, pos, self.head_dim, x)?;
         let q = apply_rope(&heads(self.q.forward(x)?)?, &cos, &sin)?;
         let k = apply_rope(&heads(self.k.forward(x)?)?, &cos, &sin)?;
         let v = heads(self.v.forward(x)?)?;
@@ -122,7 +137,7 @@ impl Attention {
         let y = super::precision::matmul(&probs, &v)?
             .transpose(1, 2)?
             .reshape((b, t, dim))?;
-        Ok((self.o.forward(&y)?, KvCache { k, v }))
+        Ok((self.o.forward(&y)?, KvCache { k, v, pos: pos + t }))
     }
 }
 
