@@ -88,8 +88,8 @@ impl CandleDecoder {
         })
     }
 
-    /// Attend to at most `window` most recent tokens. The window is applied between `feed` calls: within
-    /// one chunk (a prompt longer than the window) attention still reaches back to the chunk's start.
+    /// Attend to at most `window` most recent tokens (applied between `feed` calls; a chunk that would
+    /// cross the window is fed token by token).
     pub fn with_window(mut self, window: Option<usize>) -> Self {
         self.window = window.filter(|w| *w > 1);
         self
@@ -102,6 +102,25 @@ impl Decoder for CandleDecoder {
     }
 
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        // A chunk that would run past the window within itself goes token by token, so that every query
+        // sees exactly the window (as the packed backend does).
+        let cached = self.state.as_ref().map_or(0, |st| {
+            st.iter()
+                .find_map(|s| match s {
+                    crate::model::block::MixerState::Attention(kv) => Some(kv.len()),
+                    _ => None,
+                })
+                .unwrap_or(0)
+        });
+        if let Some(w) = self.window {
+            if tokens.len() > 1 && cached + tokens.len() > w {
+                let mut last = Vec::new();
+                for t in tokens {
+                    last = self.feed(std::slice::from_ref(t))?;
+                }
+                return Ok(last);
+            }
+        }
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let (logits, mut state) = self.model.forward_with_state(&ids, self.state.take())?;
         if let Some(w) = self.window {
@@ -210,7 +229,10 @@ pub fn load_decoder(
     let src = Source::load(path)?;
     let desc = src.description.clone();
     let tokenizer = src.tokenizer.clone();
-    let window = src.context_len;
+    // Only attention layers have a window (TTT layers carry a fixed-size state).
+    let window = src
+        .context_len
+        .filter(|_| src.config().mixer == crate::model::MixerKind::Attention);
     let decoder: Box<dyn Decoder> = if device.is_cpu() {
         let weights = src.into_weights(LinearMode::Packed)?;
         let model = InferenceModel::new(weights)?;
@@ -428,6 +450,17 @@ mod tests {
         let mut full = PackedDecoder::new(packed_model()?);
         let mut candle =
             CandleDecoder::new(&cfg, tensors.clone(), &Device::Cpu)?.with_window(Some(4));
+        // A 7-token prompt in one chunk (longer than the window) on both.
+        let prompt = [3u32, 9, 27, 4, 11, 2, 40];
+        let (a, b) = (windowed.feed(&prompt)?, candle.feed(&prompt)?);
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-3 * scale, "prompt: diff {diff} (scale {scale})");
+        windowed.reset();
+        candle.reset();
         let mut max_gap = 0f32;
         for (i, tok) in [0u32, 5, 17, 3, 42, 8, 7, 1, 33, 12].iter().enumerate() {
             let a = windowed.feed(&[*tok])?;
@@ -448,7 +481,10 @@ mod tests {
                 .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             if i < 4 {
                 let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-                assert!(gap <= 1e-6 * scale, "token {i}: inside the window nothing changes ({gap})");
+                assert!(
+                    gap <= 1e-6 * scale,
+                    "token {i}: inside the window nothing changes ({gap})"
+                );
             }
             max_gap = max_gap.max(gap);
         }

@@ -99,6 +99,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fsync_path(dir)
 }
 
+/// A checkpoint folder whose own files are damaged (see [`CheckpointDir::verify`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Corrupt(String);
+
 /// Bytes of a checkpoint folder's three files.
 fn folder_bytes(dir: &Path) -> u64 {
     ["model.safetensors", "optimizer.safetensors", "state.json"]
@@ -225,13 +230,24 @@ impl CheckpointDir {
     }
 
     /// Check one checkpoint folder without loading its tensors: `state.json` parses, has this engine's
-    /// format, and both tensor files match their sha256.
+    /// format, and both tensor files match their sha256. A folder whose own content is damaged (missing or
+    /// unparsable state.json, a missing or mismatching tensor file) fails with [`Corrupt`]; anything else
+    /// (another format, an I/O error) with a plain error, which a resume must not step over.
     pub fn verify(path: &Path) -> Result<CheckpointState> {
         let state_path = path.join("state.json");
-        let text = fs::read_to_string(&state_path)
-            .with_context(|| format!("reading {}", state_path.display()))?;
-        let state: CheckpointState = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid state.json", state_path.display()))?;
+        let text = match fs::read_to_string(&state_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Corrupt(format!("{} has no state.json", path.display())).into())
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", state_path.display())),
+        };
+        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
+            Corrupt(format!(
+                "{} is not a valid state.json ({e})",
+                state_path.display()
+            ))
+        })?;
         if state.format_version != CHECKPOINT_FORMAT {
             bail!(
                 "{} has checkpoint format {}, this engine reads {CHECKPOINT_FORMAT}",
@@ -243,12 +259,16 @@ impl CheckpointDir {
             ("model.safetensors", &state.model_sha256),
             ("optimizer.safetensors", &state.optimizer_sha256),
         ] {
+            if !path.join(file).is_file() {
+                return Err(Corrupt(format!("{} has no {file}", path.display())).into());
+            }
             let got = sha256_file(&path.join(file))?;
             if &got != want {
-                bail!(
+                return Err(Corrupt(format!(
                     "{}/{file} fails its sha256 check (corrupt or truncated)",
                     path.display()
-                );
+                ))
+                .into());
             }
         }
         Ok(state)
@@ -268,35 +288,29 @@ impl CheckpointDir {
         })
     }
 
-    /// The newest valid checkpoint: the `latest` pointer first, then every folder newest first; corrupt
-    /// ones are skipped with a warning (and listed in `skipped`). `None` when the run has no checkpoint
+    /// The newest valid checkpoint, folders newest step first; corrupt ones are skipped with a warning
+    /// (and listed in `skipped`), other failures (another format, I/O) are errors. `None` when the run has no checkpoint
     /// folder; an error when it has some but none loads, naming the newest and why (starting over from
     /// step 0 must be the user's choice, not a silent fallback).
     pub fn load_latest(&self, device: &Device) -> Result<Option<LoadedCheckpoint>> {
-        let mut candidates: Vec<PathBuf> = Vec::new();
-        if let Ok(name) = fs::read_to_string(self.root.join("latest")) {
-            candidates.push(self.root.join(name.trim()));
-        }
-        for step in self.steps() {
-            let p = self.root.join(step_name(step));
-            if !candidates.contains(&p) {
-                candidates.push(p);
-            }
-        }
+        // Newest step first. The `latest` pointer is not trusted over the folders: a crash between
+        // renaming a finished checkpoint into place and updating the pointer leaves the pointer one behind.
         let mut skipped: Vec<(PathBuf, String)> = Vec::new();
-        for path in candidates {
-            if !path.is_dir() {
-                continue;
-            }
-            match Self::load_from(&path, device) {
-                Ok(mut ck) => {
+        for step in self.steps() {
+            let path = self.root.join(step_name(step));
+            match Self::verify(&path) {
+                Ok(_) => {
+                    // Sound on disk: a failure to load it now (I/O, device memory) is an error, not a
+                    // reason to fall back to an older step.
+                    let mut ck = Self::load_from(&path, device)?;
                     ck.skipped = skipped.into_iter().map(|(p, _)| p).collect();
                     return Ok(Some(ck));
                 }
-                Err(e) => {
+                Err(e) if e.downcast_ref::<Corrupt>().is_some() => {
                     tracing::warn!("skipping checkpoint {}: {e:#}", path.display());
                     skipped.push((path, format!("{e:#}")));
                 }
+                Err(e) => return Err(e),
             }
         }
         match skipped.first() {
@@ -359,19 +373,38 @@ mod tests {
         // Pruning keeps the newest `keep`.
         ck.save(state(30), &model, &opt, 2)?;
         assert_eq!(ck.steps(), vec![30, 20]);
-        // Saving a step that is already on disk and sound leaves its folder as it is.
-        let before = fs::metadata(ck.root().join("step-00000030/model.safetensors"))?.modified()?;
+        // Saving over a corrupt folder of the same step replaces it.
+        ck.save(state(20), &model, &opt, 2)?;
+        CheckpointDir::verify(&ck.root().join("step-00000020"))?;
+        // Saving a step that is already on disk and sound leaves its folder as it is (same inode).
+        use std::os::unix::fs::MetadataExt;
+        let inode = |p: &str| fs::metadata(ck.root().join(p)).map(|m| m.ino());
+        let before = inode("step-00000030")?;
         ck.save(state(30), &model, &opt, 2)?;
-        let after = fs::metadata(ck.root().join("step-00000030/model.safetensors"))?.modified()?;
-        assert_eq!(before, after);
+        assert_eq!(before, inode("step-00000030")?);
+        // The `latest` pointer one behind (a crash before it was updated) does not hide a sound newer step.
+        write_atomic(&ck.root().join("latest"), b"step-00000020")?;
+        assert_eq!(ck.load_latest(&dev)?.expect("a checkpoint").state.step, 30);
         // A corrupt newer folder is passed over and listed; once set aside, pruning ignores it.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(ck.root().join("step-00000030/optimizer.safetensors"))?;
+        f.set_len(4)?;
         let loaded = ck.load_latest(&dev)?.expect("a checkpoint");
-        assert_eq!((loaded.state.step, loaded.skipped.len()), (30, 0));
-        ck.set_aside(&[ck.root().join("step-00000020")]);
-        assert_eq!(ck.steps(), vec![30]);
-        assert!(ck.root().join("unusable-step-00000020").is_dir());
+        assert_eq!(loaded.state.step, 20);
+        assert_eq!(loaded.skipped, vec![ck.root().join("step-00000030")]);
+        ck.set_aside(&loaded.skipped);
+        assert_eq!(ck.steps(), vec![20]);
+        assert!(ck.root().join("unusable-step-00000030").is_dir());
+        // Another format is an error, not a reason to fall back.
+        let mut other = state(40);
+        other.format_version = CHECKPOINT_FORMAT + 1;
+        ck.save(other, &model, &opt, 5)?;
+        let err = ck.load_latest(&dev).err().expect("refused").to_string();
+        assert!(err.contains("checkpoint format"), "{err}");
+        fs::remove_dir_all(ck.root().join("step-00000040"))?;
         // Every folder corrupt: an error, not a silent fresh start.
-        fs::write(ck.root().join("step-00000030/state.json"), "{")?;
+        fs::write(ck.root().join("step-00000020/state.json"), "{")?;
         let err = ck.load_latest(&dev).err().expect("refused").to_string();
         assert!(err.contains("none of the 1 checkpoint(s)"), "{err}");
         Ok(())

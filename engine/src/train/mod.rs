@@ -307,6 +307,8 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     let (mut step, mut tokens, mut elapsed_before) = (0u64, 0u64, 0f64);
     let ckpts = CheckpointDir::new(&run_dir);
     let mut last_val: Option<f64> = None;
+    // Corrupt checkpoints passed over on resume, set aside once every rank agrees on the step.
+    let mut unusable: Vec<PathBuf> = Vec::new();
     if resuming {
         match ckpts.load_latest(&device)? {
             Some(ck) => {
@@ -320,9 +322,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 }
                 restore(&varmap, &ck, &model_cfg)?;
                 check_same_tokenizer(&run_dir, &data_dir)?;
-                if leader && !ck.skipped.is_empty() {
-                    ckpts.set_aside(&ck.skipped);
-                }
+                unusable = ck.skipped.clone();
                 opt.load_state(&ck.optimizer, ck.state.step)?;
                 data_seed = ck.state.rng_seed;
                 rng = ChaCha8Rng::seed_from_u64(data_seed);
@@ -361,6 +361,9 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         if probe[0] != step as f32 * world as f32 {
             bail!("ranks resumed from different checkpoints (this rank: step {step}); is RUN_DIR on a filesystem all ranks share?");
         }
+    }
+    if leader && !unusable.is_empty() {
+        ckpts.set_aside(&unusable);
     }
 
     let horizon = cfg.schedule_horizon();
