@@ -223,9 +223,13 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
              best_val_loss = (SELECT MIN(value) FROM metrics WHERE run_id = ? AND name = 'val_loss'), \
              val_loss = (SELECT value FROM metrics WHERE run_id = ? AND name = 'val_loss' ORDER BY step DESC LIMIT 1), \
              val_bpb = (SELECT value FROM metrics WHERE run_id = ? AND name = 'val_bpb' ORDER BY step DESC LIMIT 1), \
-             checkpoint = (SELECT path FROM checkpoints WHERE run_id = ? ORDER BY step DESC LIMIT 1) \
+             checkpoint = (SELECT path FROM checkpoints WHERE run_id = ? ORDER BY step DESC LIMIT 1), \
+             loss = (SELECT value FROM metrics WHERE run_id = ? AND name = 'loss' ORDER BY step DESC LIMIT 1), \
+             tokens_per_s = (SELECT value FROM metrics WHERE run_id = ? AND name = 'tokens_per_s' ORDER BY step DESC LIMIT 1) \
              WHERE id = ?",
         )
+        .bind(run)
+        .bind(run)
         .bind(run)
         .bind(run)
         .bind(run)

@@ -98,8 +98,11 @@ impl DeviceSlots {
         let Some(dir) = &self.lock_dir else {
             return Ok(None);
         };
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let name = format!("{}-{}.lock", host.trim(), device.replace(':', "-"));
+        let name = format!(
+            "{}-{}.lock",
+            crate::store::this_host(),
+            device.replace(':', "-")
+        );
         let file = std::fs::create_dir_all(dir)
             .and_then(|()| {
                 std::fs::OpenOptions::new()
@@ -113,7 +116,12 @@ impl DeviceSlots {
         let Ok(file) = file else { return Ok(None) };
         match file.try_lock() {
             Ok(()) => Ok(Some(file)),
-            Err(_) => Err(()),
+            Err(std::fs::TryLockError::WouldBlock) => Err(()),
+            // A filesystem without flock (some NFS/Lustre mounts): as an unusable lock dir above.
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::warn!("device lock for {device}: {e}");
+                Ok(None)
+            }
         }
     }
 
@@ -716,6 +724,8 @@ async fn execute_local(
                 slots.give(ended.devices);
             }
             Some((run, ev)) = ui_rx.recv() => display.event(run, &ev),
+            // Retry a GPU another runner holds even when no event of ours comes.
+            _ = tokio::time::sleep(Duration::from_secs(2)), if waiting_for_devices => {}
             _ = tokio::signal::ctrl_c() => {
                 // The engines treat a second signal as "exit now" (their last checkpoint stays usable).
                 if stopping {

@@ -210,21 +210,22 @@ async fn squeue_states(jobs: &[String]) -> Result<HashMap<String, String>> {
 }
 
 /// A pending or running job whose script is this run's `job.sh` (found by its job name and script path,
-/// so a run of the same id in another runner home does not match).
-async fn live_job_for(run: &RunRow) -> Option<String> {
-    let out = Command::new("squeue")
-        .args(["-h", "-n", &format!("bitllama-{}", run.id), "-o", "%i %o"])
-        .output()
-        .await
-        .ok()?;
+/// so a run of the same id in another runner home does not match). An error when squeue cannot answer:
+/// "no job" must not be assumed then.
+async fn live_job_for(run: &RunRow) -> Result<Option<String>> {
+    let out = run_tool(
+        Command::new("squeue").args(["-h", "-n", &format!("bitllama-{}", run.id), "-o", "%i %o"]),
+        "squeue",
+    )
+    .await?;
     let script = Path::new(&run.run_dir).join("job.sh");
     let script = std::fs::canonicalize(&script).unwrap_or(script);
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+    Ok(out.lines().find_map(|l| {
         let (id, command) = l.trim().split_once(' ')?;
         let command = Path::new(command.trim());
         let command = std::fs::canonicalize(command).unwrap_or_else(|_| command.to_path_buf());
         (command == script).then(|| id.to_string())
-    })
+    }))
 }
 
 async fn scontrol_show(job: &str) -> Option<JobInfo> {
@@ -422,7 +423,16 @@ pub async fn execute(
                 ));
                 continue;
             }
-            let job = live_job_for(&run).await;
+            let job = match live_job_for(&run).await {
+                Ok(job) => job,
+                Err(e) => {
+                    display.line(format!(
+                        "run {}: cannot tell whether its job was submitted ({e:#}); left for the next `runner resume`",
+                        run.id
+                    ));
+                    continue;
+                }
+            };
             store.set_slurm_job(run.id, job.as_deref(), false).await?;
             run.slurm_job = job;
         }

@@ -154,6 +154,13 @@ pub struct RunStore {
     pub home: PathBuf,
 }
 
+/// This machine's host name (as the kernel reports it), naming the host of a runner's claims and locks.
+pub fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
 const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid";
 
 fn sweep_from_row(r: &sqlx::sqlite::SqliteRow) -> SweepRow {
@@ -327,11 +334,12 @@ impl RunStore {
     pub async fn claim(&self, id: i64, device: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, pid = NULL, error = NULL, started_at = ? \
+            "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, runner_host = ?, pid = NULL, error = NULL, started_at = ? \
              WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
         )
         .bind(device)
         .bind(std::process::id() as i64)
+        .bind(this_host())
         .bind(now())
         .bind(id)
         .execute(&mut *tx)
@@ -471,11 +479,14 @@ impl RunStore {
         Ok(())
     }
 
-    /// Runs left `running` whose engine is gone (a killed runner) become `interrupted`. Runs in a Slurm job
-    /// are left alone: the job may outlive its runner, and the Slurm backend adopts it on resume.
+    /// Runs left `running` on this host by a runner that is gone, whose engine is gone too, become
+    /// `interrupted`. Runs in a Slurm job are left alone (the job may outlive its runner, and the Slurm
+    /// backend adopts it on resume), as are runs claimed on another host (a home on a shared filesystem).
     pub async fn recover_orphans(&self) -> Result<Vec<i64>> {
         let rows =
-            sqlx::query("SELECT id, pid, runner_pid, run_dir FROM runs WHERE status = 'running' AND slurm_job IS NULL")
+            sqlx::query("SELECT id, pid, runner_pid, run_dir FROM runs WHERE status = 'running' AND slurm_job IS NULL \
+                         AND (runner_host IS NULL OR runner_host = ?)")
+                .bind(this_host())
                 .fetch_all(&self.pool)
                 .await?;
         let mut recovered = Vec::new();
@@ -678,6 +689,37 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_418), (2025, 11, 26));
         assert!(now().ends_with('Z'));
+    }
+
+    #[tokio::test]
+    async fn orphans_are_recovered_on_their_own_host_only() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let store = RunStore::open(d.path()).await?;
+        let s = store.create_sweep("t", "f.toml", "{}").await?;
+        let ids = store
+            .add_runs(
+                s,
+                &[
+                    (BTreeMap::new(), "dim = 8".into(), 10, 20),
+                    (BTreeMap::new(), "dim = 8".into(), 10, 20),
+                ],
+                None,
+            )
+            .await?;
+        for id in &ids {
+            assert!(store.claim(*id, "cpu").await?);
+        }
+        // Both claims' runner is gone (a pid that cannot exist) and neither has an engine.
+        sqlx::query("UPDATE runs SET runner_pid = 2147483000")
+            .execute(&store.pool)
+            .await?;
+        sqlx::query("UPDATE runs SET runner_host = 'another-machine' WHERE id = ?")
+            .bind(ids[1])
+            .execute(&store.pool)
+            .await?;
+        assert_eq!(store.recover_orphans().await?, vec![ids[0]]);
+        assert_eq!(store.run(ids[1]).await?.status, "running");
+        Ok(())
     }
 
     #[tokio::test]

@@ -7,7 +7,8 @@
 //!
 //! A rank that dies or hangs must not leave the others waiting forever (NCCL itself would: a collective
 //! whose peer is gone spins on the GPU). So every NCCL call here has a deadline of `ENGINE_DIST_TIMEOUT`
-//! seconds: the communicator is created on a helper thread that is waited for with a timeout, and after
+//! seconds: the communicator is created (with peer connections made at init: `NCCL_RUNTIME_CONNECT=0`) on a
+//! helper thread that is waited for with a timeout, and after
 //! each all-reduce this thread polls a CUDA event recorded behind it together with
 //! `ncclCommGetAsyncError`; on an error or a passed deadline the communicator is aborted
 //! (`ncclCommAbort`, which makes the stuck kernels return) and the step fails with an error naming why.
@@ -66,6 +67,12 @@ impl Nccl {
             bail!("the NCCL backend needs a CUDA device: set device = \"cuda\" (GPU LOCAL_RANK) or \"cuda:N\"");
         };
         let timeout = super::timeout();
+        // NCCL ≥ 2.22 connects peers lazily, inside the first collective, where a hung peer would block
+        // this thread in ncclAllReduce itself (before any completion event exists to poll). Connecting
+        // during init keeps that wait under the init deadline below. A user's own setting is kept.
+        if std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
+            std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
+        }
         let id = if env.world_size == 1 || std::env::var_os("NCCL_COMM_ID").is_some() {
             result::get_uniqueid().map_err(|e| anyhow!("ncclGetUniqueId (NCCL_COMM_ID): {e:?}"))?
         } else {
