@@ -266,6 +266,23 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
     Ok(())
 }
 
+/// Whether a failed commit may succeed when tried again: the database busy or locked beyond the busy
+/// timeout, a full disk, an I/O error. A malformed statement or a constraint would fail the same way again.
+fn transient(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => {
+            // SQLite primary result codes: BUSY 5, LOCKED 6, IOERR 10, FULL 13.
+            let primary = db
+                .code()
+                .and_then(|c| c.parse::<i64>().ok())
+                .map(|c| c & 0xff);
+            matches!(primary, Some(5 | 6 | 10 | 13))
+        }
+        Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => true,
+        _ => false,
+    }
+}
+
 /// [`apply`], retried for about a minute when it fails (a long-held lock beyond the busy timeout, a disk
 /// briefly full): a failed commit rolls back whole, so retrying cannot double anything.
 async fn apply_with_retries(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
@@ -273,7 +290,7 @@ async fn apply_with_retries(store: &RunStore, batch: &[(i64, Event)]) -> Result<
     for attempt in 1.. {
         match apply(store, batch).await {
             Ok(()) => return Ok(()),
-            Err(e) if attempt < TRIES => {
+            Err(e) if attempt < TRIES && transient(&e) => {
                 tracing::warn!("writing {} events to runs.db failed (try {attempt} of {TRIES}; retrying): {e:#}", batch.len());
                 tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt).min(10))).await;
             }
@@ -457,6 +474,19 @@ mod tests {
             r#"{{"event":"checkpoint","step":{step},"path":"/nowhere/step-{step}","bytes":1}}"#
         ))
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_malformed_statement_is_not_retried() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let store = RunStore::open(d.path()).await?;
+        let err = sqlx::query("SELEC 1")
+            .execute(&store.pool)
+            .await
+            .unwrap_err();
+        assert!(!transient(&anyhow::Error::from(err)));
+        assert!(transient(&anyhow::Error::from(sqlx::Error::PoolTimedOut)));
+        Ok(())
     }
 
     /// Timeline A logs steps 1–14 (evals at 6 and 12, checkpoints at 5 and 10); it is killed and resumed
