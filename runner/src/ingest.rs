@@ -361,16 +361,22 @@ pub fn spawn_writer(
 /// Send the step, eval and checkpoint events of an existing `metrics.jsonl` of run `run` (none when the
 /// file is missing), of its final timeline only: a `start` at step s in the file discards the events after
 /// s that came before it. Their rows are upserts, so events ingested before are not doubled; start, done
-/// and interruption notes are not repeated.
-pub fn backfill(tx: &mpsc::UnboundedSender<Msg>, run: i64, metrics: &std::path::Path) {
+/// and interruption notes are not repeated. Returns whether that timeline ended with the engine's `done`.
+pub fn backfill(tx: &mpsc::UnboundedSender<Msg>, run: i64, metrics: &std::path::Path) -> bool {
     let Ok(text) = std::fs::read_to_string(metrics) else {
-        return;
+        return false;
     };
     let mut timeline: Vec<(u64, Event)> = Vec::new();
+    let mut done = false;
     for ev in text.lines().filter_map(Event::parse) {
         let step = match &ev {
             Event::Start { step, .. } => {
                 timeline.retain(|(s, _)| s <= step);
+                done = false;
+                continue;
+            }
+            Event::Done { .. } => {
+                done = true;
                 continue;
             }
             Event::Step { step, .. } | Event::Eval { step, .. } => *step,
@@ -383,6 +389,7 @@ pub fn backfill(tx: &mpsc::UnboundedSender<Msg>, run: i64, metrics: &std::path::
     for (_, ev) in timeline {
         let _ = tx.send(Msg::Event(run, ev));
     }
+    done
 }
 
 /// Wait until everything sent so far is committed.
@@ -446,6 +453,13 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         assert!(matches!(got[0], Event::Step { step: 1, .. }));
         assert!(matches!(got[1], Event::Step { step: 2, loss, .. } if loss == 9.0));
+        // A done event on the final timeline is reported; one before a later start is not.
+        let done = r#"{"event":"done","step":2,"tokens":16,"elapsed_s":0.3,"val_loss":null,"val_bpb":null}"#;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        std::fs::write(&metrics, [resumed.join("\n"), done.to_string()].join("\n")).unwrap();
+        assert!(backfill(&tx, 7, &metrics));
+        std::fs::write(&metrics, [done.to_string(), resumed[3].clone()].join("\n")).unwrap();
+        assert!(!backfill(&tx, 7, &metrics));
     }
 
     fn start(step: u64, resumed: bool) -> Event {

@@ -452,8 +452,11 @@ pub async fn execute(
                     continue;
                 }
                 display.line(format!("run {}: following Slurm job {job} again", run.id));
-                let follower =
-                    MetricsFollower::new(Path::new(&run.run_dir).join("metrics.jsonl"), 0);
+                // What the job wrote while no runner followed it: its final timeline's rows (upserts, no
+                // repeated notes in the event log), then everything appended from here on.
+                let metrics = Path::new(&run.run_dir).join("metrics.jsonl");
+                let follower = MetricsFollower::from_end(metrics.clone());
+                let done_seen = ingest::backfill(&writer, run.id, &metrics);
                 active.insert(
                     run.id,
                     Job {
@@ -461,7 +464,7 @@ pub async fn execute(
                         restarts: run.restarts as u32,
                         job,
                         follower,
-                        done_seen: false,
+                        done_seen,
                         cancelled_by_us: false,
                         run,
                     },

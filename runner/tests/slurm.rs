@@ -308,6 +308,14 @@ fn a_sweep_runs_on_slurm_and_a_cancelled_job_is_resubmitted() {
                 "run {}: every step ingested once",
                 r.id
             );
+            // Adopting the job did not record its history again in the event log.
+            let log = format!("{:?}", store.events(r.id).await.unwrap());
+            assert_eq!(
+                log.matches("engine started at step 0").count(),
+                1,
+                "run {}: {log}",
+                r.id
+            );
         }
     });
 
