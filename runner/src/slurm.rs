@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::ingest::{self, Msg};
 use crate::scheduler::{Display, EngineCommand, Summary};
 use crate::spec::{Devices, Resources};
-use crate::store::{process_alive, RunRow, RunStatus, RunStore};
+use crate::store::{runner_alive, RunRow, RunStatus, RunStore};
 
 /// Where a job stands, from its Slurm state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -413,9 +413,10 @@ pub async fn execute(
             // Claimed by a runner that was about to run sbatch. Still alive: it is that runner's. Gone: it
             // may have died before sbatch (no job) or after it but before recording the id (a live job
             // runs this run's script): adopt such a job rather than submit a second one.
-            let claimer = run
-                .runner_pid
-                .filter(|p| *p as u32 != std::process::id() && process_alive(*p));
+            let claimer = run.runner_pid.filter(|p| {
+                *p as u32 != std::process::id()
+                    && runner_alive(*p, run.runner_host.clone(), run.runner_started)
+            });
             if let Some(p) = claimer {
                 display.line(format!(
                     "run {}: runner pid {p} is submitting it; skipping",
@@ -438,9 +439,10 @@ pub async fn execute(
         }
         match run.slurm_job.clone() {
             Some(job) => {
-                let other_runner = run
-                    .runner_pid
-                    .filter(|p| *p as u32 != std::process::id() && process_alive(*p));
+                let other_runner = run.runner_pid.filter(|p| {
+                    *p as u32 != std::process::id()
+                        && runner_alive(*p, run.runner_host.clone(), run.runner_started)
+                });
                 if let Some(p) = other_runner {
                     display.line(format!(
                         "run {}: Slurm job {job} is followed by runner pid {p}; skipping",
@@ -855,6 +857,8 @@ mod tests {
             slurm_job: None,
             restarts: 0,
             runner_pid: None,
+            runner_host: None,
+            runner_started: None,
         };
         let res = Resources {
             gpus_per_run: 8,

@@ -83,6 +83,11 @@ pub struct RunRow {
     pub restarts: i64,
     #[serde(skip)]
     pub runner_pid: Option<i64>,
+    /// Host and process start time of that runner (see [`runner_alive`]).
+    #[serde(skip)]
+    pub runner_host: Option<String>,
+    #[serde(skip)]
+    pub runner_started: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -161,7 +166,7 @@ pub fn this_host() -> String {
         .unwrap_or_default()
 }
 
-const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid";
+const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started";
 
 fn sweep_from_row(r: &sqlx::sqlite::SqliteRow) -> SweepRow {
     SweepRow {
@@ -198,6 +203,8 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
         slurm_job: r.get(21),
         restarts: r.get(22),
         runner_pid: r.get(23),
+        runner_host: r.get(24),
+        runner_started: r.get(25),
     }
 }
 
@@ -334,12 +341,13 @@ impl RunStore {
     pub async fn claim(&self, id: i64, device: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, runner_host = ?, pid = NULL, error = NULL, started_at = ? \
-             WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
+            "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, runner_host = ?, runner_started = ?, pid = NULL, \
+             error = NULL, started_at = ? WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
         )
         .bind(device)
         .bind(std::process::id() as i64)
         .bind(this_host())
+        .bind(process_start(std::process::id() as i64))
         .bind(now())
         .bind(id)
         .execute(&mut *tx)
@@ -361,10 +369,13 @@ impl RunStore {
     /// `slurm_job = 'submitting'` until [`Self::set_slurm_job`] records the id. Only one runner wins.
     pub async fn claim_for_slurm(&self, id: i64) -> Result<bool> {
         let n = sqlx::query(
-            "UPDATE runs SET status = 'queued', slurm_job = 'submitting', device = 'slurm', runner_pid = ?, pid = NULL, \
-             error = NULL, restarts = 0 WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
+            "UPDATE runs SET status = 'queued', slurm_job = 'submitting', device = 'slurm', runner_pid = ?, runner_host = ?, \
+             runner_started = ?, pid = NULL, error = NULL, restarts = 0 \
+             WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
         )
         .bind(std::process::id() as i64)
+        .bind(this_host())
+        .bind(process_start(std::process::id() as i64))
         .bind(id)
         .execute(&self.pool)
         .await?
@@ -380,9 +391,12 @@ impl RunStore {
         old_runner: Option<i64>,
     ) -> Result<bool> {
         let n = sqlx::query(
-            "UPDATE runs SET runner_pid = ? WHERE id = ? AND slurm_job = ? AND runner_pid IS ?",
+            "UPDATE runs SET runner_pid = ?, runner_host = ?, runner_started = ? \
+             WHERE id = ? AND slurm_job = ? AND runner_pid IS ?",
         )
         .bind(std::process::id() as i64)
+        .bind(this_host())
+        .bind(process_start(std::process::id() as i64))
         .bind(id)
         .bind(job)
         .bind(old_runner)
@@ -484,8 +498,8 @@ impl RunStore {
     /// backend adopts it on resume), as are runs claimed on another host (a home on a shared filesystem).
     pub async fn recover_orphans(&self) -> Result<Vec<i64>> {
         let rows =
-            sqlx::query("SELECT id, pid, runner_pid, run_dir FROM runs WHERE status = 'running' AND slurm_job IS NULL \
-                         AND (runner_host IS NULL OR runner_host = ?)")
+            sqlx::query("SELECT id, pid, runner_pid, run_dir, runner_host, runner_started FROM runs \
+                         WHERE status = 'running' AND slurm_job IS NULL AND (runner_host IS NULL OR runner_host = ?)")
                 .bind(this_host())
                 .fetch_all(&self.pool)
                 .await?;
@@ -496,8 +510,9 @@ impl RunStore {
             let runner_pid: Option<i64> = r.get(2);
             let run_dir: String = r.get(3);
             let engine_alive = pid.is_some_and(|p| process_mentions(p, &run_dir));
-            let runner_alive =
-                runner_pid.is_some_and(|p| p as u32 != std::process::id() && process_alive(p));
+            let runner_alive = runner_pid.is_some_and(|p| {
+                p as u32 != std::process::id() && runner_alive(p, r.get(4), r.get(5))
+            });
             if !engine_alive && !runner_alive {
                 self.set_status(
                     id,
@@ -662,6 +677,24 @@ pub(crate) fn process_alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Start time of process `pid` in clock ticks after boot (`/proc/PID/stat` field 22).
+pub(crate) fn process_start(pid: i64) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may itself hold spaces): state is field 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Whether the runner that claimed a run is still there. On another host it cannot be checked and counts
+/// as alive; here its pid must exist and, when its start time was recorded, have started then (a pid the
+/// kernel handed to another process since is not that runner).
+pub(crate) fn runner_alive(pid: i64, host: Option<String>, started: Option<i64>) -> bool {
+    if host.is_some_and(|h| h != this_host()) {
+        return true;
+    }
+    process_alive(pid) && started.is_none_or(|t| process_start(pid) == Some(t))
+}
+
 /// Whether process `pid` exists and its command line mentions `needle` (guards against pid reuse).
 fn process_mentions(pid: i64, needle: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -696,15 +729,9 @@ mod tests {
         let d = tempfile::tempdir()?;
         let store = RunStore::open(d.path()).await?;
         let s = store.create_sweep("t", "f.toml", "{}").await?;
+        let row = || (BTreeMap::new(), "dim = 8".to_string(), 10, 20);
         let ids = store
-            .add_runs(
-                s,
-                &[
-                    (BTreeMap::new(), "dim = 8".into(), 10, 20),
-                    (BTreeMap::new(), "dim = 8".into(), 10, 20),
-                ],
-                None,
-            )
+            .add_runs(s, &[row(), row(), row(), row()], None)
             .await?;
         for id in &ids {
             assert!(store.claim(*id, "cpu").await?);
@@ -717,8 +744,17 @@ mod tests {
             .bind(ids[1])
             .execute(&store.pool)
             .await?;
-        assert_eq!(store.recover_orphans().await?, vec![ids[0]]);
+        // pid 1 exists; as runs 2 and 3's runner it started at another time (a reused pid) or at its own.
+        for (id, started) in [(ids[2], Some(-1)), (ids[3], process_start(1))] {
+            sqlx::query("UPDATE runs SET runner_pid = 1, runner_started = ? WHERE id = ?")
+                .bind(started)
+                .bind(id)
+                .execute(&store.pool)
+                .await?;
+        }
+        assert_eq!(store.recover_orphans().await?, vec![ids[0], ids[2]]);
         assert_eq!(store.run(ids[1]).await?.status, "running");
+        assert_eq!(store.run(ids[3]).await?.status, "running");
         Ok(())
     }
 
