@@ -292,18 +292,8 @@ fn bad_input_gets_one_clear_line() {
 fn a_checkpoint_from_another_model_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = data_dir(dir.path());
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 5\n")).unwrap();
-    let run_dir = dir.path().join("run");
-    assert!(run(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run_dir.to_str().unwrap()
-    ])
-    .status
-    .success());
+    let (run_dir, out) = first_run(dir.path(), &data, "steps = 5\n", &[]);
+    assert!(out.status.success());
     let out = run(&[
         "train",
         "--resume",
@@ -351,16 +341,7 @@ fn a_data_dir_with_another_tokenizer_is_refused_on_resume() {
     opts.vocab_size = 400;
     opts.val_fraction = 0.1;
     data_prep::build(&opts).expect("data_prep build");
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 5\n")).unwrap();
-    let run_dir = dir.path().join("run");
-    let ok = run(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run_dir.to_str().unwrap(),
-    ]);
+    let (run_dir, ok) = first_run(dir.path(), &data, "steps = 5\n", &[]);
     assert!(ok.status.success());
     let vocab = |d: &std::path::Path| {
         let meta: serde_json::Value =
@@ -395,18 +376,12 @@ fn a_data_dir_with_another_tokenizer_is_refused_on_resume() {
 fn unusable_checkpoints_are_set_aside_or_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = data_dir(dir.path());
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 10\n")).unwrap();
-    let run_dir = dir.path().join("run");
-    let ok = run(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run_dir.to_str().unwrap(),
-        "--set",
-        "keep_checkpoints=2",
-    ]);
+    let (run_dir, ok) = first_run(
+        dir.path(),
+        &data,
+        "steps = 10\n",
+        &["--set", "keep_checkpoints=2"],
+    );
     assert!(
         ok.status.success(),
         "{}",
@@ -473,18 +448,8 @@ fn a_data_dir_with_another_vocab_is_refused_on_resume() {
     opts.vocab_size = 280;
     opts.val_fraction = 0.1;
     data_prep::build(&opts).expect("data_prep build");
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 5\n")).unwrap();
-    let run_dir = dir.path().join("run");
-    assert!(run(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run_dir.to_str().unwrap()
-    ])
-    .status
-    .success());
+    let (run_dir, out) = first_run(dir.path(), &data, "steps = 5\n", &[]);
+    assert!(out.status.success());
     let out = run(&[
         "train",
         "--resume",

@@ -209,6 +209,14 @@ async fn squeue_states(jobs: &[String]) -> Result<HashMap<String, String>> {
         .collect())
 }
 
+/// The pid of another runner that holds `run` and is still there (see [`runner_alive`]).
+fn other_live_runner(run: &RunRow) -> Option<i64> {
+    run.runner_pid.filter(|p| {
+        *p as u32 != std::process::id()
+            && runner_alive(*p, run.runner_host.as_deref(), run.runner_started)
+    })
+}
+
 /// A pending or running job whose script is this run's `job.sh` (found by its job name and script path,
 /// so a run of the same id in another runner home does not match). An error when squeue cannot answer:
 /// "no job" must not be assumed then.
@@ -413,10 +421,7 @@ pub async fn execute(
             // Claimed by a runner that was about to run sbatch. Still alive: it is that runner's. Gone: it
             // may have died before sbatch (no job) or after it but before recording the id (a live job
             // runs this run's script): adopt such a job rather than submit a second one.
-            let claimer = run.runner_pid.filter(|p| {
-                *p as u32 != std::process::id()
-                    && runner_alive(*p, run.runner_host.clone(), run.runner_started)
-            });
+            let claimer = other_live_runner(&run);
             if let Some(p) = claimer {
                 display.line(format!(
                     "run {}: runner pid {p} is submitting it; skipping",
@@ -439,10 +444,7 @@ pub async fn execute(
         }
         match run.slurm_job.clone() {
             Some(job) => {
-                let other_runner = run.runner_pid.filter(|p| {
-                    *p as u32 != std::process::id()
-                        && runner_alive(*p, run.runner_host.clone(), run.runner_started)
-                });
+                let other_runner = other_live_runner(&run);
                 if let Some(p) = other_runner {
                     display.line(format!(
                         "run {}: Slurm job {job} is followed by runner pid {p}; skipping",

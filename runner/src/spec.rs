@@ -546,30 +546,6 @@ mod tests {
     }
 
     #[test]
-    fn grid_misuse_is_refused() {
-        let d = tempfile::tempdir().unwrap();
-        for (text, needle) in [
-            (
-                OK.replace("n_layers = [1, 2]", "n_layers = [1, 2, 1]"),
-                "listed twice",
-            ),
-            (
-                OK.replace("[sweep]\n", "[sweep]\ntrials = 3\n"),
-                "only strategy = \"random\"",
-            ),
-            (
-                OK.replace("[sweep]\n", "[sweep]\nseed = 3\n"),
-                "only strategy = \"random\"",
-            ),
-        ] {
-            let err = Sweep::from_file(&write(d.path(), &text), 100)
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(needle), "{err}");
-        }
-    }
-
-    #[test]
     fn a_list_of_seeds_is_swept() {
         let d = tempfile::tempdir().unwrap();
         let text = OK.replace("n_layers = [1, 2]", "seed = [0, 1, 2]");
@@ -623,6 +599,19 @@ mod tests {
                 "trials",
             ),
             ("name = [".to_string(), "not valid TOML"),
+            // Grid misuse.
+            (
+                OK.replace("n_layers = [1, 2]", "n_layers = [1, 2, 1]"),
+                "listed twice",
+            ),
+            (
+                OK.replace("[sweep]\n", "[sweep]\ntrials = 3\n"),
+                "only strategy = \"random\"",
+            ),
+            (
+                OK.replace("[sweep]\n", "[sweep]\nseed = 3\n"),
+                "only strategy = \"random\"",
+            ),
         ];
         for (text, needle) in cases {
             let err = Sweep::from_file(&write(d.path(), &text), 100)

@@ -511,7 +511,8 @@ impl RunStore {
             let run_dir: String = r.get(3);
             let engine_alive = pid.is_some_and(|p| process_mentions(p, &run_dir));
             let runner_alive = runner_pid.is_some_and(|p| {
-                p as u32 != std::process::id() && runner_alive(p, r.get(4), r.get(5))
+                let host: Option<String> = r.get(4);
+                p as u32 != std::process::id() && runner_alive(p, host.as_deref(), r.get(5))
             });
             if !engine_alive && !runner_alive {
                 self.set_status(
@@ -688,7 +689,7 @@ pub(crate) fn process_start(pid: i64) -> Option<i64> {
 /// Whether the runner that claimed a run is still there. On another host it cannot be checked and counts
 /// as alive; here its pid must exist and, when its start time was recorded, have started then (a pid the
 /// kernel handed to another process since is not that runner).
-pub(crate) fn runner_alive(pid: i64, host: Option<String>, started: Option<i64>) -> bool {
+pub(crate) fn runner_alive(pid: i64, host: Option<&str>, started: Option<i64>) -> bool {
     if host.is_some_and(|h| h != this_host()) {
         return true;
     }

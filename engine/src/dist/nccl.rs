@@ -39,13 +39,13 @@ pub struct Nccl {
     world: usize,
     device: Device,
     comm: Arc<Watched>,
+    /// The deadline of the next collectives (see `Communicator::set_timeout`).
+    timeout: Duration,
 }
 
-/// A raw NCCL communicator with the deadline every collective on it must meet. Aborted (once) when a
-/// collective fails or times out, and on drop.
+/// A raw NCCL communicator, taken (and so aborted, once) when a collective on it fails or times out.
 struct Watched {
     comm: Mutex<Option<RawComm>>,
-    timeout: Mutex<Duration>,
 }
 
 /// The raw handle. This process drives it from the training thread only, one collective at a time, as
@@ -99,8 +99,8 @@ impl Nccl {
             device: device.clone(),
             comm: Arc::new(Watched {
                 comm: Mutex::new(Some(comm)),
-                timeout: Mutex::new(timeout),
             }),
+            timeout,
         })
     }
 }
@@ -146,13 +146,14 @@ fn init_rank(
 }
 
 impl Watched {
-    /// Sum of `n` f32 from `src` into `dst` over all ranks, on `stream`, waited for with the deadline.
+    /// Sum of `n` f32 from `src` into `dst` over all ranks, on `stream`, waited for at most `timeout`.
     fn all_reduce_sum(
         &self,
         stream: &Arc<CudaStream>,
         src: CUdeviceptr,
         dst: CUdeviceptr,
         n: usize,
+        timeout: Duration,
     ) -> Result<()> {
         let mut guard = self
             .comm
@@ -177,10 +178,6 @@ impl Watched {
         let done = stream
             .record_event(None)
             .map_err(|e| anyhow!("recording a CUDA event: {e:?}"))?;
-        let timeout = *self
-            .timeout
-            .lock()
-            .map_err(|_| anyhow!("NCCL lock poisoned"))?;
         let deadline = Instant::now() + timeout;
         let mut nap = Duration::from_micros(20);
         loop {
@@ -233,11 +230,7 @@ impl Communicator for Nccl {
     }
 
     fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
-        *self
-            .comm
-            .timeout
-            .lock()
-            .map_err(|_| anyhow!("NCCL lock poisoned"))? = timeout;
+        self.timeout = timeout;
         Ok(())
     }
 
@@ -245,6 +238,7 @@ impl Communicator for Nccl {
         let t = t.contiguous()?;
         Ok(t.apply_op1_no_bwd(&AllReduce {
             comm: self.comm.clone(),
+            timeout: self.timeout,
         })?)
     }
 }
@@ -252,6 +246,7 @@ impl Communicator for Nccl {
 /// Sum over ranks of an f32 CUDA tensor, as a candle op.
 struct AllReduce {
     comm: Arc<Watched>,
+    timeout: Duration,
 }
 
 impl CustomOp1 for AllReduce {
@@ -277,7 +272,7 @@ impl CustomOp1 for AllReduce {
             let (src_ptr, _src_read) = src.device_ptr(&stream);
             let (dst_ptr, _dst_write) = dst.device_ptr_mut(&stream);
             self.comm
-                .all_reduce_sum(&stream, src_ptr, dst_ptr, n)
+                .all_reduce_sum(&stream, src_ptr, dst_ptr, n, self.timeout)
                 .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         }
         Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))

@@ -366,31 +366,45 @@ mod tests {
     use super::*;
     use crate::model::{build_seeded, MixerKind, ModelConfig, WeightKind};
 
+    /// A 2-layer D=32 ternary model with seeded weights: its config and latent tensors.
+    fn tiny(mixer: MixerKind) -> Result<(ModelConfig, std::collections::HashMap<String, Tensor>)> {
+        let cfg = ModelConfig {
+            vocab_size: 50,
+            dim: 32,
+            n_layers: 2,
+            n_heads: 2,
+            mixer,
+            weights: WeightKind::Ternary,
+            mlp_hidden: Some(64),
+            ttt_mini_batch: 4,
+            ttt_base_lr: 1.0,
+            tie_embeddings: false,
+        };
+        let (vm, _) = build_seeded(&cfg, 9, DType::F32, &Device::Cpu)?;
+        let tensors = vm
+            .data()
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        Ok((cfg, tensors))
+    }
+
+    fn max_abs(a: &[f32]) -> f32 {
+        a.iter().fold(0f32, |m, v| m.max(v.abs()))
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
     /// The candle backend (the training model, used on CUDA) gives the packed model's logits, from a
     /// checkpoint's latent weights and from packed weights turned back into latent ones (exported files).
     #[test]
     fn candle_backend_matches_packed_backend() -> Result<()> {
         for mixer in [MixerKind::Ttt, MixerKind::Attention] {
-            let cfg = ModelConfig {
-                vocab_size: 50,
-                dim: 32,
-                n_layers: 2,
-                n_heads: 2,
-                mixer,
-                weights: WeightKind::Ternary,
-                mlp_hidden: Some(64),
-                ttt_mini_batch: 4,
-                ttt_base_lr: 1.0,
-                tie_embeddings: false,
-            };
-            let (vm, _) = build_seeded(&cfg, 9, DType::F32, &Device::Cpu)?;
-            let tensors: std::collections::HashMap<String, Tensor> = vm
-                .data()
-                .lock()
-                .expect("lock")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect();
+            let (cfg, tensors) = tiny(mixer)?;
             let weights = ModelWeights::from_tensors(&cfg, &tensors, LinearMode::Packed)?;
             let from_packed = weights.latent_tensors(&Device::Cpu)?;
             let mut packed = PackedDecoder::new(InferenceModel::new(weights)?);
@@ -401,13 +415,9 @@ mod tests {
             feeds.extend([[7u32], [1], [33]].iter().map(|t| t.as_slice()));
             for toks in feeds {
                 let a = packed.feed(toks)?;
-                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = max_abs(&a);
                 for other in [&mut candle, &mut rebuilt] {
-                    let b = other.feed(toks)?;
-                    let diff = a
-                        .iter()
-                        .zip(&b)
-                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    let diff = max_diff(&a, &other.feed(toks)?);
                     assert!(diff <= 1e-3 * scale, "{mixer}: diff {diff} (scale {scale})");
                 }
             }
@@ -419,26 +429,7 @@ mod tests {
     /// from the unwindowed model there (the window is really applied).
     #[test]
     fn attention_window_is_the_same_on_both_backends() -> Result<()> {
-        let cfg = ModelConfig {
-            vocab_size: 50,
-            dim: 32,
-            n_layers: 2,
-            n_heads: 2,
-            mixer: MixerKind::Attention,
-            weights: WeightKind::Ternary,
-            mlp_hidden: Some(64),
-            ttt_mini_batch: 4,
-            ttt_base_lr: 1.0,
-            tie_embeddings: false,
-        };
-        let (vm, _) = build_seeded(&cfg, 9, DType::F32, &Device::Cpu)?;
-        let tensors: std::collections::HashMap<String, Tensor> = vm
-            .data()
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
+        let (cfg, tensors) = tiny(MixerKind::Attention)?;
         let packed_model = || -> Result<InferenceModel> {
             InferenceModel::new(ModelWeights::from_tensors(
                 &cfg,
@@ -453,11 +444,7 @@ mod tests {
         // A 7-token prompt in one chunk (longer than the window) on both.
         let prompt = [3u32, 9, 27, 4, 11, 2, 40];
         let (a, b) = (windowed.feed(&prompt)?, candle.feed(&prompt)?);
-        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let (scale, diff) = (max_abs(&a), max_diff(&a, &b));
         assert!(diff <= 1e-3 * scale, "prompt: diff {diff} (scale {scale})");
         windowed.reset();
         candle.reset();
@@ -466,21 +453,14 @@ mod tests {
             let a = windowed.feed(&[*tok])?;
             let b = candle.feed(&[*tok])?;
             let c = full.feed(&[*tok])?;
-            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let (scale, diff) = (max_abs(&a), max_diff(&a, &b));
             assert!(
                 diff <= 1e-3 * scale,
                 "token {i}: diff {diff} (scale {scale})"
             );
-            let gap = a
-                .iter()
-                .zip(&c)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let gap = max_diff(&a, &c);
             if i < 4 {
-                let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = max_abs(&c);
                 assert!(
                     gap <= 1e-6 * scale,
                     "token {i}: inside the window nothing changes ({gap})"

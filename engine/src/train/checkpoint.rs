@@ -49,8 +49,8 @@ pub struct LoadedCheckpoint {
     pub state: CheckpointState,
     pub model: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
-    /// Newer checkpoint folders that failed to load (corrupt, truncated, another format) and were passed
-    /// over for this one: see [`CheckpointDir::set_aside`].
+    /// Newer checkpoint folders that were damaged ([`Corrupt`]) and passed over for this one: see
+    /// [`CheckpointDir::set_aside`].
     pub skipped: Vec<PathBuf>,
 }
 
@@ -277,6 +277,15 @@ impl CheckpointDir {
     /// Read and verify one checkpoint folder.
     pub fn load_from(path: &Path, device: &Device) -> Result<LoadedCheckpoint> {
         let state = Self::verify(path)?;
+        Self::load_verified(path, state, device)
+    }
+
+    /// The tensors of a folder [`Self::verify`] has just accepted (its files are hashed once, not twice).
+    fn load_verified(
+        path: &Path,
+        state: CheckpointState,
+        device: &Device,
+    ) -> Result<LoadedCheckpoint> {
         let model = candle_core::safetensors::load(path.join("model.safetensors"), device)?;
         let optimizer = candle_core::safetensors::load(path.join("optimizer.safetensors"), device)?;
         Ok(LoadedCheckpoint {
@@ -295,27 +304,28 @@ impl CheckpointDir {
     pub fn load_latest(&self, device: &Device) -> Result<Option<LoadedCheckpoint>> {
         // Newest step first. The `latest` pointer is not trusted over the folders: a crash between
         // renaming a finished checkpoint into place and updating the pointer leaves the pointer one behind.
-        let mut skipped: Vec<(PathBuf, String)> = Vec::new();
+        let (mut skipped, mut newest_why) = (Vec::new(), None);
         for step in self.steps() {
             let path = self.root.join(step_name(step));
             match Self::verify(&path) {
-                Ok(_) => {
+                Ok(state) => {
                     // Sound on disk: a failure to load it now (I/O, device memory) is an error, not a
                     // reason to fall back to an older step.
-                    let mut ck = Self::load_from(&path, device)?;
-                    ck.skipped = skipped.into_iter().map(|(p, _)| p).collect();
+                    let mut ck = Self::load_verified(&path, state, device)?;
+                    ck.skipped = skipped;
                     return Ok(Some(ck));
                 }
                 Err(e) if e.downcast_ref::<Corrupt>().is_some() => {
                     tracing::warn!("skipping checkpoint {}: {e:#}", path.display());
-                    skipped.push((path, format!("{e:#}")));
+                    newest_why.get_or_insert_with(|| format!("{e:#}"));
+                    skipped.push(path);
                 }
                 Err(e) => return Err(e),
             }
         }
-        match skipped.first() {
+        match newest_why {
             None => Ok(None),
-            Some((_, why)) => bail!(
+            Some(why) => bail!(
                 "none of the {} checkpoint(s) in {root} can be loaded (newest: {why}); restore a good copy, or delete {root} to start the run over from step 0",
                 skipped.len(),
                 root = self.root.display(),

@@ -102,7 +102,6 @@ fn add_grads(mut acc: GradStore, g: GradStore, vars: &[Var]) -> Result<GradStore
     Ok(acc)
 }
 
-/// Mean loss over the fixed validation batches.
 /// Mean loss over the fixed validation batches. In a data-parallel run each rank evaluates its share
 /// (`batches` holds the ones with index ≡ rank mod world) and one all-reduce adds the sums, so every rank
 /// gets the same value and none sits idle while another evaluates.
@@ -465,7 +464,9 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         let flags = [stop.load(Ordering::SeqCst), time_up(&started)];
         // Through the communicator whenever it is a real one: also a one-rank NCCL check run exercises it.
         let (loss, [any_stop, any_time_up], allreduce_ms) = if comm.is_collective() {
-            average_gradients(comm.as_mut(), &mut grads, &vars, loss_sum, flags)?
+            let (loss, flags, ms) =
+                average_gradients(comm.as_mut(), &mut grads, &vars, loss_sum, flags)?;
+            (loss, flags, Some(ms))
         } else {
             (loss_sum, flags, None)
         };
@@ -580,7 +581,7 @@ fn average_gradients(
     vars: &[Var],
     loss_sum: f64,
     flags: [bool; 2],
-) -> Result<(f64, [bool; 2], Option<f64>)> {
+) -> Result<(f64, [bool; 2], f64)> {
     let world = comm.world_size() as f64;
     // One flat f32 buffer on the training device: every gradient, then the loss and the two flags.
     let mut parts = Vec::with_capacity(vars.len() + 1);
@@ -621,11 +622,7 @@ fn average_gradients(
         grads.insert(v.as_tensor(), avg.reshape(shape)?.to_dtype(dtype)?);
     }
     let tail = summed.narrow(0, n_grads, 3)?.to_vec1::<f32>()?;
-    Ok((
-        tail[0] as f64,
-        [tail[1] > 0.0, tail[2] > 0.0],
-        Some(allreduce_ms),
-    ))
+    Ok((tail[0] as f64, [tail[1] > 0.0, tail[2] > 0.0], allreduce_ms))
 }
 
 /// sha256 over every parameter's bytes in name order: equal on every rank of a data-parallel run.

@@ -27,6 +27,24 @@ pub fn tiny_config(data: &Path, extra: &str) -> String {
     )
 }
 
+/// Write `tiny_config(data, config_extra)` to `dir/run.toml` and train it into `dir/run` (`args` appended):
+/// the run dir and the engine's output.
+pub fn first_run(dir: &Path, data: &Path, config_extra: &str, args: &[&str]) -> (PathBuf, Output) {
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, tiny_config(data, config_extra)).unwrap();
+    let run_dir = dir.join("run");
+    let mut all = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run_dir.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let out = run(&all);
+    (run_dir, out)
+}
+
 pub fn engine() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_engine"));
     c.env("RUST_LOG", "warn");
