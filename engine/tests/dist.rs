@@ -20,6 +20,11 @@ fn free_port() -> u16 {
 
 /// Start `world` ranks of `engine train` with the given arguments.
 fn ranks(world: usize, args: &[&str], port: u16) -> Vec<Reaped> {
+    ranks_with_timeout(world, args, port, 20)
+}
+
+/// As [`ranks`], with `ENGINE_DIST_TIMEOUT` = `timeout_s`.
+fn ranks_with_timeout(world: usize, args: &[&str], port: u16, timeout_s: u64) -> Vec<Reaped> {
     (0..world)
         .map(|rank| {
             engine()
@@ -29,7 +34,7 @@ fn ranks(world: usize, args: &[&str], port: u16) -> Vec<Reaped> {
                 .env("LOCAL_RANK", rank.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
-                .env("ENGINE_DIST_TIMEOUT", "20")
+                .env("ENGINE_DIST_TIMEOUT", timeout_s.to_string())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -269,4 +274,53 @@ fn a_dead_rank_fails_the_others_quickly() {
         "{rest:?}"
     );
     children[1].wait().unwrap();
+}
+
+#[test]
+fn a_hung_rank_fails_the_others_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 100_000, "");
+    let out = dir.path().join("run");
+    // No checkpoint during the test: the collective after one waits ten times longer.
+    let mut children = ranks_with_timeout(
+        2,
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "checkpoint_every=100000",
+        ],
+        free_port(),
+        4,
+    );
+    let mut lines = BufReader::new(children[0].stdout.take().unwrap()).lines();
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if v["event"] == "step" && v["step"] == 3 {
+            break;
+        }
+    }
+    // Rank 1 hangs (stopped, its sockets open): rank 0 must give up after ENGINE_DIST_TIMEOUT.
+    let hung = children[1].id() as i32;
+    // SAFETY: kill(2) on a child this test started.
+    unsafe { libc::kill(hung, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    let status = children[0].wait().unwrap();
+    let waited = t0.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(hung, libc::SIGKILL) };
+    children[1].wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        waited < Duration::from_secs(20),
+        "rank 0 took {waited:?} to give up on a hung peer"
+    );
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("\"event\":\"error\"")),
+        "{rest:?}"
+    );
 }
