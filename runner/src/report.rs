@@ -18,6 +18,8 @@ pub struct ReportRow {
     pub params: serde_json::Value,
     pub step: i64,
     pub total_steps: Option<i64>,
+    /// Tokens trained on so far (the global batch: every rank's).
+    pub tokens: i64,
     pub val_loss: Option<f64>,
     pub best_val_loss: Option<f64>,
     pub val_bpb: Option<f64>,
@@ -37,6 +39,7 @@ impl From<&RunRow> for ReportRow {
             params: r.params.clone(),
             step: r.step,
             total_steps: r.total_steps,
+            tokens: r.tokens,
             val_loss: r.val_loss,
             best_val_loss: r.best_val_loss,
             val_bpb: r.val_bpb,
@@ -185,6 +188,7 @@ pub fn csv(rows: &[ReportRow]) -> String {
     head.extend(keys.iter().map(String::as_str));
     head.extend([
         "step",
+        "tokens",
         "val_loss",
         "best_val_loss",
         "val_bpb",
@@ -200,6 +204,7 @@ pub fn csv(rows: &[ReportRow]) -> String {
         cells.extend(keys.iter().map(|k| param_str(r, k)));
         cells.extend([
             r.step.to_string(),
+            r.tokens.to_string(),
             o(r.val_loss),
             o(r.best_val_loss),
             o(r.val_bpb),
@@ -268,21 +273,23 @@ fn svg_chart(
     let sx = |x: f64| ml + (x - x0) / (x1 - x0) * pw;
     let sy = |y: f64| mt + ph - (y - y0) / (y1 - y0) * ph;
     let _ = write!(svg, "<rect x=\"{ml}\" y=\"{mt}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>");
-    for i in 0..=4 {
-        let fy = y0 + (y1 - y0) * i as f64 / 4.0;
-        let fx = x0 + (x1 - x0) * i as f64 / 4.0;
+    for (fy, text) in nice_ticks(y0, y1) {
         let _ = write!(
             svg,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{fy:.3}</text>",
+            "<line x1=\"{ml}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{text}</text>",
+            ml + pw,
             ml - 4.0,
-            sy(fy) + 4.0
+            sy(fy) + 4.0,
+            y = sy(fy)
         );
+    }
+    for (fx, text) in nice_ticks(x0, x1) {
         let _ = write!(
             svg,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
-            sx(fx),
+            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{mt}\" y2=\"{}\" stroke=\"#eee\"/><text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{text}</text>",
+            mt + ph,
             mt + ph + 14.0,
-            trim_num(fx)
+            x = sx(fx)
         );
     }
     let _ = write!(
@@ -323,12 +330,45 @@ fn svg_chart(
     svg
 }
 
-fn trim_num(x: f64) -> String {
-    if x.abs() >= 100.0 || x.fract().abs() < 1e-9 {
-        format!("{x:.0}")
-    } else {
-        format!("{x:.3}")
+/// Axis ticks at round values (1, 2 or 5 × 10^k apart, about five of them) inside `[lo, hi]`, each with
+/// its label: as many decimals as the spacing needs; axes reaching 10,000 count in `k`, a million in `M`.
+fn nice_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
+    let raw = (hi - lo) / 4.0;
+    if !(raw.is_finite() && raw > 0.0) {
+        return vec![];
     }
+    let mag = 10f64.powf(raw.log10().floor());
+    // The round spacing nearest the raw one (on a log scale).
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .min_by(|a, b| {
+            let d = |s: f64| (s / raw).ln().abs();
+            d(*a).total_cmp(&d(*b))
+        })
+        .unwrap_or(mag);
+    let top = lo.abs().max(hi.abs());
+    let (div, unit) = if top >= 1e6 {
+        (1e6, "M")
+    } else if top >= 1e4 {
+        (1e3, "k")
+    } else {
+        (1.0, "")
+    };
+    let decimals = (-(step / div).log10().floor()).max(0.0) as usize;
+    let label = |v: f64| {
+        if v.abs() < step * 1e-6 {
+            "0".to_string()
+        } else {
+            format!("{:.decimals$}{unit}", v / div)
+        }
+    };
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step + 1e-9).floor() as i64;
+    (first..=last)
+        .map(|i| i as f64 * step)
+        .map(|v| (v, label(v)))
+        .collect()
 }
 
 /// The self-contained HTML report.
@@ -354,6 +394,30 @@ pub async fn html(store: &RunStore, rows: &[ReportRow], title: &str) -> Result<S
     let _ = write!(body, "<h1>{}</h1>", esc(title));
     body.push_str(&svg_chart("train loss", "step", &curve("loss"), false));
     body.push_str(&svg_chart("val loss", "step", &curve("val_loss"), false));
+    // Runs with another batch size or context see another number of tokens per step: compare them by
+    // tokens seen as well.
+    let per_step: BTreeMap<i64, f64> = rows
+        .iter()
+        .filter(|r| r.step > 0 && r.tokens > 0)
+        .map(|r| (r.id, r.tokens as f64 / r.step as f64))
+        .collect();
+    let by_tokens: Vec<_> = curve("val_loss")
+        .into_iter()
+        .zip(
+            rows.iter()
+                .filter(|r| hist.get(&r.id).is_some_and(|h| h.contains_key("val_loss"))),
+        )
+        .filter_map(|((name, pts), r)| {
+            let k = per_step.get(&r.id)?;
+            Some((name, pts.into_iter().map(|(s, v)| (s * k, v)).collect()))
+        })
+        .collect();
+    body.push_str(&svg_chart(
+        "val loss by tokens seen",
+        "tokens seen",
+        &by_tokens,
+        false,
+    ));
     for key in param_keys(rows) {
         let mut by_value: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
         for r in rows {
@@ -409,6 +473,7 @@ mod tests {
             params: serde_json::json!({"n_layers": id, "mixer": "ttt"}),
             step: 10,
             total_steps: Some(10),
+            tokens: 640,
             val_loss: loss,
             best_val_loss: loss,
             val_bpb: loss,
@@ -446,9 +511,33 @@ mod tests {
             &[("a".into(), vec![(0.0, 1.0), (1.0, 0.5)])],
             false,
         );
-        assert!(
-            s.starts_with("<svg") && s.contains("polyline") && !s.contains("http://")
-                || s.contains("xmlns")
+        assert!(s.starts_with("<svg") && s.ends_with("</svg>") && s.contains("polyline"));
+        // Nothing fetched from elsewhere: the only URL is the SVG namespace.
+        assert_eq!(s.matches("http").count(), 1, "{s}");
+    }
+
+    #[test]
+    fn ticks_are_round_and_inside_the_range() {
+        let labels =
+            |lo, hi| -> Vec<String> { nice_ticks(lo, hi).into_iter().map(|t| t.1).collect() };
+        assert_eq!(labels(10.0, 200.0), ["50", "100", "150", "200"]);
+        assert_eq!(labels(4.155, 7.443), ["5", "6", "7"]);
+        assert_eq!(labels(3.61, 3.92), ["3.7", "3.8", "3.9"]);
+        assert_eq!(labels(3.61, 3.75), ["3.65", "3.70", "3.75"]);
+        assert_eq!(
+            labels(0.0, 2_000_000.0),
+            ["0", "0.5M", "1.0M", "1.5M", "2.0M"]
         );
+        assert_eq!(labels(0.0, 40_960.0), ["0", "10k", "20k", "30k", "40k"]);
+        assert_eq!(labels(-1.0, 1.0), ["-1.0", "-0.5", "0", "0.5", "1.0"]);
+        assert!(nice_ticks(1.0, 1.0).is_empty());
+        for (lo, hi) in [(0.013, 0.0171), (-3.0, 11.0), (123.0, 98765.0)] {
+            let t = nice_ticks(lo, hi);
+            assert!((2..=11).contains(&t.len()), "{lo} {hi}: {t:?}");
+            assert!(
+                t.iter().all(|(v, _)| *v >= lo - 1e-9 && *v <= hi + 1e-9),
+                "{t:?}"
+            );
+        }
     }
 }

@@ -138,13 +138,20 @@ impl TrainConfig {
             }
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            text.parse::<toml::Table>().map_err(|e| {
+            let table = text.parse::<toml::Table>().map_err(|e| {
                 anyhow::anyhow!(
                     "{} is not valid TOML: {}",
                     path.display(),
                     one_line(&e.to_string())
                 )
             })?;
+            if table.contains_key("sweep") || table.contains_key("base") {
+                bail!(
+                    "{} is a sweep file ([base]/[sweep] tables), not a run config: run it with `runner sweep {}`, or give `engine train` one flat table of run keys",
+                    path.display(),
+                    path.display()
+                );
+            }
             fig = fig.merge(Toml::file(path));
         }
         let keys = known_keys();
@@ -345,6 +352,9 @@ mod tests {
             err.contains("not valid TOML") && !err.contains('\n'),
             "{err}"
         );
+        std::fs::write(&file, "[base]\ndim = 64\n[sweep]\nn_layers = [1, 2]\n").unwrap();
+        let err = TrainConfig::load(Some(&file), &[]).unwrap_err().to_string();
+        assert!(err.contains("runner sweep"), "{err}");
     }
 
     #[test]
