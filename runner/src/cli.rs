@@ -66,8 +66,9 @@ enum Command {
     /// Compare runs: one row per run with swept parameters, steps, final/best val loss, bpb, tokens/s, wall
     /// time and the latest checkpoint.
     Report {
-        /// Only this sweep (e.g. s3); all runs by default.
-        sweep: Option<String>,
+        /// Sweeps (s3) and runs (7) to compare, in any mix (`runner report s1 s4 12`); all runs by default.
+        #[arg(value_name = "ID")]
+        ids: Vec<String>,
         /// Column to sort by: id, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s.
         #[arg(long, default_value = "id")]
         sort: String,
@@ -157,20 +158,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => sweep(&cli.home, &files, dry_run, &sets).await,
         Command::Resume { id } => resume(&cli.home, &id).await,
         Command::Report {
-            sweep,
+            ids,
             sort,
             format,
             html,
         } => {
             let store = open_existing(&cli.home).await?;
-            let sweep_id = match sweep.as_deref().map(str::parse::<Id>).transpose()? {
-                Some(Id::Sweep(s)) => Some(store.sweep(s).await?.id),
-                Some(Id::Run(r)) => bail!(
-                    "{r} is a run id; report takes a sweep id like s{r} (or none for all runs)"
-                ),
-                None => None,
-            };
-            report_runs(&store, sweep_id, &sort, format, html.as_deref()).await?;
+            let ids = ids
+                .iter()
+                .map(|s| s.parse::<Id>())
+                .collect::<Result<Vec<_>>>()?;
+            report_runs(&store, &ids, &sort, format, html.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ls => ls(&cli.home).await,
@@ -204,19 +202,30 @@ async fn report_recovered(store: &RunStore) -> Result<()> {
     Ok(())
 }
 
+/// The report of the runs `ids` name (sweeps and runs, each run once), or of every run when `ids` is empty.
 async fn report_runs(
     store: &RunStore,
-    sweep: Option<i64>,
+    ids: &[Id],
     sort: &str,
     format: Format,
     html: Option<&Path>,
 ) -> Result<()> {
-    let mut rows: Vec<ReportRow> = store
-        .runs(sweep)
-        .await?
-        .iter()
-        .map(ReportRow::from)
-        .collect();
+    let mut picked = std::collections::BTreeMap::new();
+    if ids.is_empty() {
+        picked.extend(store.runs(None).await?.into_iter().map(|r| (r.id, r)));
+    }
+    for id in ids {
+        match id {
+            Id::Sweep(s) => {
+                let s = store.sweep(*s).await?.id;
+                picked.extend(store.runs(Some(s)).await?.into_iter().map(|r| (r.id, r)));
+            }
+            Id::Run(r) => {
+                picked.insert(*r, store.run(*r).await?);
+            }
+        }
+    }
+    let mut rows: Vec<ReportRow> = picked.values().map(ReportRow::from).collect();
     report::sort_rows(&mut rows, sort)?;
     match format {
         Format::Table => print!("{}", report::table(&rows)),
@@ -224,9 +233,13 @@ async fn report_runs(
         Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
     }
     if let Some(path) = html {
-        let title = match sweep {
-            Some(s) => format!("sweep s{s}: {}", store.sweep(s).await?.name),
-            None => "all runs".to_string(),
+        let title = match ids {
+            [] => "all runs".to_string(),
+            [Id::Sweep(s)] => format!("sweep s{s}: {}", store.sweep(*s).await?.name),
+            _ => {
+                let named: Vec<String> = ids.iter().map(Id::to_string).collect();
+                format!("runs of {}", named.join(" "))
+            }
         };
         let page = report::html(store, &rows, &title).await?;
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
@@ -342,7 +355,7 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     let summary = scheduler::execute(&store, runs, resources, &engine).await?;
     for id in &sweep_ids {
         println!("sweep s{id}:");
-        report_runs(&store, Some(*id), "id", Format::Table, None).await?;
+        report_runs(&store, &[Id::Sweep(*id)], "id", Format::Table, None).await?;
     }
     print_summary(&summary);
     Ok(exit_for(&summary))
@@ -408,7 +421,7 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
         .collect();
     let engine = EngineCommand::detect()?;
     let summary = scheduler::execute(&store, runs, &spec.resources, &engine).await?;
-    report_runs(&store, Some(sweep_id), "id", Format::Table, None).await?;
+    report_runs(&store, &[Id::Sweep(sweep_id)], "id", Format::Table, None).await?;
     print_summary(&summary);
     Ok(exit_for(&summary))
 }
@@ -457,7 +470,7 @@ async fn show(home: &Path, id: &str) -> Result<ExitCode> {
                 "sweep s{}: {} ({}), created {}",
                 sw.id, sw.name, sw.file, sw.created_at
             );
-            report_runs(&store, Some(s), "id", Format::Table, None).await?;
+            report_runs(&store, &[Id::Sweep(s)], "id", Format::Table, None).await?;
         }
         Id::Run(r) => {
             let run = store.run(r).await?;

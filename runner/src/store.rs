@@ -121,6 +121,15 @@ impl FromStr for Id {
     }
 }
 
+impl std::fmt::Display for Id {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Id::Run(r) => write!(f, "{r}"),
+            Id::Sweep(s) => write!(f, "s{s}"),
+        }
+    }
+}
+
 pub fn now() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

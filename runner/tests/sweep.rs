@@ -132,6 +132,30 @@ fn grid_sweep_runs_all_and_reports() {
         .unwrap());
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("<svg") && page.contains("polyline") && !page.contains("<script"));
+    assert!(page.contains("val loss by tokens seen"), "{page}");
+    // Runs picked by id, with a sweep that also holds one of them: each run once, sorted.
+    let some = ok(&runner(&home)
+        .args(["report", "3", "s1", "1", "--format", "csv"])
+        .output()
+        .unwrap());
+    assert_eq!(some.lines().count(), 9, "{some}");
+    let picked = ok(&runner(&home)
+        .args(["report", "5", "2", "--format", "csv"])
+        .output()
+        .unwrap());
+    let ids: Vec<&str> = picked
+        .lines()
+        .skip(1)
+        .map(|l| &l[..l.find(',').unwrap()])
+        .collect();
+    assert_eq!(ids, ["2", "5"], "{picked}");
+    assert!(
+        picked.lines().next().unwrap().contains(",step,tokens,"),
+        "{picked}"
+    );
+    let missing = runner(&home).args(["report", "s1", "99"]).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no run with id 99"));
     let ls = ok(&runner(&home).arg("ls").output().unwrap());
     assert!(ls.contains("s1") && ls.contains("8 completed"), "{ls}");
     let show = ok(&runner(&home).args(["show", "1"]).output().unwrap());
