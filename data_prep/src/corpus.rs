@@ -1,9 +1,12 @@
 //! Streaming story reader for the TinyStories `.txt` format.
 //!
 //! Stories are separated by the separator (default `<|endoftext|>`), normally on a line of its
-//! own. Rules, applied line by line so memory stays bounded by the longest story:
+//! own. Rules, applied line by line so memory stays bounded by the longest story (a line longer
+//! than [`READ_CHUNK`] — a file with no line breaks at all — is handed over piece by piece, each
+//! piece ending right after a separator):
 //!
-//! * line endings `\n` and `\r\n` are both accepted; a story's lines are joined with `\n`;
+//! * line endings `\n`, `\r\n` and a lone `\r` are all accepted; a story's lines are joined
+//!   with `\n`;
 //! * a UTF-8 byte-order mark at the start of the file is dropped;
 //! * every occurrence of the separator ends the current story, also inside a line (text before
 //!   it ends the story, text after it starts the next one), so a story never contains it;
@@ -23,6 +26,9 @@ use crate::error::{Error, Result};
 /// separator from being read into memory as one giant "story".
 pub const MAX_STORY_BYTES: usize = 16 << 20;
 
+/// Most bytes read at once while looking for the end of a line.
+pub const READ_CHUNK: usize = 1 << 20;
+
 /// Reads stories one at a time from a [`BufRead`].
 pub struct StoryReader<R> {
     reader: R,
@@ -30,6 +36,8 @@ pub struct StoryReader<R> {
     separator: String,
     line: Vec<u8>,
     line_no: u64,
+    /// Whether the start of the file (where a byte-order mark may be) was handled.
+    past_bom: bool,
     bytes_read: u64,
     separators: u64,
     current: String,
@@ -75,6 +83,7 @@ impl<R: BufRead> StoryReader<R> {
             separator: separator.to_owned(),
             line: Vec::new(),
             line_no: 0,
+            past_bom: false,
             bytes_read: 0,
             separators: 0,
             current: String::new(),
@@ -107,15 +116,16 @@ impl<R: BufRead> StoryReader<R> {
             if self.done {
                 return Ok(None);
             }
-            self.line.clear();
-            let n = self
-                .reader
+            // `line` may already hold the unfinished rest of a long line (see below).
+            let n = (&mut self.reader)
+                .take(READ_CHUNK as u64)
                 .read_until(b'\n', &mut self.line)
                 .map_err(|err| Error::InputUnreadable {
                     path: self.path.clone(),
                     err,
                 })?;
-            if n == 0 {
+            self.bytes_read += n as u64;
+            if n == 0 && self.line.is_empty() {
                 self.done = true;
                 if self.bytes_read == 0 {
                     return Err(Error::EmptyInput {
@@ -132,16 +142,43 @@ impl<R: BufRead> StoryReader<R> {
                 self.finish_story();
                 continue;
             }
-            self.bytes_read += n as u64;
-            self.line_no += 1;
             let line = std::mem::take(&mut self.line);
-            let result = self.take_line(&line);
+            if n == 0 || line.ends_with(b"\n") {
+                // A whole line (the last one may lack its line break).
+                self.line_no += 1;
+                let result = self.take_line(&line, self.line_no);
+                self.line = line;
+                self.line.clear();
+                result?;
+                continue;
+            }
+            // A line longer than READ_CHUNK: hand over the text up to its last separator (a
+            // character boundary), keep the rest and read on. Without a separator the line grows
+            // until it is a story too long.
+            let cut = memrchr(&line, self.separator.as_bytes()).map(|p| p + self.separator.len());
             self.line = line;
-            result?;
+            match cut {
+                Some(end) => {
+                    let piece = self.line[..end].to_vec();
+                    self.line.drain(..end);
+                    self.take_line(&piece, self.line_no + 1)?;
+                }
+                None if self.current.len() + self.line.len() > MAX_STORY_BYTES => {
+                    self.done = true;
+                    return Err(Error::StoryTooLong {
+                        path: self.path.clone(),
+                        line: self.line_no + 1,
+                        limit: MAX_STORY_BYTES,
+                        separator: self.separator.clone(),
+                    });
+                }
+                None => {}
+            }
         }
     }
 
-    fn take_line(&mut self, raw: &[u8]) -> Result<()> {
+    /// Takes a line (or a piece of a long line ending right after a separator), numbered `line_no`.
+    fn take_line(&mut self, raw: &[u8], line_no: u64) -> Result<()> {
         let mut bytes = raw;
         if let Some(b) = bytes.strip_suffix(b"\n") {
             bytes = b;
@@ -149,15 +186,22 @@ impl<R: BufRead> StoryReader<R> {
         if let Some(b) = bytes.strip_suffix(b"\r") {
             bytes = b;
         }
-        if self.line_no == 1 {
+        if !self.past_bom {
+            self.past_bom = true;
             if let Some(b) = bytes.strip_prefix("\u{feff}".as_bytes()) {
                 bytes = b;
             }
         }
         let text = std::str::from_utf8(bytes).map_err(|_| Error::InvalidUtf8 {
             path: self.path.clone(),
-            line: self.line_no,
+            line: line_no,
         })?;
+        // Old Mac line breaks (a lone \r) inside what `read_until` saw as one line.
+        let text: std::borrow::Cow<str> = if text.contains('\r') {
+            text.replace("\r\n", "\n").replace('\r', "\n").into()
+        } else {
+            text.into()
+        };
         let separator = std::mem::take(&mut self.separator);
         for (i, part) in text.split(separator.as_str()).enumerate() {
             if i > 0 {
@@ -174,7 +218,7 @@ impl<R: BufRead> StoryReader<R> {
             self.done = true;
             return Err(Error::StoryTooLong {
                 path: self.path.clone(),
-                line: self.line_no,
+                line: line_no,
                 limit: MAX_STORY_BYTES,
                 separator: self.separator.clone(),
             });
@@ -205,6 +249,16 @@ impl<R: BufRead> Iterator for StoryReader<R> {
             }
         }
     }
+}
+
+/// Start of the last occurrence of `needle` in `hay`.
+fn memrchr(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| &hay[i..i + needle.len()] == needle)
 }
 
 /// Reads all stories of a small in-memory text (convenience for tests and tools).
@@ -288,6 +342,42 @@ mod tests {
             .collect::<Result<Vec<_>>>()
             .unwrap_err();
         assert!(matches!(e, Error::InvalidUtf8 { line: 3, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_file_without_line_breaks_streams_in_pieces() {
+        // 3 MB on one line: read READ_CHUNK at a time, stories never cut, and a separator that
+        // straddles a piece boundary still found.
+        let stories: Vec<String> = (0..100_000)
+            .map(|i| format!("Story {i} is here."))
+            .collect();
+        let text = stories.join(SEP);
+        assert!(text.len() > 2 * READ_CHUNK);
+        let mut r = StoryReader::new(text.as_bytes(), "m", SEP);
+        let mut got = Vec::new();
+        while let Some(story) = r.next_story().unwrap() {
+            got.push(story);
+            // Nothing close to the whole file is ever held.
+            assert!(r.line.capacity() <= 2 * READ_CHUNK + SEP.len());
+        }
+        assert_eq!(got, stories);
+        assert_eq!(r.bytes_read(), text.len() as u64);
+    }
+
+    #[test]
+    fn lone_carriage_returns_break_lines() {
+        let text = "A line.\rAnother.\r<|endoftext|>\rB.\r<|endoftext|>\r";
+        let s = stories_from_str(text, SEP).unwrap();
+        assert_eq!(s, vec!["A line.\nAnother.", "B."]);
+    }
+
+    #[test]
+    fn a_long_line_without_separator_is_refused_early() {
+        let text = "x".repeat(MAX_STORY_BYTES + 2 * READ_CHUNK);
+        let mut r = StoryReader::new(text.as_bytes(), "m", SEP);
+        let e = r.next_story().unwrap_err();
+        assert!(matches!(e, Error::StoryTooLong { line: 1, .. }), "{e}");
+        assert!(r.bytes_read() <= (MAX_STORY_BYTES + READ_CHUNK) as u64);
     }
 
     #[test]

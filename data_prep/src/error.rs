@@ -112,6 +112,13 @@ pub enum Error {
         val_fraction: f64,
     },
 
+    /// `--val-input` files were given but hold no story.
+    #[error("the --val-input files hold no stories: check that they are story text with {separator:?} between stories")]
+    EmptyValInputs {
+        /// The story separator in use.
+        separator: String,
+    },
+
     /// No story ended up in the training split.
     #[error(
         "the train split would be empty ({reason}); lower --val-fraction or give more stories with --input FILE"

@@ -33,8 +33,8 @@ struct Cli {
 enum Command {
     /// Build a tokenizer and token files from local story text files.
     ///
-    /// Reads UTF-8 text in which stories are separated by lines holding the separator
-    /// (default <|endoftext|>; the TinyStories .txt format). Stories are trimmed and empty ones
+    /// Reads UTF-8 text in which stories are separated by the separator (default <|endoftext|>,
+    /// on a line of its own in the TinyStories .txt format; it ends a story wherever it occurs). Stories are trimmed and empty ones
     /// skipped. Without --val-input, each --input story goes to val with probability
     /// --val-fraction, decided by a hash of (--seed, story index), so the split is
     /// deterministic; with --val-input, all --input stories are train and the --val-input
@@ -107,7 +107,8 @@ struct BuildArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 
-    /// The line that separates stories (may start with '-', e.g. --separator ---).
+    /// The text that separates stories: it ends a story wherever it occurs, also inside a line, so
+    /// pick one that stories never contain (may start with '-', e.g. --separator ---END---).
     #[arg(long, default_value = EOT_TOKEN, allow_hyphen_values = true)]
     separator: String,
 

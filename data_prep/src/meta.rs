@@ -215,13 +215,15 @@ impl Meta {
         } else if a != b {
             diffs.push("tokenizer settings differ".into());
         }
-        if self.seed != other.seed {
+        // Seed and fraction decide the split only when val is split off the inputs.
+        let split = self.val_source == ValSource::Split && other.val_source == ValSource::Split;
+        if split && self.seed != other.seed {
             diffs.push(format!(
                 "seed: existing {}, requested {}",
                 self.seed, other.seed
             ));
         }
-        if self.val_fraction != other.val_fraction {
+        if split && self.val_fraction != other.val_fraction {
             diffs.push(format!(
                 "val fraction: existing {}, requested {}",
                 self.val_fraction, other.val_fraction

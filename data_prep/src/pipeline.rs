@@ -216,6 +216,11 @@ fn check_splits(opts: &BuildOptions, s: &Scan) -> Result<()> {
         };
         return Err(Error::EmptyTrainSplit { reason });
     }
+    if s.stories[idx(Split::Val)] == 0 && !opts.val_inputs.is_empty() {
+        return Err(Error::EmptyValInputs {
+            separator: opts.separator.clone(),
+        });
+    }
     if s.stories[idx(Split::Val)] == 0 {
         return Err(Error::EmptyValSplit {
             stories: s.input_stories,
@@ -330,7 +335,19 @@ pub fn build(opts: &BuildOptions) -> Result<Meta> {
     meta.tokenizer.sha256 = sha256_file(&tok_path)?;
     meta.vocab_size = vocab_size_of(&tok);
 
-    let [train, val] = encode_pass(opts, &tok, total)?;
+    let ([train, val], read) = encode_pass(opts, &tok, total)?;
+    // The inputs are read three times (scan, tokenizer, encode): the encoded text must be the scanned one.
+    for (now, scanned) in read.iter().zip(scan.inputs.iter().chain(&scan.val_inputs)) {
+        if now.sha256 != scanned.sha256 || now.bytes != scanned.bytes {
+            return Err(Error::InputChanged {
+                path: now.path.clone(),
+                reason: format!(
+                    "it changed during the build ({} bytes when scanned, {} when encoded)",
+                    scanned.bytes, now.bytes
+                ),
+            });
+        }
+    }
     for (split, stats) in [(Split::Train, &train), (Split::Val, &val)] {
         let i = idx(split);
         if stats.stories != scan.stories[i] || stats.bytes != scan.bytes[i] {
@@ -431,11 +448,12 @@ impl Iterator for TrainStream {
 }
 
 /// Pass 3: encode every story into train.bin / val.bin.
+/// Encodes every story into the token files; also returns each input's size and hash as read now.
 fn encode_pass(
     opts: &BuildOptions,
     tok: &tokenizers::Tokenizer,
     total: u64,
-) -> Result<[SplitStats; 2]> {
+) -> Result<([SplitStats; 2], Vec<FileRecord>)> {
     tracing::info!(
         "encoding stories into {} and {}",
         Split::Train.file_name(),
@@ -448,7 +466,7 @@ fn encode_pass(
     ];
     let progress = Progress::new(opts.progress, "encode", total);
     let chunk_size = opts.chunk_stories.max(1);
-    let mut stream = opts.corpus().stories();
+    let mut stream = opts.corpus().stories_hashed();
     let bytes_done = stream.bytes_counter();
     let mut chunk: Vec<String> = Vec::with_capacity(chunk_size);
     let mut splits: Vec<Split> = Vec::with_capacity(chunk_size);
@@ -472,6 +490,7 @@ fn encode_pass(
     }
     flush(&mut chunk, &mut splits)?;
     progress.finish();
+    let records = canonical_records(stream.records());
     let [train, val] = writers;
-    Ok([train.finish()?, val.finish()?])
+    Ok(([train.finish()?, val.finish()?], records))
 }

@@ -119,6 +119,10 @@ fn val_input_file_is_the_val_split_and_builds_are_deterministic() {
     assert_eq!(a.tokenizer.sha256, b.tokenizer.sha256);
     assert_eq!(a.train, b.train);
     assert_eq!(a.val, b.val);
+    // Seed and val fraction play no part with --val-input: the build is still up to date.
+    o.seed += 1;
+    o.val_fraction = 0.3;
+    assert_eq!(data_prep::build(&o).unwrap().train, b.train);
 }
 
 #[test]
@@ -469,6 +473,16 @@ fn cli_bad_inputs_fail_with_clear_messages() {
         out_s,
     ]);
     assert_fails(&o, &["train split would be empty", "hold no stories"]);
+    let o = run(&[
+        "build",
+        "--input",
+        s(&good),
+        "--val-input",
+        s(&only_seps),
+        "--out",
+        out_s,
+    ]);
+    assert_fails(&o, &["--val-input files hold no stories"]);
     assert!(
         !out.join("meta.json").exists(),
         "failed builds write no meta.json"
