@@ -157,6 +157,38 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// An exclusive lock on `dir/name`, held until the returned file is dropped; waits (saying so) while
+/// another process holds it. A filesystem without file locks (some network mounts) gives no lock and
+/// a warning rather than an error.
+pub fn lock_dir(dir: &Path, name: &str) -> Result<Option<File>> {
+    let path = dir.join(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ctx(|| format!("cannot open lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            tracing::info!(
+                "another process is writing {}; waiting for it",
+                dir.display()
+            );
+            file.lock()
+                .ctx(|| format!("cannot lock {}", path.display()))?;
+            Ok(Some(file))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {} ({e}); going on without a lock",
+                path.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,6 +126,22 @@ fn val_input_file_is_the_val_split_and_builds_are_deterministic() {
 }
 
 #[test]
+fn concurrent_builds_into_one_folder_take_turns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = synth_file(tmp.path(), "s.txt", 300, 9);
+    let o = opts(vec![input], &tmp.path().join("o"));
+    let metas: Vec<Meta> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| sc.spawn(|| data_prep::build(&o).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(metas.iter().all(|m| *m == metas[0]));
+    check_counts(&o.out, &metas[0]);
+    data_prep::verify(&o.out, &Default::default()).unwrap();
+}
+
+#[test]
 fn rebuild_up_to_date_different_build_refused_force_overwrites() {
     let tmp = tempfile::tempdir().unwrap();
     let input = synth_file(tmp.path(), "s.txt", 200, 5);

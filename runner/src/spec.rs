@@ -454,13 +454,21 @@ pub fn ensure_data(file: &Path, data: &DataSection) -> Result<usize> {
     if !dir.join("meta.json").is_file() {
         match data.synth_stories {
             Some(stories) => {
-                eprintln!("{}: building synthetic data ({stories} stories) into {}", f, dir.display());
-                std::fs::create_dir_all(dir)?;
-                let corpus = dir.join("synth.txt");
-                data_prep::synth(&corpus, stories, 0).context("writing the synthetic corpus")?;
-                let mut opts = data_prep::BuildOptions::new(vec![corpus], dir);
-                opts.vocab_size = data.vocab_size.unwrap_or(1024);
-                data_prep::build(&opts).map_err(|e| anyhow!("{f}: building {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("{f}: creating [data] dir {}", dir.display()))?;
+                // Runners started together on one home: one writes the corpus and builds, the
+                // others wait for it and find the build done.
+                let _lock = data_prep::lock_dir(dir, ".synth.lock")
+                    .map_err(|e| anyhow!("{f}: [data] dir {}: {e}", dir.display()))?;
+                if !dir.join("meta.json").is_file() {
+                    eprintln!("{}: building synthetic data ({stories} stories) into {}", f, dir.display());
+                    let corpus = dir.join("synth.txt");
+                    data_prep::synth(&corpus, stories, 0).context("writing the synthetic corpus")?;
+                    let mut opts = data_prep::BuildOptions::new(vec![corpus], dir);
+                    opts.vocab_size = data.vocab_size.unwrap_or(1024);
+                    data_prep::build(&opts)
+                        .map_err(|e| anyhow!("{f}: building {}: {e}", dir.display()))?;
+                }
             }
             None => bail!(
                 "{f}: [data] dir {}: no data_prep build there: run `data_prep build --input FILE --out {}` (or `data_prep tinystories --out {}`)",
