@@ -72,6 +72,11 @@ fn generates_deterministically_from_run_dir_checkpoint_dir_and_export() {
     // The newest checkpoint dir directly.
     let ck = run_dir.join("checkpoints/step-00000020");
     assert_eq!(ok_stdout(&generate(&ck, &GREEDY)), a);
+    // ... also as a relative path from inside it (the run dir is found from the real path).
+    let mut args = vec!["generate", "--checkpoint", "."];
+    args.extend_from_slice(&GREEDY);
+    let inside = engine().args(&args).current_dir(&ck).output().unwrap();
+    assert_eq!(ok_stdout(&inside), a);
 
     // Export, then generate from the file alone.
     let file = dir.path().join("model.safetensors");

@@ -91,7 +91,7 @@ impl CandleDecoder {
     /// Attend to at most `window` most recent tokens (applied between `feed` calls; a chunk that would
     /// cross the window is fed token by token).
     pub fn with_window(mut self, window: Option<usize>) -> Self {
-        self.window = window.filter(|w| *w > 1);
+        self.window = window.filter(|w| *w > 0);
         self
     }
 }
@@ -180,8 +180,12 @@ pub fn generate_text(
     let mut stream = tokenizer.decode_stream(false);
     let mut generated = Vec::new();
     for i in 0..max_tokens {
-        if logits.iter().any(|v| v.is_nan()) {
-            anyhow::bail!("the model produced NaN logits after {i} generated token(s): the checkpoint's weights are not finite (a diverged run?); try an earlier checkpoint dir");
+        if logits.iter().any(|v| !v.is_finite()) {
+            anyhow::bail!("the model produced non-finite logits after {i} generated token(s): the checkpoint's weights are not finite (a diverged run?); try an earlier checkpoint dir");
+        }
+        // Padding never occurs in training text: never emit it (it would print as `<|padding|>`).
+        if let Some(pad) = logits.get_mut(data_prep::PAD_ID as usize) {
+            *pad = f32::NEG_INFINITY;
         }
         let next = sampler.sample(&logits);
         if next == data_prep::EOT_ID {
@@ -367,15 +371,27 @@ mod tests {
     use crate::model::{build_seeded, MixerKind, ModelConfig, WeightKind};
 
     /// A 2-layer D=32 ternary model with seeded weights: its config and latent tensors.
-    fn tiny(mixer: MixerKind) -> Result<(ModelConfig, std::collections::HashMap<String, Tensor>)> {
+    type Tensors = std::collections::HashMap<String, Tensor>;
+
+    fn tiny(mixer: MixerKind) -> Result<(ModelConfig, Tensors)> {
+        tiny_shaped(mixer, 32, 2, 64)
+    }
+
+    /// A 2-layer model of width `dim` with `n_heads` heads and an MLP of `hidden`, seeded weights.
+    fn tiny_shaped(
+        mixer: MixerKind,
+        dim: usize,
+        n_heads: usize,
+        hidden: usize,
+    ) -> Result<(ModelConfig, Tensors)> {
         let cfg = ModelConfig {
             vocab_size: 50,
-            dim: 32,
+            dim,
             n_layers: 2,
-            n_heads: 2,
+            n_heads,
             mixer,
             weights: WeightKind::Ternary,
-            mlp_hidden: Some(64),
+            mlp_hidden: Some(hidden),
             ttt_mini_batch: 4,
             ttt_base_lr: 1.0,
             tie_embeddings: false,
@@ -400,11 +416,18 @@ mod tests {
     }
 
     /// The candle backend (the training model, used on CUDA) gives the packed model's logits, from a
-    /// checkpoint's latent weights and from packed weights turned back into latent ones (exported files).
+    /// checkpoint's latent weights and from packed weights turned back into latent ones (exported files);
+    /// also at widths that are no multiple of the SIMD widths (24 wide, 3 heads of 8, an MLP of 40), where
+    /// the kernels' padding and the 8-wide sums' tails run.
     #[test]
     fn candle_backend_matches_packed_backend() -> Result<()> {
-        for mixer in [MixerKind::Ttt, MixerKind::Attention] {
-            let (cfg, tensors) = tiny(mixer)?;
+        for (mixer, dim, heads, hidden) in [
+            (MixerKind::Ttt, 32, 2, 64),
+            (MixerKind::Attention, 32, 2, 64),
+            (MixerKind::Ttt, 24, 3, 40),
+            (MixerKind::Attention, 20, 2, 36),
+        ] {
+            let (cfg, tensors) = tiny_shaped(mixer, dim, heads, hidden)?;
             let weights = ModelWeights::from_tensors(&cfg, &tensors, LinearMode::Packed)?;
             let from_packed = weights.latent_tensors(&Device::Cpu)?;
             let mut packed = PackedDecoder::new(InferenceModel::new(weights)?);
@@ -418,7 +441,10 @@ mod tests {
                 let scale = max_abs(&a);
                 for other in [&mut candle, &mut rebuilt] {
                     let diff = max_diff(&a, &other.feed(toks)?);
-                    assert!(diff <= 1e-3 * scale, "{mixer}: diff {diff} (scale {scale})");
+                    assert!(
+                        diff <= 1e-3 * scale,
+                        "{mixer} dim {dim}: diff {diff} (scale {scale})"
+                    );
                 }
             }
         }
@@ -471,6 +497,20 @@ mod tests {
         assert!(max_gap > 1e-4, "the window changed nothing");
         // Memory stays bounded: 4 positions of K and V per attention layer.
         assert_eq!(windowed.state.floats(), 2 * 2 * 4 * 32);
+
+        // A window of one token (context_len = 1) is a window too, on both backends.
+        let mut one = PackedDecoder::new(packed_model()?.with_window(Some(1)));
+        let mut candle_one =
+            CandleDecoder::new(&cfg, tensors.clone(), &Device::Cpu)?.with_window(Some(1));
+        for tok in [3u32, 9, 27] {
+            let (a, b) = (one.feed(&[tok])?, candle_one.feed(&[tok])?);
+            let (scale, diff) = (max_abs(&a), max_diff(&a, &b));
+            assert!(
+                diff <= 1e-3 * scale,
+                "window 1: diff {diff} (scale {scale})"
+            );
+        }
+        assert_eq!(one.state.floats(), 2 * 2 * 32);
         Ok(())
     }
 }

@@ -502,7 +502,7 @@ impl InferenceModel {
 
     /// Attend to at most `window` tokens (see the field); `None` attends to the whole sequence.
     pub fn with_window(mut self, window: Option<usize>) -> Self {
-        self.window = window.filter(|w| *w > 1);
+        self.window = window.filter(|w| *w > 0);
         self
     }
 

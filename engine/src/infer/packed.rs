@@ -59,20 +59,27 @@ impl Kernel {
 
     /// Every kernel this CPU can run, the portable one first.
     pub fn available() -> Vec<Kernel> {
-        let mut v = vec![Kernel::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") {
-                v.push(Kernel::Avx2);
+        [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512Vnni]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU has the instructions the kernel needs (std caches the answer: cheap).
+    fn runs_here(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
             }
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-            {
-                v.push(Kernel::Avx512Vnni);
-            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
-        v
     }
 
     /// The fastest kernel this CPU runs (or the one `BITLLAMA_KERNEL` names, if available). Cached.
@@ -106,13 +113,19 @@ impl Kernel {
         assert_eq!(q.len(), t * row_bytes * 4, "activation rows");
         assert_eq!(codes.len() / row_bytes * t, out.len(), "output size");
         assert_eq!(codes.len() % row_bytes, 0, "whole rows");
+        // The variants are public: a caller may name one this CPU lacks. Refuse rather than run it.
+        assert!(
+            self.runs_here(),
+            "the {} kernel needs instructions this CPU does not have (see Kernel::available)",
+            self.name()
+        );
         match self {
             Kernel::Scalar => rows_scalar(codes, row_bytes, q, t, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: this variant is only constructed when the CPU reports AVX2; sizes checked above.
+            // SAFETY: the CPU reports AVX2 (checked above); sizes checked above.
             Kernel::Avx2 => unsafe { x86::rows_avx2(codes, row_bytes, q, t, out) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: only constructed when the CPU reports AVX-512 F/BW/VNNI; sizes checked above.
+            // SAFETY: the CPU reports AVX-512 F/BW/VNNI (checked above); sizes checked above.
             Kernel::Avx512Vnni => unsafe { x86::rows_avx512(codes, row_bytes, q, t, out) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => rows_scalar(codes, row_bytes, q, t, out),
@@ -411,6 +424,10 @@ pub struct PackedTernary {
     row_scale: Vec<f32>,
 }
 
+/// Most columns a packed matrix may have: the AVX-512 kernel's i32 sums (64 × 2 × 127 per 4 columns)
+/// stay exact below this.
+pub const MAX_COLS: usize = 1 << 19;
+
 /// Bytes per packed row of `cols` weights.
 pub fn packed_row_bytes(cols: usize) -> usize {
     cols.div_ceil(BLOCK).max(1) * BLOCK_BYTES
@@ -420,6 +437,10 @@ impl PackedTernary {
     /// Pack a matrix of ternary values (-1, 0, +1 as floats, row-major rows × cols) with scale γ.
     pub fn from_ternary(values: &[f32], rows: usize, cols: usize, gamma: f32) -> Self {
         assert_eq!(values.len(), rows * cols, "ternary matrix size");
+        assert!(
+            cols < MAX_COLS,
+            "{cols} columns: packed matrices hold fewer than {MAX_COLS}"
+        );
         let row_bytes = packed_row_bytes(cols);
         // Code 1 (weight 0) everywhere, so padding contributes nothing even against non-zero activations.
         let mut codes = vec![0b0101_0101u8; rows * row_bytes];
@@ -448,6 +469,11 @@ impl PackedTernary {
         cols: usize,
         gamma: f32,
     ) -> Result<Self, String> {
+        if cols >= MAX_COLS {
+            return Err(format!(
+                "{cols} columns: packed matrices hold fewer than {MAX_COLS}"
+            ));
+        }
         let row_bytes = packed_row_bytes(cols);
         if codes.len() != rows * row_bytes {
             return Err(format!(

@@ -81,13 +81,18 @@ impl Sampler {
         if self.cfg.temperature == 0.0 || logits.len() <= 1 {
             return argmax(logits);
         }
-        // Softmax of logits / T in f64, candidates sorted by probability (ties by id, for determinism).
-        let inv_t = 1.0 / self.cfg.temperature;
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
+        if !max.is_finite() {
+            // Infinite logits have no softmax; the caller refuses non-finite ones, a direct user gets argmax.
+            return argmax(logits);
+        }
+        // Softmax of logits / T in f64, candidates sorted by probability (ties by id, for determinism).
+        // Dividing (not multiplying by 1/T) keeps a tiny T finite: the top token gets exp(0) = 1.
+        let t = self.cfg.temperature;
         let mut probs: Vec<(u32, f64)> = logits
             .iter()
             .enumerate()
-            .map(|(i, v)| (i as u32, ((*v as f64 - max) * inv_t).exp()))
+            .map(|(i, v)| (i as u32, ((*v as f64 - max) / t).exp()))
             .collect();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = self.cfg.top_k.filter(|k| *k > 0) {
@@ -107,6 +112,9 @@ impl Sampler {
             probs.truncate(keep);
         }
         let total: f64 = probs.iter().map(|p| p.1).sum();
+        if !(total.is_finite() && total > 0.0) {
+            return probs.first().map_or(0, |p| p.0);
+        }
         let mut r = self.rng.gen::<f64>() * total;
         for (id, q) in &probs {
             if r < *q {
@@ -167,6 +175,22 @@ mod tests {
         assert_eq!(xs, ys);
         a.reset();
         assert_eq!((0..30).map(|_| a.sample(&logits)).collect::<Vec<_>>(), xs);
+    }
+
+    #[test]
+    fn extreme_temperatures_and_logits_pick_the_top_token() {
+        let logits = [0.5f32, 3.0, -2.0, 1.0];
+        // 1/T would be infinite here, and ∞·0 a NaN that made the least likely token win.
+        let mut tiny = Sampler::new(cfg(1e-320, None, None));
+        let mut masked = Sampler::new(cfg(1.0, Some(10), None));
+        for _ in 0..50 {
+            assert_eq!(tiny.sample(&logits), 1);
+            assert_eq!(
+                masked.sample(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY]),
+                1
+            );
+        }
+        assert_eq!(tiny.sample(&[0.0, f32::INFINITY, 1.0]), 1);
     }
 
     #[test]

@@ -123,6 +123,8 @@ impl Source {
         }
         let (ck, run_dir) = if path.join("state.json").is_file() {
             let ck = CheckpointDir::load_from(path, &Device::Cpu)?;
+            // RUN/checkpoints/step-N → RUN, also for a relative path such as `.` or `step-N`.
+            let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
             let run_dir = path
                 .parent()
                 .and_then(Path::parent)
