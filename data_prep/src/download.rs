@@ -4,6 +4,11 @@
 //! file's length with an HTTP `Range` request, and the file is renamed to `DIR/raw/NAME` when
 //! complete. Network failures fail fast (5 s to resolve and connect, no retry loop) with a
 //! message pointing at `data_prep build --input FILE`.
+//!
+//! The hub names each large file's SHA-256 (`X-Linked-Etag` on the redirect a `HEAD` request gets;
+//! `X-Linked-Size` its length). When it does, the finished download must have that hash and size or it
+//! is deleted and refused, and a `.part` file begun for another version of the file (its hash is kept
+//! beside it in `NAME.part.sha256`) is started over rather than spliced onto the new one.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -169,8 +174,82 @@ fn part_path(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
-/// Downloads `url` to `dest` unless `dest` already exists, resuming from `dest.part`.
-/// Returns `dest`.
+/// What the server says of a file before it is fetched (each `None` when it does not say).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Remote {
+    /// SHA-256 of the content, lowercase hex.
+    sha256: Option<String>,
+    /// Length in bytes.
+    size: Option<u64>,
+}
+
+/// Asks for `url`'s hash and size with a `HEAD` request that does not follow the hub's redirect to its
+/// storage (the redirect carries them). Best effort: any failure means "not said", and the download
+/// itself reports network errors.
+fn probe(url: &str) -> Remote {
+    let agent = ureq::AgentBuilder::new()
+        .resolver(TimeoutResolver)
+        .timeout_connect(CONNECT_TIMEOUT)
+        .timeout(READ_TIMEOUT)
+        .try_proxy_from_env(!is_loopback(url))
+        .redirects(0)
+        .user_agent(concat!("data_prep/", env!("CARGO_PKG_VERSION")))
+        .build();
+    let resp = match agent.head(url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(ureq::Error::Transport(_)) => return Remote::default(),
+    };
+    let sha256 = resp
+        .header("X-Linked-Etag")
+        .map(|v| {
+            v.trim()
+                .trim_start_matches("W/")
+                .trim_matches('"')
+                .to_ascii_lowercase()
+        })
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()));
+    let size = resp
+        .header("X-Linked-Size")
+        .and_then(|v| v.trim().parse().ok());
+    Remote { sha256, size }
+}
+
+fn sha_path(part: &Path) -> PathBuf {
+    let mut name = part.file_name().unwrap_or_default().to_os_string();
+    name.push(".sha256");
+    part.with_file_name(name)
+}
+
+/// Checks a finished `.part` file against what the server said; a mismatch deletes it.
+fn check_complete(part: &Path, remote: &Remote, fail: impl Fn(String) -> Error) -> Result<()> {
+    let bytes = std::fs::metadata(part)
+        .ctx(|| format!("cannot read {}", part.display()))?
+        .len();
+    let mismatch = if remote.size.is_some_and(|want| want != bytes) {
+        Some(format!(
+            "got {bytes} bytes, the server announced {}",
+            remote.size.unwrap_or_default()
+        ))
+    } else if let Some(want) = &remote.sha256 {
+        tracing::info!("checking the sha256 of {}", part.display());
+        let got = crate::fsutil::sha256_file(part)?;
+        (got != *want).then(|| format!("its sha256 is {got}, the server announced {want}"))
+    } else {
+        None
+    };
+    if let Some(reason) = mismatch {
+        let _ = std::fs::remove_file(part);
+        let _ = std::fs::remove_file(sha_path(part));
+        return Err(fail(format!(
+            "the download is corrupt ({reason}); it was deleted: rerun the same command to fetch it again"
+        )));
+    }
+    Ok(())
+}
+
+/// Downloads `url` to `dest` unless `dest` already exists, resuming from `dest.part`; checks the result
+/// against the hash and size the server announces (see the module docs). Returns `dest`.
 pub fn download(agent: &ureq::Agent, url: &str, dest: &Path, progress: bool) -> Result<PathBuf> {
     if dest.exists() {
         tracing::info!("{} already downloaded", dest.display());
@@ -181,6 +260,24 @@ pub fn download(agent: &ureq::Agent, url: &str, dest: &Path, progress: bool) -> 
         reason,
     };
     let part = part_path(dest);
+    let remote = probe(url);
+    let sha_file = sha_path(&part);
+    if part.exists() {
+        // A .part begun for another version of the file must not be continued with this one's bytes.
+        let began_for = std::fs::read_to_string(&sha_file).ok();
+        if let (Some(old), Some(new)) = (&began_for, &remote.sha256) {
+            if old.trim() != new {
+                tracing::info!(
+                    "{} is part of another version of the file; starting over",
+                    part.display()
+                );
+                std::fs::remove_file(&part).ctx(|| format!("cannot remove {}", part.display()))?;
+            }
+        }
+    }
+    if let Some(sha) = &remote.sha256 {
+        std::fs::write(&sha_file, sha).ctx(|| format!("cannot write {}", sha_file.display()))?;
+    }
     let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     let mut req = agent.get(url).set("Accept-Encoding", "identity");
     if have > 0 {
@@ -192,8 +289,10 @@ pub fn download(agent: &ureq::Agent, url: &str, dest: &Path, progress: bool) -> 
     let resp = match req.call() {
         Ok(r) => r,
         Err(ureq::Error::Status(416, _)) if have > 0 => {
-            // Nothing left to fetch: the .part file is already whole.
+            // Nothing left to fetch: the .part file should be whole.
+            check_complete(&part, &remote, fail)?;
             crate::fsutil::rename_into_place(&part, dest)?;
+            let _ = std::fs::remove_file(&sha_file);
             return Ok(dest.to_path_buf());
         }
         Err(ureq::Error::Status(code, r)) => {
@@ -248,7 +347,9 @@ pub fn download(agent: &ureq::Agent, url: &str, dest: &Path, progress: bool) -> 
     file.sync_all()
         .ctx(|| format!("cannot fsync {}", part.display()))?;
     drop(file);
+    check_complete(&part, &remote, fail)?;
     crate::fsutil::rename_into_place(&part, dest)?;
+    let _ = std::fs::remove_file(&sha_file);
     Ok(dest.to_path_buf())
 }
 

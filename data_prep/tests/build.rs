@@ -199,11 +199,21 @@ fn verify_detects_a_corrupted_token_file() {
 
 // ---------------------------------------------------------------- download
 
-/// A one-thread HTTP/1.1 server for a few in-memory files, honouring `Range: bytes=N-`.
-/// Returns its base URL and a log of the requests (path, range start).
+/// A one-thread HTTP/1.1 server for a few in-memory files, honouring `Range: bytes=N-`; a `HEAD`
+/// gets a redirect carrying the file's announced SHA-256 and size, as the Hugging Face hub sends.
+/// Returns its base URL and a log of the GET requests (path, range start).
 type RequestLog = std::sync::Arc<std::sync::Mutex<Vec<(String, u64)>>>;
 
-fn serve(files: Vec<(String, Vec<u8>)>) -> (String, RequestLog) {
+/// (name, body, announced sha256)
+type Served = (String, Vec<u8>, Option<String>);
+
+fn announced(name: &str, body: Vec<u8>) -> Served {
+    use sha2::Digest;
+    let sha = format!("{:x}", sha2::Sha256::digest(&body));
+    (name.to_owned(), body, Some(sha))
+}
+
+fn serve(files: Vec<Served>) -> (String, RequestLog) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -215,6 +225,7 @@ fn serve(files: Vec<(String, Vec<u8>)>) -> (String, RequestLog) {
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut request = String::new();
             reader.read_line(&mut request).unwrap();
+            let method = request.split_whitespace().next().unwrap_or("").to_owned();
             let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
             let mut start = 0u64;
             loop {
@@ -226,13 +237,29 @@ fn serve(files: Vec<(String, Vec<u8>)>) -> (String, RequestLog) {
                     start = v.trim().trim_end_matches('-').parse().unwrap();
                 }
             }
-            log2.lock().unwrap().push((path.clone(), start));
-            let Some((_, body)) = files.iter().find(|(n, _)| format!("/{n}") == path) else {
+            let Some((_, body, sha)) = files.iter().find(|(n, ..)| format!("/{n}") == path) else {
                 let _ = stream.write_all(
                     b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 );
                 continue;
             };
+            if method == "HEAD" {
+                let linked = sha
+                    .as_ref()
+                    .map(|sha| {
+                        format!(
+                            "X-Linked-Etag: \"{sha}\"\r\nX-Linked-Size: {}\r\n",
+                            body.len()
+                        )
+                    })
+                    .unwrap_or_default();
+                let _ = stream.write_all(
+                    format!("HTTP/1.1 302 Found\r\nLocation: /storage{path}\r\n{linked}Content-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+                continue;
+            }
+            log2.lock().unwrap().push((path.clone(), start));
             let body = &body[start as usize..];
             let head = if start > 0 {
                 format!(
@@ -261,8 +288,8 @@ fn tinystories_downloads_resumes_and_builds_with_official_val() {
     let valid = std::fs::read(synth_file(tmp.path(), "v.txt", 30, 22)).unwrap();
     let (train_name, valid_name) = data_prep::Variant::V1.files();
     let (base, log) = serve(vec![
-        (train_name.to_owned(), train.clone()),
-        (valid_name.to_owned(), valid.clone()),
+        announced(train_name, train.clone()),
+        announced(valid_name, valid.clone()),
     ]);
     let out = tmp.path().join("ts");
     // A previous, interrupted download left the first half of the train file.
@@ -309,6 +336,42 @@ fn tinystories_downloads_resumes_and_builds_with_official_val() {
         requests.len(),
         "nothing downloaded again"
     );
+}
+
+#[test]
+fn downloads_are_checked_against_the_announced_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = b"first story\n<|endoftext|>\nsecond story\n<|endoftext|>\n".to_vec();
+    let mut bad = good.clone();
+    bad[3] ^= 1;
+    let (_, _, good_sha) = announced("x", good.clone());
+    let (base, log) = serve(vec![
+        announced("ok.txt", good.clone()),
+        // Served bytes that are not what the hub announces (a corrupting proxy, a truncated file).
+        ("bad.txt".into(), bad, good_sha),
+    ]);
+    let agent = data_prep::download::agent();
+    let raw = tmp.path();
+
+    // A .part begun for another version of the file is started over, not continued.
+    std::fs::write(raw.join("ok.txt.part"), b"old version's first ha").unwrap();
+    std::fs::write(raw.join("ok.txt.part.sha256"), "0".repeat(64)).unwrap();
+    let url = format!("{base}/ok.txt");
+    data_prep::download::download(&agent, &url, &raw.join("ok.txt"), false).unwrap();
+    assert_eq!(std::fs::read(raw.join("ok.txt")).unwrap(), good);
+    assert!(!raw.join("ok.txt.part.sha256").exists());
+    assert_eq!(
+        log.lock().unwrap().last().unwrap(),
+        &("/ok.txt".to_owned(), 0)
+    );
+
+    let url = format!("{base}/bad.txt");
+    let err = data_prep::download::download(&agent, &url, &raw.join("bad.txt"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("corrupt") && err.contains("sha256"), "{err}");
+    assert!(!err.contains('\n'));
+    assert!(!raw.join("bad.txt").exists() && !raw.join("bad.txt.part").exists());
 }
 
 // ---------------------------------------------------------------- command line
