@@ -188,13 +188,35 @@ fn verify_detects_a_corrupted_token_file() {
     let tmp = tempfile::tempdir().unwrap();
     let input = synth_file(tmp.path(), "s.txt", 120, 8);
     let out = tmp.path().join("o");
-    data_prep::build(&opts(vec![input], &out)).unwrap();
+    data_prep::build(&opts(vec![input.clone()], &out)).unwrap();
+    assert!(
+        data_prep::verify(&out, &Default::default())
+            .unwrap()
+            .inputs_compared
+    );
+    // An input edited after the build: the build is still checked, on its own.
+    let mut text = std::fs::read(&input).unwrap();
+    text.extend_from_slice(b"one more story\n<|endoftext|>\n");
+    std::fs::write(&input, text).unwrap();
+    assert!(
+        !data_prep::verify(&out, &Default::default())
+            .unwrap()
+            .inputs_compared
+    );
+
     let path = out.join("val.bin");
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[2] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
     let err = data_prep::verify(&out, &Default::default()).unwrap_err();
     assert!(matches!(err, Error::Verify { .. }), "{err}");
+
+    std::fs::remove_file(out.join("tokenizer.json")).unwrap();
+    let err = data_prep::verify(&out, &Default::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::Verify { .. }) && err.to_string().contains("missing"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------- download
