@@ -175,6 +175,9 @@ enum Command {
         /// Keep the packed path's embedding and head in f32 (as `generate --f32-tables`).
         #[arg(long)]
         f32_tables: bool,
+        /// Attention window in tokens (`generate` uses the trained context_len); attention models only.
+        #[arg(long)]
+        window: Option<usize>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -360,6 +363,7 @@ where
             mixer,
             mini_batch,
             f32_tables,
+            window,
             json,
         } => {
             let result = (|| -> anyhow::Result<String> {
@@ -385,6 +389,7 @@ where
                     prompt_tokens,
                     seed: 0,
                     f32_tables,
+                    window,
                 };
                 let r = crate::infer::bench::bench_generate(&b)?;
                 Ok(if json {

@@ -27,6 +27,8 @@ pub struct BenchGenerate {
     pub seed: u64,
     /// Packed path with f32 embedding and head (default: int8, as `generate` runs).
     pub f32_tables: bool,
+    /// Attention window (as `generate` applies the trained context), attention models only.
+    pub window: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,6 +42,8 @@ pub struct BenchGenerateResult {
     pub params: usize,
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
+    /// Attention window, if any.
+    pub window: Option<usize>,
     pub threads: usize,
     /// Integer kernel of the packed path.
     pub kernel: &'static str,
@@ -120,12 +124,14 @@ pub fn bench_generate(b: &BenchGenerate) -> Result<BenchGenerateResult> {
             packed
         } else {
             packed.with_int8_tables()
-        };
+        }
+        .with_window(b.window);
         let f32m = InferenceModel::new(ModelWeights::from_tensors(
             cfg,
             &tensors,
             LinearMode::Dequantized,
-        )?)?;
+        )?)?
+        .with_window(b.window);
         (packed, f32m)
     };
     let mut rng = ChaCha8Rng::seed_from_u64(b.seed ^ 0x5eed);
@@ -169,6 +175,7 @@ pub fn bench_generate(b: &BenchGenerate) -> Result<BenchGenerateResult> {
         params: cfg.param_count(),
         prompt_tokens: prompt.len(),
         decode_tokens: n,
+        window: b.window,
         threads: rayon::current_num_threads(),
         kernel: Kernel::detect().name(),
         packed_tokens_per_s: pd,
