@@ -248,7 +248,7 @@ where
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e:#}");
+                crate::say!("error: {e:#}");
                 ExitCode::from(EXIT_ERROR as u8)
             }
         },
@@ -304,7 +304,7 @@ where
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    crate::say!("error: {e:#}");
                     ExitCode::from(EXIT_ERROR as u8)
                 }
             }
@@ -338,18 +338,18 @@ where
             match crate::infer::run_generate(&args, &mut stdin.lock(), &mut stdout.lock()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    crate::say!("error: {e:#}");
                     ExitCode::from(EXIT_ERROR as u8)
                 }
             }
         }
         Command::Export { checkpoint, out } => match crate::infer::run_export(&checkpoint, &out) {
             Ok(summary) => {
-                eprintln!("{summary}");
+                crate::say!("{summary}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e:#}");
+                crate::say!("error: {e:#}");
                 ExitCode::from(EXIT_ERROR as u8)
             }
         },
@@ -404,7 +404,7 @@ where
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    crate::say!("error: {e:#}");
                     ExitCode::from(EXIT_ERROR as u8)
                 }
             }
@@ -423,7 +423,7 @@ where
             Ok(Outcome::Done) => ExitCode::SUCCESS,
             Ok(Outcome::Interrupted) => ExitCode::from(EXIT_INTERRUPTED as u8),
             Err(e) => {
-                eprintln!("error: {e:#}");
+                crate::say!("error: {e:#}");
                 ExitCode::from(EXIT_ERROR as u8)
             }
         },

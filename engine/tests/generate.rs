@@ -94,6 +94,15 @@ fn generates_deterministically_from_run_dir_checkpoint_dir_and_export() {
     );
     assert!(file.is_file());
     assert_eq!(ok_stdout(&generate(&file, &GREEDY)), a);
+    // A bare file name lands in the current folder.
+    let bare = engine()
+        .args(["export", "--checkpoint", run_dir.to_str().unwrap()])
+        .args(["--out", "bare.safetensors"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    ok_stdout(&bare);
+    assert!(dir.path().join("bare.safetensors").is_file());
 
     // Sampling is reproducible by seed.
     let sampled = [

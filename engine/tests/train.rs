@@ -216,6 +216,49 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
         .is_file());
 }
 
+/// A killed runner leaves its engines writing into pipes nobody reads: they must go on, and checkpoint
+/// on the parent-death signal, not die on the first progress line.
+#[test]
+fn closed_output_pipes_do_not_stop_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 100000\n")).unwrap();
+    let run_dir = dir.path().join("run");
+    let mut child = Reaped::new(
+        engine()
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .args(["--out", run_dir.to_str().unwrap()])
+            .args(["--set", "checkpoint_every=1000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    drop(child.stderr.take());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if v["event"] == "step" && v["step"] == 2 {
+            break;
+        }
+    }
+    drop(lines);
+    // Let it write a few more steps into the closed pipes.
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let last = events(&metrics).pop().unwrap();
+    assert_eq!(last["event"], "interrupted", "{last}");
+    let step = last["step"].as_u64().unwrap();
+    assert!(step > 2);
+    assert!(run_dir
+        .join(format!("checkpoints/step-{step:08}/state.json"))
+        .is_file());
+}
+
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;

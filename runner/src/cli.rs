@@ -130,6 +130,17 @@ pub fn main() -> ExitCode {
         .with_target(false)
         .try_init();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Ls | Command::Show { .. } | Command::Report { .. }
+    ) {
+        // Listings end quietly when their reader does (`runner ls | head`), as `cat` does, instead of
+        // panicking on the broken pipe. Sweeps keep ignoring SIGPIPE: they supervise engines.
+        // SAFETY: restoring a default signal disposition before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -227,11 +238,7 @@ async fn report_runs(
     }
     let mut rows: Vec<ReportRow> = picked.values().map(ReportRow::from).collect();
     report::sort_rows(&mut rows, sort)?;
-    match format {
-        Format::Table => print!("{}", report::table(&rows)),
-        Format::Csv => print!("{}", report::csv(&rows)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-    }
+    // The page first: the table may go to a reader that stops early (`| head`).
     if let Some(path) = html {
         let title = match ids {
             [] => "all runs".to_string(),
@@ -244,6 +251,11 @@ async fn report_runs(
         let page = report::html(store, &rows, &title).await?;
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+    }
+    match format {
+        Format::Table => print!("{}", report::table(&rows)),
+        Format::Csv => print!("{}", report::csv(&rows)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
     }
     Ok(())
 }

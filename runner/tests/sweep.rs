@@ -157,6 +157,19 @@ fn grid_sweep_runs_all_and_reports() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no run with id 99"));
     let ls = ok(&runner(&home).arg("ls").output().unwrap());
+    // A reader that stops early (`runner ls | head -1`) ends the listing quietly, no panic.
+    for cmd in [["ls", ""], ["show", "s1"], ["report", "s1"]] {
+        let mut child = runner(&home)
+            .args(cmd.iter().filter(|a| !a.is_empty()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{cmd:?}: {err}");
+    }
     assert!(ls.contains("s1") && ls.contains("8 completed"), "{ls}");
     let show = ok(&runner(&home).args(["show", "1"]).output().unwrap());
     assert!(

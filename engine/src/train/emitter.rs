@@ -52,16 +52,16 @@ impl Emitter {
                     tokens_per_s,
                     ..
                 } => {
-                    eprintln!("step {step}: loss {loss:.4}, {tokens_per_s:.0} tok/s")
+                    crate::say!("step {step}: loss {loss:.4}, {tokens_per_s:.0} tok/s")
                 }
                 Event::Eval {
                     step,
                     val_loss,
                     val_bpb,
                 } => {
-                    eprintln!("step {step}: val loss {val_loss:.4}, {val_bpb:.4} bpb")
+                    crate::say!("step {step}: val loss {val_loss:.4}, {val_bpb:.4} bpb")
                 }
-                Event::Checkpoint { path, .. } => eprintln!("checkpoint {path}"),
+                Event::Checkpoint { path, .. } => crate::say!("checkpoint {path}"),
                 _ => {}
             }
         }
