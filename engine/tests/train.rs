@@ -337,6 +337,7 @@ fn a_checkpoint_from_another_model_is_refused() {
     let data = data_dir(dir.path());
     let (run_dir, out) = first_run(dir.path(), &data, "steps = 5\n", &[]);
     assert!(out.status.success());
+    let metrics_before = std::fs::read(run_dir.join("metrics.jsonl")).unwrap();
     let out = run(&[
         "train",
         "--resume",
@@ -347,10 +348,16 @@ fn a_checkpoint_from_another_model_is_refused() {
         "steps=8",
     ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("different model config"));
-    // The refused --set must not have been saved: a plain resume still works.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("different model config"), "{err}");
+    assert!(err.contains("dim = 32 in the checkpoint, 64 now"), "{err}");
+    // The refused --set must not have been saved, nor anything else written: a plain resume still works.
     let saved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
     assert!(!saved.contains("dim = 64"), "{saved}");
+    assert_eq!(
+        std::fs::read(run_dir.join("metrics.jsonl")).unwrap(),
+        metrics_before
+    );
     let out = run(&[
         "train",
         "--resume",
@@ -369,6 +376,52 @@ fn a_checkpoint_from_another_model_is_refused() {
             .unwrap()
             .0,
         8
+    );
+}
+
+/// A run started with a relative data_dir resumes from any folder (config.toml holds it absolute).
+#[test]
+fn a_run_resumes_from_another_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    data_dir(dir.path());
+    std::fs::write(
+        dir.path().join("run.toml"),
+        tiny_config(std::path::Path::new("data"), "steps = 3\n"),
+    )
+    .unwrap();
+    let first = engine()
+        .args(["train", "--config", "run.toml", "--out", "run"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let run_dir = dir.path().join("run");
+    let again = engine()
+        .args([
+            "train",
+            "--resume",
+            run_dir.to_str().unwrap(),
+            "--set",
+            "steps=5",
+        ])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        step_losses(&String::from_utf8_lossy(&again.stdout))
+            .last()
+            .unwrap()
+            .0,
+        5
     );
 }
 

@@ -157,11 +157,27 @@ fn restore(
         );
     }
     if ck.state.config_hash != config_hash(model_cfg) {
+        let (was, now) = (
+            serde_json::to_value(&ck.state.model_config)?,
+            serde_json::to_value(model_cfg)?,
+        );
+        let changed: Vec<String> = match (was.as_object(), now.as_object()) {
+            (Some(a), Some(b)) => a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(*v))
+                .map(|(k, v)| {
+                    format!(
+                        "{k} = {v} in the checkpoint, {} now",
+                        b.get(k).unwrap_or(&serde_json::Value::Null)
+                    )
+                })
+                .collect(),
+            _ => vec![],
+        };
         bail!(
-            "checkpoint {} is from a different model config ({:?}) than the run's ({:?}): model keys cannot change on resume",
+            "checkpoint {} is from a different model config ({}): model keys cannot change on resume",
             ck.path.display(),
-            ck.state.model_config,
-            model_cfg
+            if changed.is_empty() { "its hash differs".to_string() } else { changed.join(", ") }
         );
     }
     let data = varmap.data().lock().expect("varmap lock");
@@ -240,7 +256,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     let world = dist.world_size;
     let leader = dist.is_leader();
     // 1. Resolve the run dir and config.
-    let (run_dir, cfg, resuming) = match (&args.resume, &args.out) {
+    let (run_dir, mut cfg, resuming) = match (&args.resume, &args.out) {
         (Some(dir), _) => {
             let file = dir.join("config.toml");
             if !file.is_file() {
@@ -266,6 +282,16 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         );
     }
     let data_dir = cfg.data_dir.clone().expect("validated");
+    if resuming && data_dir.is_relative() && !data_dir.exists() {
+        bail!(
+            "data_dir {} in {} is relative to the folder the run was started from, and not found from here: resume from that folder, or pass --set data_dir=ABSOLUTE_PATH",
+            data_dir.display(),
+            run_dir.join("config.toml").display()
+        );
+    }
+    // Stored absolute (config.toml), so that a later resume works from any folder.
+    let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
+    cfg.data_dir = Some(data_dir.clone());
     let data = TokenData::open(&data_dir)?;
     data.check_context(cfg.context_len)?;
     let model_cfg = cfg.model_config(data.meta.vocab_size);
@@ -277,15 +303,13 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         _ => DType::F32,
     });
 
-    // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints. The config and the
-    // tokenizer are written only once the checkpoint has been checked against them (below), so a refused
-    // `--set` on resume leaves the run as it was.
+    // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints. The config, the
+    // tokenizer and the metrics stream are written only once the checkpoint has been checked against them
+    // (below), so a refused `--set` on resume leaves the run as it was.
     let _lock = if leader {
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating run dir {}", run_dir.display()))?;
-        let lock = lock_run_dir(&run_dir)?;
-        emitter.attach_file(&run_dir.join("metrics.jsonl"))?;
-        Some(lock)
+        Some(lock_run_dir(&run_dir)?)
     } else {
         None
     };
@@ -343,6 +367,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         }
     }
     if leader {
+        emitter.attach_file(&run_dir.join("metrics.jsonl"))?;
         checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
         let tok_src = data_dir.join("tokenizer.json");
         if tok_src.is_file() {
