@@ -292,6 +292,17 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
             &cfg.dtype,
         )
     };
+    // One queue, one set of devices: the files must agree on [resources].
+    let resources = &sweeps[0].spec.resources;
+    for s in &sweeps[1..] {
+        if serde_json::to_value(&s.spec.resources)? != serde_json::to_value(resources)? {
+            bail!(
+                "{} and {} ask for different [resources]: sweep them with separate `runner sweep` commands, or give them the same [resources]",
+                sweeps[0].file.display(),
+                s.file.display()
+            );
+        }
+    }
     let vocab_of = |s: &Sweep| data_prep::Meta::load(&s.spec.data.dir).map(|m| m.vocab_size);
     if dry_run {
         for s in &sweeps {
@@ -314,17 +325,6 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
             }
         }
         return Ok(ExitCode::SUCCESS);
-    }
-    // One queue, one set of devices: the files must agree on [resources].
-    let resources = &sweeps[0].spec.resources;
-    for s in &sweeps[1..] {
-        if serde_json::to_value(&s.spec.resources)? != serde_json::to_value(resources)? {
-            bail!(
-                "{} and {} ask for different [resources]: sweep them with separate `runner sweep` commands, or give them the same [resources]",
-                sweeps[0].file.display(),
-                s.file.display()
-            );
-        }
     }
     // Before anything is recorded: a bad RUNNER_ENGINE must not leave a queued sweep behind.
     let engine = EngineCommand::detect()?;

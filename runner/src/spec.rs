@@ -118,6 +118,8 @@ impl Default for Resources {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SweepFile {
+    /// Defaults to the file's name without `.toml`.
+    #[serde(default)]
     pub name: String,
     pub data: DataSection,
     #[serde(default)]
@@ -194,8 +196,20 @@ impl SweepFile {
             }
             fig = fig.merge(figment::providers::Serialized::default(&key, value));
         }
-        fig.extract()
-            .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))
+        let mut file: SweepFile = fig.extract().map_err(|e| {
+            anyhow!(
+                "{}: {}",
+                path.display(),
+                engine::train::config::describe_config_error(e)
+            )
+        })?;
+        if file.name.trim().is_empty() {
+            file.name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "sweep".into());
+        }
+        Ok(file)
     }
 }
 
@@ -574,6 +588,17 @@ mod tests {
         assert_eq!(spec.resources.max_parallel, Some(5));
         assert_eq!(spec.base["steps"].as_integer(), Some(9));
         assert!(SweepFile::load_with(&p, &["steps=9".into()]).is_err());
+        // A misspelt flag names the key and the flag, not this crate's source.
+        let err = SweepFile::load_with(&p, &["resources.max_paralel=5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("resources.max_paralel") && err.contains("--set") && !err.contains(".rs:"),
+            "{err}"
+        );
+        // Without `name` the sweep is named after its file.
+        std::fs::write(&p, OK.replace("name = \"t\"", "")).unwrap();
+        assert_eq!(SweepFile::load(&p).unwrap().name, "s");
     }
 
     #[test]

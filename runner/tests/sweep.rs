@@ -432,17 +432,20 @@ fn malformed_sweep_files_are_refused_before_launch() {
             .replace("max_parallel = 2", "max_parallel = 1"),
     )
     .unwrap();
-    let out = runner(&home)
-        .arg("sweep")
-        .arg(dir.path().join("good.toml"))
-        .arg(&other)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("different [resources]"),
-        "{err}"
-    );
+    for dry in [false, true] {
+        let out = runner(&home)
+            .arg("sweep")
+            .arg(dir.path().join("good.toml"))
+            .arg(&other)
+            .args(dry.then_some("--dry-run"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("different [resources]"),
+            "dry run {dry}: {err}"
+        );
+    }
     // A bad RUNNER_ENGINE is refused before a sweep is recorded.
     let out = runner(&home)
         .arg("sweep")

@@ -164,10 +164,9 @@ impl TrainConfig {
             let (key, value) = parse_set(kv)?;
             fig = fig.merge(Serialized::default(&key, value));
         }
-        let cfg: TrainConfig = fig.extract().map_err(|e| {
-            let msg = e.to_string();
-            anyhow::anyhow!("invalid run config: {}", one_line(&msg))
-        })?;
+        let cfg: TrainConfig = fig
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid run config: {}", describe_config_error(e)))?;
         Ok(cfg)
     }
 
@@ -177,7 +176,7 @@ impl TrainConfig {
         Figment::from(Serialized::defaults(TrainConfig::default()))
             .merge(Serialized::defaults(table))
             .extract()
-            .map_err(|e| anyhow::anyhow!("{}", one_line(&e.to_string())))
+            .map_err(|e| anyhow::anyhow!("{}", describe_config_error(e)))
     }
 
     /// Overlay `--set` values on an existing config (used on resume).
@@ -188,7 +187,7 @@ impl TrainConfig {
             fig = fig.merge(Serialized::default(&key, value));
         }
         fig.extract()
-            .map_err(|e| anyhow::anyhow!("invalid run config: {}", one_line(&e.to_string())))
+            .map_err(|e| anyhow::anyhow!("invalid run config: {}", describe_config_error(e)))
     }
 
     /// Check the settings that do not need the data folder.
@@ -314,6 +313,48 @@ impl TrainConfig {
     }
 }
 
+/// One line for a configuration error: the key, what is wrong with it, and where the value came from (a
+/// file, `--set`, the environment) — not figment's own text, which names source-code locations of this
+/// crate and the profile (`default.`).
+pub fn describe_config_error(e: figment::Error) -> String {
+    use figment::error::Kind;
+    use figment::Source;
+    let parts: Vec<String> = e
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let what = match &e.kind {
+                Kind::UnknownField(field, known) => {
+                    let prefix = key.strip_suffix(field.as_str()).unwrap_or("");
+                    format!(
+                        "unknown key `{prefix}{field}` (known keys: {})",
+                        known.join(", ")
+                    )
+                }
+                Kind::UnknownVariant(v, known) => {
+                    format!("`{key}` = {v:?} is not one of {}", known.join(", "))
+                }
+                Kind::MissingField(field) if key.is_empty() => format!("missing key `{field}`"),
+                Kind::MissingField(field) => format!("missing key `{key}.{field}`"),
+                other if key.is_empty() => other.to_string(),
+                other => format!("`{key}`: {other}"),
+            };
+            let from = match e.metadata.as_ref() {
+                Some(m) => match &m.source {
+                    Some(Source::File(p)) => format!(" in {}", p.display()),
+                    Some(Source::Code(_)) => " (from --set)".to_string(),
+                    Some(Source::Custom(s)) => format!(" in {s}"),
+                    None => format!(" (from {})", m.name.replace('`', "")),
+                    Some(_) => String::new(),
+                },
+                None => String::new(),
+            };
+            one_line(&format!("{what}{from}"))
+        })
+        .collect();
+    parts.join("; ")
+}
+
 /// Figment errors can span lines; the CLI prints one.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -346,6 +387,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bogus_key"), "{err}");
+        // Where the value came from, in the user's words (not figment's source locations).
+        assert!(err.contains("--set") && !err.contains(".rs:"), "{err}");
+        let err = TrainConfig::load(None, &["mixer=lstm".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`mixer` = \"lstm\" is not one of ttt, attention"),
+            "{err}"
+        );
         std::fs::write(&file, "dim = [\n").unwrap();
         let err = TrainConfig::load(Some(&file), &[]).unwrap_err().to_string();
         assert!(
