@@ -240,8 +240,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 compare_inputs: !a.no_inputs,
                 progress,
             };
-            let report = data_prep::verify(&a.dir, &opts)
-                .with_context(|| format!("verify of {} failed", a.dir.display()))?;
+            // Its errors name the folder and the problem already.
+            let report = data_prep::verify(&a.dir, &opts)?;
             print_summary(&a.dir, &report.meta);
             println!(
                 "ok: hashes, counts and ids match meta.json; {}",

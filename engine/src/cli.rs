@@ -116,7 +116,7 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
         /// Sampling temperature; 0 = greedy.
-        #[arg(long, default_value_t = 0.8)]
+        #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
         temperature: f64,
         /// Sample among the k most likely tokens only.
         #[arg(long)]

@@ -210,6 +210,7 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
     assert_eq!(status.code(), Some(130));
     let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
     assert_eq!(last["event"], "interrupted");
+    assert_eq!(last["signal"], "SIGTERM");
     let step = last["step"].as_u64().unwrap();
     assert!(run_dir
         .join(format!("checkpoints/step-{step:08}/state.json"))

@@ -518,7 +518,7 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
             let _ = writer.send(Msg::Event(id, ev));
         }
         // Wait for every rank; the first to fail stops the rest (SIGTERM: they checkpoint or exit).
-        let mut failure: Option<String> = None;
+        let mut failure: Option<(usize, std::process::ExitStatus, Vec<String>)> = None;
         let mut all_ok = true;
         let mut any_interrupted = false;
         while let Some(joined) = waiters.join_next().await {
@@ -530,11 +530,7 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
                 _ => {
                     all_ok = false;
                     if failure.is_none() {
-                        let t: Vec<String> = tail.into_iter().collect();
-                        failure = Some(format!(
-                            "rank {rank} exited with {status}; stderr tail: {}",
-                            t.join(" | ")
-                        ));
+                        failure = Some((rank, status, tail.into_iter().collect()));
                         terminate(&rank_pids);
                     }
                 }
@@ -549,10 +545,29 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
                 "stopped by a signal; `runner resume` continues it".to_string(),
             )
         } else {
+            // The failed rank's stderr tail, less the line that repeats the error event.
+            let rank_failure = |(rank, status, tail): (usize, std::process::ExitStatus, Vec<String>),
+                                error: Option<&str>| {
+                let tail: Vec<String> = tail
+                    .into_iter()
+                    .filter(|l| error.is_none_or(|e| l.trim() != format!("error: {e}")))
+                    .collect();
+                if tail.is_empty() {
+                    format!("rank {rank} exited with {status}")
+                } else {
+                    format!(
+                        "rank {rank} exited with {status}; stderr tail: {}",
+                        tail.join(" | ")
+                    )
+                }
+            };
             let why = match (error, failure) {
-                (Some(e), Some(f)) => format!("{e} ({f})"),
+                (Some(e), Some(f)) => {
+                    let f = rank_failure(f, Some(&e));
+                    format!("{e} ({f})")
+                }
                 (Some(e), None) => e,
-                (None, Some(f)) => f,
+                (None, Some(f)) => rank_failure(f, None),
                 (None, None) => "the engine ended without a done event".to_string(),
             };
             (RunStatus::Failed, why)
@@ -672,7 +687,11 @@ async fn execute_local(
             if let (Some(limit), Some(est)) = (mem_limit_gib, run.mem_estimate) {
                 let need = est as f64 / (1u64 << 30) as f64;
                 if need > limit {
-                    let why = format!("needs about {need:.1} GiB, a device has {limit:.1} GiB");
+                    let why = format!(
+                        "needs about {}, a device has {}",
+                        gib_text(need),
+                        gib_text(limit)
+                    );
                     store
                         .set_status(run.id, RunStatus::SkippedOom, &why)
                         .await?;
@@ -766,6 +785,15 @@ fn signal_all(pids: &Arc<Mutex<HashMap<i64, Vec<u32>>>>, sig: i32) {
         unsafe {
             libc::kill(*pid as i32, sig);
         }
+    }
+}
+
+/// A memory size given in GiB, readable also below one (`512 MiB`).
+pub(crate) fn gib_text(gib: f64) -> String {
+    if gib < 1.0 {
+        format!("{:.0} MiB", gib * 1024.0)
+    } else {
+        format!("{gib:.1} GiB")
     }
 }
 

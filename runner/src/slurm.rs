@@ -491,7 +491,10 @@ pub async fn execute(
             if let (Some(limit), Some(est)) = (res.memory_gb, run.mem_estimate) {
                 let need = est as f64 / (1u64 << 30) as f64;
                 if need > limit {
-                    let why = format!("needs about {need:.1} GiB, memory_gb = {limit:.1}");
+                    let why = format!(
+                        "needs about {}, memory_gb = {limit}",
+                        crate::scheduler::gib_text(need)
+                    );
                     store
                         .set_status(run.id, RunStatus::SkippedOom, &why)
                         .await?;

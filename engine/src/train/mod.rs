@@ -214,18 +214,44 @@ fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
 
 /// Register SIGINT/SIGTERM: the first sets the returned flag (finish the step, checkpoint, exit); a second
 /// one exits at once with the interrupted code.
-fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+fn install_signal_handlers() -> Result<Signals> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [SIGINT, SIGTERM] {
+    let signals = Signals {
+        any: Arc::new(AtomicBool::new(false)),
+        term: Arc::new(AtomicBool::new(false)),
+        int: Arc::new(AtomicBool::new(false)),
+    };
+    for (sig, which) in [(SIGINT, &signals.int), (SIGTERM, &signals.term)] {
         signal_hook::flag::register_conditional_shutdown(
             sig,
             crate::events::EXIT_INTERRUPTED,
-            flag.clone(),
+            signals.any.clone(),
         )?;
-        signal_hook::flag::register(sig, flag.clone())?;
+        signal_hook::flag::register(sig, signals.any.clone())?;
+        signal_hook::flag::register(sig, which.clone())?;
     }
-    Ok(flag)
+    Ok(signals)
+}
+
+/// Which stop signals this process received.
+struct Signals {
+    any: Arc<AtomicBool>,
+    term: Arc<AtomicBool>,
+    int: Arc<AtomicBool>,
+}
+
+impl Signals {
+    /// The name the `interrupted` event carries: the signal this process got, or, in a data-parallel run
+    /// stopped because another rank was signalled, "peer".
+    fn name(&self) -> &'static str {
+        if self.term.load(Ordering::SeqCst) {
+            "SIGTERM"
+        } else if self.int.load(Ordering::SeqCst) {
+            "SIGINT"
+        } else {
+            "peer"
+        }
+    }
 }
 
 /// Ask the kernel to send SIGTERM when the launching process (e.g. the runner) dies, so no engine outlives
@@ -391,6 +417,11 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     }
 
     let horizon = cfg.schedule_horizon();
+    if resuming && cfg.finished(step, tokens, 0.0) {
+        tracing::warn!(
+            "the run is already at step {step}, which its steps/max_tokens reach: nothing to train (raise them with --set to continue)"
+        );
+    }
     emitter.emit(&Event::Start {
         protocol: PROTOCOL_VERSION,
         run_dir: run_dir.display().to_string(),
@@ -486,7 +517,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             });
         }
         let mut grads = grads.expect("at least one micro-batch");
-        let flags = [stop.load(Ordering::SeqCst), time_up(&started)];
+        let flags = [stop.any.load(Ordering::SeqCst), time_up(&started)];
         // Through the communicator whenever it is a real one: also a one-rank NCCL check run exercises it.
         let (loss, [any_stop, any_time_up], allreduce_ms) = if comm.is_collective() {
             let (loss, flags, ms) =
@@ -572,7 +603,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         }
         emitter.emit(&Event::Interrupted {
             step,
-            signal: "SIGINT/SIGTERM".into(),
+            signal: stop.name().into(),
         });
         return Ok(Outcome::Interrupted);
     }
