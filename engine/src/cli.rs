@@ -118,7 +118,7 @@ enum Command {
         /// Sampling temperature; 0 = greedy.
         #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
         temperature: f64,
-        /// Sample among the k most likely tokens only.
+        /// Sample among the k most likely tokens only (0: no limit).
         #[arg(long)]
         top_k: Option<usize>,
         /// Sample among the most likely tokens covering probability p only (nucleus sampling).
