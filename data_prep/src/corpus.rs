@@ -155,7 +155,7 @@ impl<R: BufRead> StoryReader<R> {
             // A line longer than READ_CHUNK: hand over the text up to its last separator (a
             // character boundary), keep the rest and read on. Without a separator the line grows
             // until it is a story too long.
-            let cut = memrchr(&line, self.separator.as_bytes()).map(|p| p + self.separator.len());
+            let cut = last_split_end(&line, self.separator.as_bytes());
             self.line = line;
             match cut {
                 Some(end) => {
@@ -251,14 +251,22 @@ impl<R: BufRead> Iterator for StoryReader<R> {
     }
 }
 
-/// Start of the last occurrence of `needle` in `hay`.
-fn memrchr(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
+/// End of the last occurrence of `needle` in `hay` as `str::split` finds them (left to right, not
+/// overlapping), so that cutting there splits a long line exactly as splitting it whole would.
+fn last_split_end(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
         return None;
     }
-    (0..=hay.len() - needle.len())
-        .rev()
-        .find(|&i| &hay[i..i + needle.len()] == needle)
+    let (mut i, mut last) = (0, None);
+    while i + needle.len() <= hay.len() {
+        if &hay[i..i + needle.len()] == needle {
+            i += needle.len();
+            last = Some(i);
+        } else {
+            i += 1;
+        }
+    }
+    last
 }
 
 /// Reads all stories of a small in-memory text (convenience for tests and tools).
@@ -362,6 +370,22 @@ mod tests {
         }
         assert_eq!(got, stories);
         assert_eq!(r.bytes_read(), text.len() as u64);
+    }
+
+    #[test]
+    fn a_long_line_splits_like_a_short_one_with_overlapping_separators() {
+        // "---" inside "----": str::split takes the leftmost match; so must the cut of a long line.
+        let text: String = (0..300_000)
+            .map(|i| format!("s{i}-"))
+            .collect::<Vec<_>>()
+            .join("---");
+        assert!(text.len() > 2 * READ_CHUNK);
+        let want: Vec<String> = text
+            .split("---")
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        assert_eq!(stories_from_str(&text, "---").unwrap(), want);
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub fn tinystories(opts: &TinyStoriesOptions) -> Result<Meta> {
     let base = base.trim_end_matches('/');
     let (train_name, valid_name) = opts.variant.files();
     let agent = agent_with_proxy(!is_loopback(base));
+    // One download at a time into this folder (its own lock file: `build` below takes `.build.lock`).
+    let download_lock = crate::fsutil::lock_dir(&raw, ".download.lock")?;
     // The small validation file first: an unreachable hub is noticed at once.
     let valid = download(
         &agent,
@@ -110,6 +112,7 @@ pub fn tinystories(opts: &TinyStoriesOptions) -> Result<Meta> {
         &raw.join(train_name),
         opts.build.progress,
     )?;
+    drop(download_lock);
     let build_opts = BuildOptions {
         inputs: vec![train],
         val_inputs: vec![valid],
@@ -260,13 +263,19 @@ pub fn download(agent: &ureq::Agent, url: &str, dest: &Path, progress: bool) -> 
         reason,
     };
     let part = part_path(dest);
-    let remote = probe(url);
+    let mut remote = probe(url);
     let sha_file = sha_path(&part);
     if part.exists() {
         // A .part begun for another version of the file must not be continued with this one's bytes.
-        let began_for = std::fs::read_to_string(&sha_file).ok();
+        let began_for = std::fs::read_to_string(&sha_file)
+            .ok()
+            .map(|s| s.trim().to_owned());
+        if remote.sha256.is_none() {
+            // The server said nothing this time: the finished file must still be the version begun.
+            remote.sha256 = began_for.clone();
+        }
         if let (Some(old), Some(new)) = (&began_for, &remote.sha256) {
-            if old.trim() != new {
+            if old != new {
                 tracing::info!(
                     "{} is part of another version of the file; starting over",
                     part.display()

@@ -162,12 +162,25 @@ impl<R: Read> Read for HashingReader<R> {
 /// a warning rather than an error.
 pub fn lock_dir(dir: &Path, name: &str) -> Result<Option<File>> {
     let path = dir.join(name);
-    let file = std::fs::OpenOptions::new()
+    let file = match std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .ctx(|| format!("cannot open lock file {}", path.display()))?;
+    {
+        Ok(f) => f,
+        // A folder this user may not write to: whatever happens next reports it; no lock to take.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(30) =>
+        {
+            tracing::warn!(
+                "cannot create lock file {} ({e}); going on without a lock",
+                path.display()
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e).ctx(|| format!("cannot open lock file {}", path.display())),
+    };
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => {

@@ -243,14 +243,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Its errors name the folder and the problem already.
             let report = data_prep::verify(&a.dir, &opts)?;
             print_summary(&a.dir, &report.meta);
-            println!(
-                "ok: hashes, counts and ids match meta.json; {}",
-                if report.inputs_compared {
-                    "every story decodes back to its input story exactly"
-                } else {
-                    "inputs not compared (not present or --no-inputs)"
-                }
-            );
+            let inputs = match (&report.input_changed, report.inputs_compared) {
+                (Some(p), _) => format!(
+                    "input {} changed since the build, so stories were not compared with the inputs",
+                    p.display()
+                ),
+                (None, true) => "every story decodes back to its input story exactly".into(),
+                (None, false) => "inputs not compared (not present or --no-inputs)".into(),
+            };
+            println!("ok: hashes, counts and ids match meta.json; {inputs}");
         }
     }
     Ok(())

@@ -307,17 +307,19 @@ pub fn build(opts: &BuildOptions) -> Result<Meta> {
         }
     }
     let mut meta = opts.meta_skeleton(scan.inputs.clone(), scan.val_inputs.clone());
+    // Up to date (or refused) without touching the folder: a finished build may be read-only.
+    if let Existing::UpToDate(old) = check_existing(opts, &meta)? {
+        tracing::info!("{} is up to date; nothing to do", opts.out.display());
+        return Ok(*old);
+    }
     std::fs::create_dir_all(&opts.out)
         .ctx(|| format!("cannot create output folder {}", opts.out.display()))?;
     // One build at a time per folder (two would write the same temporary files); a second one waits
     // and then finds the first one's result up to date.
     let _lock = crate::fsutil::lock_dir(&opts.out, ".build.lock")?;
-    match check_existing(opts, &meta)? {
-        Existing::UpToDate(old) => {
-            tracing::info!("{} is up to date; nothing to do", opts.out.display());
-            return Ok(*old);
-        }
-        Existing::Rebuild | Existing::None => {}
+    if let Existing::UpToDate(old) = check_existing(opts, &meta)? {
+        tracing::info!("{} was built meanwhile; nothing to do", opts.out.display());
+        return Ok(*old);
     }
     let meta_path = opts.out.join(META_FILE);
     if meta_path.exists() {

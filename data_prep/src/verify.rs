@@ -44,6 +44,8 @@ pub struct VerifyReport {
     pub meta: Meta,
     /// Whether decoded stories were compared with the input files.
     pub inputs_compared: bool,
+    /// An input file that is present but no longer the one built from (then not compared).
+    pub input_changed: Option<std::path::PathBuf>,
 }
 
 const CHUNK: usize = 2048;
@@ -215,6 +217,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     }
 
     let corpus = Corpus::from_meta(&meta);
+    let mut input_changed = None;
     let mut inputs_present = opts.compare_inputs
         && meta
             .inputs
@@ -231,6 +234,7 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
                     f.path.display()
                 );
                 inputs_present = false;
+                input_changed = Some(f.path.clone());
                 break;
             }
         }
@@ -287,5 +291,6 @@ pub fn verify(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     Ok(VerifyReport {
         meta,
         inputs_compared: inputs_present,
+        input_changed,
     })
 }

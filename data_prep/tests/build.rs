@@ -198,11 +198,9 @@ fn verify_detects_a_corrupted_token_file() {
     let mut text = std::fs::read(&input).unwrap();
     text.extend_from_slice(b"one more story\n<|endoftext|>\n");
     std::fs::write(&input, text).unwrap();
-    assert!(
-        !data_prep::verify(&out, &Default::default())
-            .unwrap()
-            .inputs_compared
-    );
+    let report = data_prep::verify(&out, &Default::default()).unwrap();
+    assert!(!report.inputs_compared);
+    assert_eq!(report.input_changed.as_deref(), Some(input.as_path()));
 
     let path = out.join("val.bin");
     let mut bytes = std::fs::read(&path).unwrap();
@@ -371,6 +369,8 @@ fn downloads_are_checked_against_the_announced_hash() {
         announced("ok.txt", good.clone()),
         // Served bytes that are not what the hub announces (a corrupting proxy, a truncated file).
         ("bad.txt".into(), bad, good_sha),
+        // A server that announces nothing this time.
+        ("quiet.txt".into(), good.clone(), None),
     ]);
     let agent = data_prep::download::agent();
     let raw = tmp.path();
@@ -394,6 +394,19 @@ fn downloads_are_checked_against_the_announced_hash() {
     assert!(err.contains("corrupt") && err.contains("sha256"), "{err}");
     assert!(!err.contains('\n'));
     assert!(!raw.join("bad.txt").exists() && !raw.join("bad.txt.part").exists());
+
+    // A .part begun for another version, resumed while the server announces nothing: checked against
+    // the version it was begun for, so the splice is caught.
+    std::fs::write(raw.join("quiet.txt.part"), b"first st").unwrap();
+    std::fs::write(raw.join("quiet.txt.part.sha256"), "1".repeat(64)).unwrap();
+    let url = format!("{base}/quiet.txt");
+    let err = data_prep::download::download(&agent, &url, &raw.join("quiet.txt"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("corrupt"), "{err}");
+    // ... and the rerun, with no sidecar left, fetches it whole.
+    data_prep::download::download(&agent, &url, &raw.join("quiet.txt"), false).unwrap();
+    assert_eq!(std::fs::read(raw.join("quiet.txt")).unwrap(), good);
 }
 
 // ---------------------------------------------------------------- command line
