@@ -222,6 +222,8 @@ where
     tune_allocator();
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A failed log write is dropped, not reported with a panicking eprintln! (closed stderr).
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

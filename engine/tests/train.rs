@@ -352,13 +352,15 @@ fn a_checkpoint_from_another_model_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("different model config"), "{err}");
     assert!(err.contains("dim = 32 in the checkpoint, 64 now"), "{err}");
-    // The refused --set must not have been saved, nor anything else written: a plain resume still works.
+    // The refused --set must not have been saved (metrics.jsonl only records the refusal): a plain
+    // resume still works.
     let saved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
     assert!(!saved.contains("dim = 64"), "{saved}");
-    assert_eq!(
-        std::fs::read(run_dir.join("metrics.jsonl")).unwrap(),
-        metrics_before
-    );
+    let metrics = std::fs::read(run_dir.join("metrics.jsonl")).unwrap();
+    assert!(metrics.starts_with(&metrics_before));
+    let added = events(&String::from_utf8_lossy(&metrics[metrics_before.len()..]));
+    assert_eq!(added.len(), 1);
+    assert_eq!(added[0]["event"], "error");
     let out = run(&[
         "train",
         "--resume",

@@ -188,7 +188,6 @@ pub fn csv(rows: &[ReportRow]) -> String {
     head.extend(keys.iter().map(String::as_str));
     head.extend([
         "step",
-        "tokens",
         "val_loss",
         "best_val_loss",
         "val_bpb",
@@ -196,6 +195,7 @@ pub fn csv(rows: &[ReportRow]) -> String {
         "wall_s",
         "checkpoint",
         "error",
+        "tokens",
     ]);
     let _ = writeln!(out, "{}", head.join(","));
     let o = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
@@ -204,7 +204,6 @@ pub fn csv(rows: &[ReportRow]) -> String {
         cells.extend(keys.iter().map(|k| param_str(r, k)));
         cells.extend([
             r.step.to_string(),
-            r.tokens.to_string(),
             o(r.val_loss),
             o(r.best_val_loss),
             o(r.val_bpb),
@@ -212,6 +211,7 @@ pub fn csv(rows: &[ReportRow]) -> String {
             r.wall_s.to_string(),
             r.checkpoint.clone().unwrap_or_default(),
             r.error.clone().unwrap_or_default(),
+            r.tokens.to_string(),
         ]);
         let cells: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
         let _ = writeln!(out, "{}", cells.join(","));
@@ -337,25 +337,29 @@ fn nice_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
     if !(raw.is_finite() && raw > 0.0) {
         return vec![];
     }
-    let mag = 10f64.powf(raw.log10().floor());
-    // The round spacing nearest the raw one (on a log scale).
-    let step = [1.0, 2.0, 5.0, 10.0]
+    // step = m × 10^exp, m ∈ {1, 2, 5}: the round spacing nearest the raw one (on a log scale).
+    let mut exp = raw.log10().floor() as i32;
+    let mut m = [1.0, 2.0, 5.0, 10.0]
         .into_iter()
-        .map(|m| m * mag)
         .min_by(|a, b| {
-            let d = |s: f64| (s / raw).ln().abs();
+            let d = |s: f64| (s * 10f64.powi(exp) / raw).ln().abs();
             d(*a).total_cmp(&d(*b))
         })
-        .unwrap_or(mag);
+        .unwrap_or(1.0);
+    if m == 10.0 {
+        (m, exp) = (1.0, exp + 1);
+    }
+    let step = m * 10f64.powi(exp);
     let top = lo.abs().max(hi.abs());
-    let (div, unit) = if top >= 1e6 {
-        (1e6, "M")
+    let (div, unit, unit_exp) = if top >= 1e6 {
+        (1e6, "M", 6)
     } else if top >= 1e4 {
-        (1e3, "k")
+        (1e3, "k", 3)
     } else {
-        (1.0, "")
+        (1.0, "", 0)
     };
-    let decimals = (-(step / div).log10().floor()).max(0.0) as usize;
+    // Decimals from the integer exponent (a float log10 of 0.1 may land just below -1).
+    let decimals = (unit_exp - exp).max(0) as usize;
     let label = |v: f64| {
         if v.abs() < step * 1e-6 {
             "0".to_string()
@@ -363,7 +367,7 @@ fn nice_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
             format!("{:.decimals$}{unit}", v / div)
         }
     };
-    let first = (lo / step).ceil() as i64;
+    let first = (lo / step - 1e-9).ceil() as i64;
     let last = (hi / step + 1e-9).floor() as i64;
     (first..=last)
         .map(|i| i as f64 * step)
@@ -531,6 +535,8 @@ mod tests {
         assert_eq!(labels(0.0, 40_960.0), ["0", "10k", "20k", "30k", "40k"]);
         assert_eq!(labels(-1.0, 1.0), ["-1.0", "-0.5", "0", "0.5", "1.0"]);
         assert!(nice_ticks(1.0, 1.0).is_empty());
+        // A tick exactly on the low end is kept (1.1 / 0.1 is 11.000000000000002).
+        assert_eq!(labels(1.1, 1.5)[0], "1.1");
         for (lo, hi) in [(0.013, 0.0171), (-3.0, 11.0), (123.0, 98765.0)] {
             let t = nice_ticks(lo, hi);
             assert!((2..=11).contains(&t.len()), "{lo} {hi}: {t:?}");

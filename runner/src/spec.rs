@@ -200,7 +200,7 @@ impl SweepFile {
             anyhow!(
                 "{}: {}",
                 path.display(),
-                engine::train::config::describe_config_error(e)
+                engine::train::config::describe_config_error(e, Some("--set"))
             )
         })?;
         if file.name.trim().is_empty() {

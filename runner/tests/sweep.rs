@@ -150,7 +150,7 @@ fn grid_sweep_runs_all_and_reports() {
         .collect();
     assert_eq!(ids, ["2", "5"], "{picked}");
     assert!(
-        picked.lines().next().unwrap().contains(",step,tokens,"),
+        picked.lines().next().unwrap().ends_with(",error,tokens"),
         "{picked}"
     );
     let missing = runner(&home).args(["report", "s1", "99"]).output().unwrap();

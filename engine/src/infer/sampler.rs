@@ -54,13 +54,14 @@ pub struct Sampler {
 
 /// Index of the largest logit (the first one on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
+    // The first of the largest; NaN never wins.
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in logits.iter().enumerate() {
+        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
         }
     }
-    best as u32
+    best.map_or(0, |(i, _)| i as u32)
 }
 
 impl Sampler {
@@ -82,8 +83,9 @@ impl Sampler {
             return argmax(logits);
         }
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) as f64;
-        if !max.is_finite() {
-            // Infinite logits have no softmax; the caller refuses non-finite ones, a direct user gets argmax.
+        if !max.is_finite() || logits.iter().any(|v| v.is_nan()) {
+            // NaN or +inf logits have no softmax (all -inf: no information); `generate` refuses
+            // non-finite logits, a direct caller gets argmax.
             return argmax(logits);
         }
         // Softmax of logits / T in f64, candidates sorted by probability (ties by id, for determinism).
@@ -191,6 +193,9 @@ mod tests {
             );
         }
         assert_eq!(tiny.sample(&[0.0, f32::INFINITY, 1.0]), 1);
+        // A NaN never wins, first place or not.
+        assert_eq!(tiny.sample(&[f32::NAN, 1.0, 0.5]), 1);
+        assert_eq!(argmax(&[f32::NAN, -1.0]), 1);
     }
 
     #[test]

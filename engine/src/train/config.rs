@@ -164,9 +164,12 @@ impl TrainConfig {
             let (key, value) = parse_set(kv)?;
             fig = fig.merge(Serialized::default(&key, value));
         }
-        let cfg: TrainConfig = fig
-            .extract()
-            .map_err(|e| anyhow::anyhow!("invalid run config: {}", describe_config_error(e)))?;
+        let cfg: TrainConfig = fig.extract().map_err(|e| {
+            anyhow::anyhow!(
+                "invalid run config: {}",
+                describe_config_error(e, Some("--set"))
+            )
+        })?;
         Ok(cfg)
     }
 
@@ -176,7 +179,7 @@ impl TrainConfig {
         Figment::from(Serialized::defaults(TrainConfig::default()))
             .merge(Serialized::defaults(table))
             .extract()
-            .map_err(|e| anyhow::anyhow!("{}", describe_config_error(e)))
+            .map_err(|e| anyhow::anyhow!("{}", describe_config_error(e, None)))
     }
 
     /// Overlay `--set` values on an existing config (used on resume).
@@ -186,8 +189,12 @@ impl TrainConfig {
             let (key, value) = parse_set(kv)?;
             fig = fig.merge(Serialized::default(&key, value));
         }
-        fig.extract()
-            .map_err(|e| anyhow::anyhow!("invalid run config: {}", describe_config_error(e)))
+        fig.extract().map_err(|e| {
+            anyhow::anyhow!(
+                "invalid run config: {}",
+                describe_config_error(e, Some("--set"))
+            )
+        })
     }
 
     /// Check the settings that do not need the data folder.
@@ -314,9 +321,9 @@ impl TrainConfig {
 }
 
 /// One line for a configuration error: the key, what is wrong with it, and where the value came from (a
-/// file, `--set`, the environment) — not figment's own text, which names source-code locations of this
-/// crate and the profile (`default.`).
-pub fn describe_config_error(e: figment::Error) -> String {
+/// file, the environment variable, or `code_source` for values given in code: `--set`) — not figment's
+/// own text, which names source-code locations of this crate and the profile (`default.`).
+pub fn describe_config_error(e: figment::Error, code_source: Option<&str>) -> String {
     use figment::error::Kind;
     use figment::Source;
     let parts: Vec<String> = e
@@ -342,9 +349,18 @@ pub fn describe_config_error(e: figment::Error) -> String {
             let from = match e.metadata.as_ref() {
                 Some(m) => match &m.source {
                     Some(Source::File(p)) => format!(" in {}", p.display()),
-                    Some(Source::Code(_)) => " (from --set)".to_string(),
+                    Some(Source::Code(_)) => code_source
+                        .map(|s| format!(" (from {s})"))
+                        .unwrap_or_default(),
                     Some(Source::Custom(s)) => format!(" in {s}"),
-                    None => format!(" (from {})", m.name.replace('`', "")),
+                    // figment's Env provider: "`PREFIX_` environment variable(s)"; name the variable.
+                    None => match m.name.split('`').nth(1) {
+                        Some(prefix) if !key.is_empty() => format!(
+                            " (from {prefix}{})",
+                            key.replace('.', "__").to_ascii_uppercase()
+                        ),
+                        _ => format!(" (from {})", m.name.replace('`', "")),
+                    },
                     Some(_) => String::new(),
                 },
                 None => String::new(),

@@ -329,13 +329,16 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         _ => DType::F32,
     });
 
-    // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints. The config, the
-    // tokenizer and the metrics stream are written only once the checkpoint has been checked against them
-    // (below), so a refused `--set` on resume leaves the run as it was.
+    // Rank 0 alone owns the run dir: lock, config, tokenizer, metrics, checkpoints. The config and the
+    // tokenizer are written only once the checkpoint has been checked against them (below), so a refused
+    // `--set` on resume leaves the run as it was; metrics.jsonl records every error, a refusal too (a
+    // Slurm runner learns of failures from that file).
     let _lock = if leader {
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating run dir {}", run_dir.display()))?;
-        Some(lock_run_dir(&run_dir)?)
+        let lock = lock_run_dir(&run_dir)?;
+        emitter.attach_file(&run_dir.join("metrics.jsonl"))?;
+        Some(lock)
     } else {
         None
     };
@@ -393,7 +396,6 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         }
     }
     if leader {
-        emitter.attach_file(&run_dir.join("metrics.jsonl"))?;
         checkpoint::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
         let tok_src = data_dir.join("tokenizer.json");
         if tok_src.is_file() {
