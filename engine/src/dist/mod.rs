@@ -108,5 +108,29 @@ pub fn connect(env: &DistEnv, device: &Device) -> Result<Box<dyn Communicator>> 
     Ok(Box::new(tcp::TcpRing::connect(env, timeout())?))
 }
 
+/// Hands `N` bytes that rank 0 makes (the NCCL id) to every rank: a sum to which only rank 0 contributes,
+/// each byte carried exactly as an f32. Every rank gets rank 0's bytes, rank 0 included.
+pub fn broadcast_bytes<const N: usize>(
+    comm: &mut dyn Communicator,
+    from_rank0: Option<[u8; N]>,
+) -> Result<[u8; N]> {
+    let mut buf = [0f32; N];
+    if comm.rank() == 0 {
+        let bytes = from_rank0.ok_or_else(|| anyhow::anyhow!("rank 0 has no bytes to hand out"))?;
+        for (b, c) in buf.iter_mut().zip(bytes) {
+            *b = f32::from(c);
+        }
+    }
+    comm.all_reduce_sum(&mut buf)?;
+    let mut out = [0u8; N];
+    for (o, b) in out.iter_mut().zip(buf) {
+        if !(0.0..=255.0).contains(&b) || b.fract() != 0.0 {
+            anyhow::bail!("the bytes from rank 0 arrived damaged ({b}): do all ranks share MASTER_ADDR:MASTER_PORT with this run alone?");
+        }
+        *o = b as u8;
+    }
+    Ok(out)
+}
+
 /// Flat buckets: at most this many floats per all-reduce call.
 pub const BUCKET_FLOATS: usize = 1 << 22;

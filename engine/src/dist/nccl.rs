@@ -78,19 +78,16 @@ impl Nccl {
         } else {
             let mut ring = super::tcp::TcpRing::connect(env, timeout)
                 .context("the rendezvous that shares the NCCL id")?;
-            let mut buf = [0f32; ID_BYTES];
-            if env.rank == 0 {
+            let mine = if env.rank == 0 {
                 let id = result::get_uniqueid().map_err(|e| anyhow!("ncclGetUniqueId: {e:?}"))?;
-                for (b, c) in buf.iter_mut().zip(id.internal) {
-                    *b = c as f32;
-                }
+                Some(id.internal.map(|c| c as u8))
+            } else {
+                None
+            };
+            let bytes = super::broadcast_bytes::<ID_BYTES>(&mut ring, mine)?;
+            sys::ncclUniqueId {
+                internal: bytes.map(|b| b as std::ffi::c_char),
             }
-            ring.all_reduce_sum(&mut buf)?;
-            let mut internal = [0 as std::ffi::c_char; ID_BYTES];
-            for (c, b) in internal.iter_mut().zip(buf) {
-                *c = b as std::ffi::c_char;
-            }
-            sys::ncclUniqueId { internal }
         };
         let comm = init_rank(dev.cuda_stream(), env.rank, env.world_size, id, timeout)?;
         Ok(Self {

@@ -275,6 +275,32 @@ mod tests {
             .port()
     }
 
+    /// The NCCL id's way to the other ranks (tested here without NCCL): every byte value, rank 0's bytes
+    /// on every rank.
+    #[test]
+    fn rank0_bytes_reach_every_rank_exactly() {
+        let (world, port) = (3usize, free_port());
+        let id: [u8; 256] = std::array::from_fn(|i| (255 - i) as u8);
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let env = DistEnv {
+                        rank,
+                        world_size: world,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let mut c = TcpRing::connect(&env, Duration::from_secs(20)).unwrap();
+                    crate::dist::broadcast_bytes(&mut c, (rank == 0).then_some(id)).unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), id);
+        }
+    }
+
     #[test]
     fn ring_all_reduce_sums_for_several_world_sizes() {
         for world in [2usize, 3, 4] {
