@@ -102,7 +102,11 @@ fn generates_deterministically_from_run_dir_checkpoint_dir_and_export() {
         .output()
         .unwrap();
     ok_stdout(&bare);
-    assert!(dir.path().join("bare.safetensors").is_file());
+    // Two exports of one checkpoint are the same bytes.
+    assert_eq!(
+        std::fs::read(dir.path().join("bare.safetensors")).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
 
     // Sampling is reproducible by seed.
     let sampled = [

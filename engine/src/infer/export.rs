@@ -111,12 +111,35 @@ pub fn write(
             Ok((name.clone(), TensorView::new(*dtype, shape.clone(), data)?))
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let bytes = safetensors::serialize(views, Some(meta))?;
+    let bytes = sorted_metadata(safetensors::serialize(views, Some(meta))?)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     crate::train::checkpoint::write_atomic(path, &bytes)?;
     Ok(bytes.len() as u64)
+}
+
+/// The same file with its `__metadata__` keys in sorted order: safetensors writes that map in a
+/// `HashMap`'s per-process order, so two exports of one checkpoint would differ byte for byte. The header
+/// keeps its length (the same JSON, reordered; padding as before), so the offsets stay valid.
+fn sorted_metadata(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let header = &bytes[8..8 + n];
+    let mut value: serde_json::Value = serde_json::from_slice(header)?;
+    if let Some(meta) = value.get_mut("__metadata__") {
+        let sorted: std::collections::BTreeMap<String, serde_json::Value> =
+            serde_json::from_value(meta.take())?;
+        *meta = serde_json::to_value(sorted)?;
+    }
+    let json = serde_json::to_vec(&value)?;
+    let unpadded = header.len() - header.iter().rev().take_while(|b| **b == b' ').count();
+    anyhow::ensure!(
+        json.len() == unpadded,
+        "re-ordering the export header changed its length ({} vs {unpadded})",
+        json.len()
+    );
+    bytes[8..8 + json.len()].copy_from_slice(&json);
+    Ok(bytes)
 }
 
 fn read_f32(st: &SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
