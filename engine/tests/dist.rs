@@ -11,11 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    engine::dist::pick_free_port().unwrap()
 }
 
 /// Start `world` ranks of `engine train` with the given arguments.

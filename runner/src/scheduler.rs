@@ -607,9 +607,7 @@ async fn tail_to_log(stderr: tokio::process::ChildStderr, log_path: PathBuf) -> 
 
 /// A TCP port free right now, for a run's rendezvous.
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(engine::dist::pick_free_port()?)
 }
 
 /// Counts of how runs ended.

@@ -132,5 +132,30 @@ pub fn broadcast_bytes<const N: usize>(
     Ok(out)
 }
 
+/// A TCP port on this machine that is free now, for a rendezvous (`MASTER_PORT`). Picked below the
+/// kernel's ephemeral range: a port the kernel handed out (`bind(0)`) and released may be given again as
+/// the local end of some outgoing connection — another run's ranks connecting — before rank 0 listens on it.
+pub fn pick_free_port() -> std::io::Result<u16> {
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 12_000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..200 {
+            let port = rng.gen_range(10_000..ephemeral_low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+            {
+                return Ok(port);
+            }
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Flat buckets: at most this many floats per all-reduce call.
 pub const BUCKET_FLOATS: usize = 1 << 22;

@@ -268,11 +268,7 @@ mod tests {
     use super::*;
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        crate::dist::pick_free_port().unwrap()
     }
 
     /// The NCCL id's way to the other ranks (tested here without NCCL): every byte value, rank 0's bytes

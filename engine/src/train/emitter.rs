@@ -62,8 +62,20 @@ impl Emitter {
                     crate::say!("step {step}: val loss {val_loss:.4}, {val_bpb:.4} bpb")
                 }
                 Event::Checkpoint { path, .. } => crate::say!("checkpoint {path}"),
+
                 _ => {}
             }
+        }
+        // How the run ended, on a terminal too (after the progress bar).
+        match event {
+            Event::Interrupted { step, signal } => crate::say!(
+                "interrupted ({signal}) at step {step}; its checkpoint is saved: `engine train --resume RUN_DIR` continues"
+            ),
+            Event::Done { step, val_loss, .. } => match val_loss {
+                Some(v) => crate::say!("done at step {step}: val loss {v:.4}"),
+                None => crate::say!("done at step {step}"),
+            },
+            _ => {}
         }
     }
 }
