@@ -145,9 +145,9 @@ pub fn pick_free_port() -> std::io::Result<u16> {
         let mut rng = rand::thread_rng();
         for _ in 0..200 {
             let port = rng.gen_range(10_000..ephemeral_low);
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-                && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
-            {
+            // One at a time (each listener closes before the next bind).
+            let free = |addr: &str| std::net::TcpListener::bind((addr, port)).is_ok();
+            if free("127.0.0.1") && free("0.0.0.0") {
                 return Ok(port);
             }
         }
