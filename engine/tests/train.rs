@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -173,28 +174,34 @@ fn resume_after_sigkill_is_exact() {
     }
 }
 
+/// A run of a tiny model that would train practically forever (no checkpoint of its own soon), started
+/// in `dir` with stdout piped and stderr as given: its run dir and process.
+fn endless_run(dir: &Path, stderr: Stdio) -> (std::path::PathBuf, Reaped) {
+    let data = data_dir(dir);
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 100000\n")).unwrap();
+    let run_dir = dir.join("run");
+    let child = engine()
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .args(["--out", run_dir.to_str().unwrap()])
+        .args(["--set", "checkpoint_every=1000"])
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    (run_dir, Reaped::new(child))
+}
+
+fn has_checkpoint(run_dir: &Path, step: u64) -> bool {
+    run_dir
+        .join(format!("checkpoints/step-{step:08}/state.json"))
+        .is_file()
+}
+
 #[test]
 fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data_dir(dir.path());
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 100000\n")).unwrap();
-    let run_dir = dir.path().join("run");
-    let mut child = Reaped::new(
-        engine()
-            .args([
-                "train",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--out",
-                run_dir.to_str().unwrap(),
-            ])
-            .args(["--set", "checkpoint_every=1000"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (run_dir, mut child) = endless_run(dir.path(), Stdio::null());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let t0 = Instant::now();
     loop {
@@ -211,10 +218,7 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
     let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
     assert_eq!(last["event"], "interrupted");
     assert_eq!(last["signal"], "SIGTERM");
-    let step = last["step"].as_u64().unwrap();
-    assert!(run_dir
-        .join(format!("checkpoints/step-{step:08}/state.json"))
-        .is_file());
+    assert!(has_checkpoint(&run_dir, last["step"].as_u64().unwrap()));
 }
 
 /// A killed runner leaves its engines writing into pipes nobody reads: they must go on, and checkpoint
@@ -222,20 +226,7 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
 #[test]
 fn closed_output_pipes_do_not_stop_training() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data_dir(dir.path());
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 100000\n")).unwrap();
-    let run_dir = dir.path().join("run");
-    let mut child = Reaped::new(
-        engine()
-            .args(["train", "--config", cfg.to_str().unwrap()])
-            .args(["--out", run_dir.to_str().unwrap()])
-            .args(["--set", "checkpoint_every=1000"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let (run_dir, mut child) = endless_run(dir.path(), Stdio::piped());
     drop(child.stderr.take());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
@@ -255,9 +246,7 @@ fn closed_output_pipes_do_not_stop_training() {
     assert_eq!(last["event"], "interrupted", "{last}");
     let step = last["step"].as_u64().unwrap();
     assert!(step > 2);
-    assert!(run_dir
-        .join(format!("checkpoints/step-{step:08}/state.json"))
-        .is_file());
+    assert!(has_checkpoint(&run_dir, step));
 }
 
 extern "C" {
@@ -361,25 +350,24 @@ fn a_checkpoint_from_another_model_is_refused() {
     let added = events(&String::from_utf8_lossy(&metrics[metrics_before.len()..]));
     assert_eq!(added.len(), 1);
     assert_eq!(added[0]["event"], "error");
-    let out = run(&[
-        "train",
-        "--resume",
-        run_dir.to_str().unwrap(),
-        "--set",
-        "steps=8",
-    ]);
+    resume_to(&run_dir, 8, Path::new("."));
+}
+
+/// Resume `run_dir` (from folder `cwd`) up to `steps`; it must succeed and log that last step.
+fn resume_to(run_dir: &Path, steps: u64, cwd: &Path) {
+    let out = engine()
+        .args(["train", "--resume", run_dir.to_str().unwrap()])
+        .args(["--set", &format!("steps={steps}")])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        step_losses(&String::from_utf8_lossy(&out.stdout))
-            .last()
-            .unwrap()
-            .0,
-        8
-    );
+    let last = step_losses(&String::from_utf8_lossy(&out.stdout)).pop();
+    assert_eq!(last.map(|s| s.0), Some(steps));
 }
 
 /// A run started with a relative data_dir resumes from any folder (config.toml holds it absolute).
@@ -387,45 +375,15 @@ fn a_checkpoint_from_another_model_is_refused() {
 fn a_run_resumes_from_another_folder() {
     let dir = tempfile::tempdir().unwrap();
     data_dir(dir.path());
-    std::fs::write(
-        dir.path().join("run.toml"),
-        tiny_config(std::path::Path::new("data"), "steps = 3\n"),
-    )
-    .unwrap();
+    let cfg = tiny_config(Path::new("data"), "steps = 3\n");
+    std::fs::write(dir.path().join("run.toml"), cfg).unwrap();
     let first = engine()
         .args(["train", "--config", "run.toml", "--out", "run"])
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    let run_dir = dir.path().join("run");
-    let again = engine()
-        .args([
-            "train",
-            "--resume",
-            run_dir.to_str().unwrap(),
-            "--set",
-            "steps=5",
-        ])
-        .current_dir("/")
-        .output()
-        .unwrap();
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
-    assert_eq!(
-        step_losses(&String::from_utf8_lossy(&again.stdout))
-            .last()
-            .unwrap()
-            .0,
-        5
-    );
+    assert!(first.status.success());
+    resume_to(&dir.path().join("run"), 5, Path::new("/"));
 }
 
 #[test]

@@ -271,12 +271,12 @@ mod tests {
         crate::dist::pick_free_port().unwrap()
     }
 
-    /// The NCCL id's way to the other ranks (tested here without NCCL): every byte value, rank 0's bytes
-    /// on every rank.
-    #[test]
-    fn rank0_bytes_reach_every_rank_exactly() {
-        let (world, port) = (3usize, free_port());
-        let id: [u8; 256] = std::array::from_fn(|i| (255 - i) as u8);
+    /// Runs `f(rank, ring)` on `world` local ranks (one thread each) joined in a ring; their results.
+    fn on_ranks<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(usize, TcpRing) -> T + Send + Copy + 'static,
+    ) -> Vec<T> {
+        let port = free_port();
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 std::thread::spawn(move || {
@@ -287,51 +287,45 @@ mod tests {
                         master_addr: "127.0.0.1".into(),
                         master_port: port,
                     };
-                    let mut c = TcpRing::connect(&env, Duration::from_secs(20)).unwrap();
-                    crate::dist::broadcast_bytes(&mut c, (rank == 0).then_some(id)).unwrap()
+                    f(
+                        rank,
+                        TcpRing::connect(&env, Duration::from_secs(20)).unwrap(),
+                    )
                 })
             })
             .collect();
-        for h in handles {
-            assert_eq!(h.join().unwrap(), id);
-        }
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// The NCCL id's way to the other ranks (tested here without NCCL): every byte value, rank 0's bytes
+    /// on every rank.
+    #[test]
+    fn rank0_bytes_reach_every_rank_exactly() {
+        let id: [u8; 256] = std::array::from_fn(|i| (255 - i) as u8);
+        let got = on_ranks(3, move |rank, mut c| {
+            crate::dist::broadcast_bytes(&mut c, (rank == 0).then_some(id)).unwrap()
+        });
+        assert!(got.iter().all(|g| *g == id));
     }
 
     #[test]
     fn ring_all_reduce_sums_for_several_world_sizes() {
         for world in [2usize, 3, 4] {
-            let port = free_port();
-            let handles: Vec<_> = (0..world)
-                .map(|rank| {
-                    std::thread::spawn(move || {
-                        let env = DistEnv {
-                            rank,
-                            world_size: world,
-                            local_rank: rank,
-                            master_addr: "127.0.0.1".into(),
-                            master_port: port,
-                        };
-                        let mut c = TcpRing::connect(&env, Duration::from_secs(20)).unwrap();
-                        // Lengths that do not divide by the world size, and an empty buffer.
-                        for len in [0usize, 1, 7, 1000] {
-                            let mut buf: Vec<f32> =
-                                (0..len).map(|i| (i * (rank + 1)) as f32).collect();
-                            c.all_reduce_sum(&mut buf).unwrap();
-                            let factor: usize = (1..=world).sum();
-                            for (i, v) in buf.iter().enumerate() {
-                                assert_eq!(
-                                    *v,
-                                    (i * factor) as f32,
-                                    "world {world} rank {rank} len {len}"
-                                );
-                            }
-                        }
-                    })
-                })
-                .collect();
-            for h in handles {
-                h.join().unwrap();
-            }
+            on_ranks(world, move |rank, mut c| {
+                // Lengths that do not divide by the world size, and an empty buffer.
+                for len in [0usize, 1, 7, 1000] {
+                    let mut buf: Vec<f32> = (0..len).map(|i| (i * (rank + 1)) as f32).collect();
+                    c.all_reduce_sum(&mut buf).unwrap();
+                    let factor: usize = (1..=world).sum();
+                    for (i, v) in buf.iter().enumerate() {
+                        assert_eq!(
+                            *v,
+                            (i * factor) as f32,
+                            "world {world} rank {rank} len {len}"
+                        );
+                    }
+                }
+            });
         }
     }
 
