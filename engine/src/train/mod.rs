@@ -220,6 +220,7 @@ fn install_signal_handlers() -> Result<Signals> {
         any: Arc::new(AtomicBool::new(false)),
         term: Arc::new(AtomicBool::new(false)),
         int: Arc::new(AtomicBool::new(false)),
+        parent: Arc::new(AtomicBool::new(false)),
     };
     for (sig, which) in [(SIGINT, &signals.int), (SIGTERM, &signals.term)] {
         signal_hook::flag::register_conditional_shutdown(
@@ -230,37 +231,49 @@ fn install_signal_handlers() -> Result<Signals> {
         signal_hook::flag::register(sig, signals.any.clone())?;
         signal_hook::flag::register(sig, which.clone())?;
     }
+    // The parent-death signal (see `die_with_parent`) only ever asks for a graceful stop: the kernel may
+    // deliver it more than once (once per thread that inherited the setting), which as SIGTERM counted as
+    // the "second signal" and exited without the checkpoint.
+    signal_hook::flag::register(PARENT_DEATH_SIGNAL, signals.any.clone())?;
+    signal_hook::flag::register(PARENT_DEATH_SIGNAL, signals.parent.clone())?;
     Ok(signals)
 }
+
+/// Sent by the kernel when the launching process (the runner) dies.
+const PARENT_DEATH_SIGNAL: i32 = signal_hook::consts::SIGUSR1;
 
 /// Which stop signals this process received.
 struct Signals {
     any: Arc<AtomicBool>,
     term: Arc<AtomicBool>,
     int: Arc<AtomicBool>,
+    parent: Arc<AtomicBool>,
 }
 
 impl Signals {
-    /// The name the `interrupted` event carries: the signal this process got, or, in a data-parallel run
-    /// stopped because another rank was signalled, "peer".
+    /// The name the `interrupted` event carries: the signal this process got, "parent" when the
+    /// launching process died, or, in a data-parallel run stopped because another rank was signalled,
+    /// "peer".
     fn name(&self) -> &'static str {
         if self.term.load(Ordering::SeqCst) {
             "SIGTERM"
         } else if self.int.load(Ordering::SeqCst) {
             "SIGINT"
+        } else if self.parent.load(Ordering::SeqCst) {
+            "parent"
         } else {
             "peer"
         }
     }
 }
 
-/// Ask the kernel to send SIGTERM when the launching process (e.g. the runner) dies, so no engine outlives
-/// its runner as an orphan; SIGTERM checkpoints and stops as usual.
+/// Ask the kernel to signal this process when the launching process (e.g. the runner) dies, so no engine
+/// outlives its runner as an orphan: it checkpoints and stops as on SIGTERM (see `PARENT_DEATH_SIGNAL`).
 fn die_with_parent() {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and has no memory effects.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        libc::prctl(libc::PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL);
     }
 }
 
