@@ -150,7 +150,15 @@ pub async fn apply(store: &RunStore, batch: &[(i64, Event)]) -> Result<()> {
                 notes.push((
                     *run,
                     "engine",
-                    format!("engine interrupted by {signal} at step {step}"),
+                    match signal.as_str() {
+                        "parent" => format!(
+                            "engine stopped at step {step}: the process that launched it died"
+                        ),
+                        "peer" => format!(
+                            "engine stopped at step {step}: another rank of the run was signalled"
+                        ),
+                        s => format!("engine interrupted by {s} at step {step}"),
+                    },
                 ));
             }
             Event::Error { message } => notes.push((*run, "error", message.clone())),
