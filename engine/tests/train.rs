@@ -221,6 +221,48 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
     assert!(has_checkpoint(&run_dir, last["step"].as_u64().unwrap()));
 }
 
+/// A checkpoint that cannot be written (here: a file-size limit stops the optimizer file, as a full disk
+/// would) fails the run with one line saying which step and that no earlier checkpoint exists, and leaves
+/// no half-written folder behind.
+#[test]
+fn a_checkpoint_that_cannot_be_written_leaves_nothing_behind() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 20\n")).unwrap();
+    let run_dir = dir.path().join("run");
+    let mut cmd = engine();
+    cmd.args(["train", "--config", cfg.to_str().unwrap()])
+        .args(["--out", run_dir.to_str().unwrap()]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: 300 << 10,
+                rlim_max: 300 << 10,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap();
+    assert!(
+        line.contains("checkpoint of step 5 could not be written")
+            && line.contains("no earlier checkpoint"),
+        "{line}"
+    );
+    let left: Vec<_> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// A killed runner leaves its engines writing into pipes nobody reads: they must go on, and checkpoint
 /// on the parent-death signal, not die on the first progress line.
 #[test]

@@ -174,26 +174,29 @@ impl CheckpointDir {
             return Ok((dst, bytes));
         }
         let tmp = self.root.join(format!(".tmp-{name}"));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
+        if let Err(e) = Self::write_folder(&tmp, &mut state, model, optimizer) {
+            // Leave no half-written folder behind (it may hold most of a full disk).
+            let _ = fs::remove_dir_all(&tmp);
+            let newest = match self.steps().last() {
+                Some(s) => format!("the newest checkpoint (step {s}) is intact"),
+                None => "there is no earlier checkpoint".to_string(),
+            };
+            let full = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.raw_os_error())
+                    == Some(28)
+            }) || format!("{e:#}").contains("os error 28");
+            let hint = if full {
+                ": the disk is full; free space there (or lower keep_checkpoints) and resume"
+            } else {
+                ""
+            };
+            bail!(
+                "the checkpoint of step {} could not be written to {} ({e:#}); {newest}{hint}",
+                state.step,
+                self.root.display()
+            );
         }
-        fs::create_dir(&tmp)?;
-        let model_path = tmp.join("model.safetensors");
-        let opt_path = tmp.join("optimizer.safetensors");
-        candle_core::safetensors::save(model, &model_path).context("writing model.safetensors")?;
-        candle_core::safetensors::save(optimizer, &opt_path)
-            .context("writing optimizer.safetensors")?;
-        fsync_path(&model_path)?;
-        fsync_path(&opt_path)?;
-        state.model_sha256 = sha256_file(&model_path)?;
-        state.optimizer_sha256 = sha256_file(&opt_path)?;
-        let state_path = tmp.join("state.json");
-        {
-            let mut f = File::create(&state_path)?;
-            f.write_all(serde_json::to_string_pretty(&state)?.as_bytes())?;
-            f.sync_all()?;
-        }
-        fsync_path(&tmp)?;
         if dst.exists() {
             // Same step, but the folder on disk failed its check above: nothing sound is lost.
             fs::remove_dir_all(&dst)?;
@@ -208,6 +211,37 @@ impl CheckpointDir {
             let _ = fs::remove_dir_all(self.root.join(step_name(old)));
         }
         Ok((dst, bytes))
+    }
+
+    /// Write the checkpoint files into the fresh folder `tmp`, each fsynced, hashes into `state`.
+    fn write_folder(
+        tmp: &Path,
+        state: &mut CheckpointState,
+        model: &HashMap<String, Tensor>,
+        optimizer: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        if tmp.exists() {
+            fs::remove_dir_all(tmp)?;
+        }
+        fs::create_dir(tmp)?;
+        let model_path = tmp.join("model.safetensors");
+        let opt_path = tmp.join("optimizer.safetensors");
+        // candle's I/O error repeats its cause as its source: one line each.
+        candle_core::safetensors::save(model, &model_path)
+            .map_err(|e| anyhow::anyhow!("writing model.safetensors: {e}"))?;
+        candle_core::safetensors::save(optimizer, &opt_path)
+            .map_err(|e| anyhow::anyhow!("writing optimizer.safetensors: {e}"))?;
+        fsync_path(&model_path)?;
+        fsync_path(&opt_path)?;
+        state.model_sha256 = sha256_file(&model_path)?;
+        state.optimizer_sha256 = sha256_file(&opt_path)?;
+        let state_path = tmp.join("state.json");
+        {
+            let mut f = File::create(&state_path)?;
+            f.write_all(serde_json::to_string_pretty(&state)?.as_bytes())?;
+            f.sync_all()?;
+        }
+        fsync_path(tmp)
     }
 
     /// Rename checkpoint folders that failed to load to `unusable-step-N` (kept for inspection; neither
