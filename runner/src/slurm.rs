@@ -143,8 +143,9 @@ pub fn job_script(run: &RunRow, res: &Resources, engine: &EngineCommand, gpus: b
 set -eu
 cd {q}
 # Rendezvous of the ranks (the engine reads SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID under srun).
+# The port stays below Linux's ephemeral range (32768 and up), which outgoing connections draw from.
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000))
 export RAYON_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"
 if [ -f {q}/config.toml ]; then
   set -- --resume {q}
