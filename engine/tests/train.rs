@@ -176,7 +176,7 @@ fn resume_after_sigkill_is_exact() {
 
 /// A run of a tiny model that would train practically forever (no checkpoint of its own soon), started
 /// in `dir` with stdout piped and stderr as given: its run dir and process.
-fn endless_run(dir: &Path, stderr: Stdio) -> (std::path::PathBuf, Reaped) {
+fn endless_run(dir: &Path, stderr: Stdio, sets: &[&str]) -> (std::path::PathBuf, Reaped) {
     let data = data_dir(dir);
     let cfg = dir.join("run.toml");
     std::fs::write(&cfg, tiny_config(&data, "steps = 100000\n")).unwrap();
@@ -185,6 +185,7 @@ fn endless_run(dir: &Path, stderr: Stdio) -> (std::path::PathBuf, Reaped) {
         .args(["train", "--config", cfg.to_str().unwrap()])
         .args(["--out", run_dir.to_str().unwrap()])
         .args(["--set", "checkpoint_every=1000"])
+        .args(sets.iter().flat_map(|s| ["--set", s]))
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
@@ -201,7 +202,7 @@ fn has_checkpoint(run_dir: &Path, step: u64) -> bool {
 #[test]
 fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
     let dir = tempfile::tempdir().unwrap();
-    let (run_dir, mut child) = endless_run(dir.path(), Stdio::null());
+    let (run_dir, mut child) = endless_run(dir.path(), Stdio::null(), &["eval_every=1"]);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let t0 = Instant::now();
     loop {
@@ -218,6 +219,14 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
     let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
     assert_eq!(last["event"], "interrupted");
     assert_eq!(last["signal"], "SIGTERM");
+    // The step it stopped at still had its scheduled eval: the resume starts after it.
+    let step = last["step"].clone();
+    assert!(
+        rest.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["event"] == "eval" && v["step"] == step),
+        "no eval at the interrupted step {step}"
+    );
     assert!(has_checkpoint(&run_dir, last["step"].as_u64().unwrap()));
 }
 
@@ -268,7 +277,7 @@ fn a_checkpoint_that_cannot_be_written_leaves_nothing_behind() {
 #[test]
 fn closed_output_pipes_do_not_stop_training() {
     let dir = tempfile::tempdir().unwrap();
-    let (run_dir, mut child) = endless_run(dir.path(), Stdio::piped());
+    let (run_dir, mut child) = endless_run(dir.path(), Stdio::piped(), &[]);
     drop(child.stderr.take());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {

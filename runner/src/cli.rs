@@ -388,8 +388,10 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
                     return Ok(ExitCode::SUCCESS);
                 }
                 "running" if run.slurm_job.is_none() => bail!(
-                    "run {r} is running (pid {:?}); wait for it or stop its runner first",
+                    "run {r} is running{}; wait for it or stop its runner first",
                     run.pid
+                        .map(|p| format!(" (engine pid {p})"))
+                        .unwrap_or_default()
                 ),
                 _ => {}
             }

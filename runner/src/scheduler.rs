@@ -521,8 +521,29 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
         let mut failure: Option<(usize, std::process::ExitStatus, Vec<String>)> = None;
         let mut all_ok = true;
         let mut any_interrupted = false;
-        while let Some(joined) = waiters.join_next().await {
+        let mut ended = vec![false; rank_pids.len()];
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match kill_at {
+                None => waiters.join_next().await,
+                Some(at) => match tokio::time::timeout_at(at, waiters.join_next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        // A rank that neither stopped nor died (hung in a kernel call, or spinning):
+                        // not reaped yet, so its pid is still its own.
+                        for (pid, _) in rank_pids.iter().zip(&ended).filter(|(p, e)| **p > 0 && !**e) {
+                            send(*pid, libc::SIGKILL);
+                        }
+                        kill_at = None;
+                        continue;
+                    }
+                },
+            };
+            let Some(joined) = next else { break };
             let (rank, status, tail) = joined.context("a rank waiter panicked")?;
+            if let Some(e) = ended.get_mut(rank) {
+                *e = true;
+            }
             let status = status?;
             match status.code() {
                 Some(0) => {}
@@ -532,6 +553,7 @@ async fn launch(run: RunRow, devices: Vec<String>, ctx: LaunchContext) -> Ended 
                     if failure.is_none() {
                         failure = Some((rank, status, tail.into_iter().collect()));
                         terminate(&rank_pids);
+                        kill_at = Some(tokio::time::Instant::now() + RANK_STOP_GRACE);
                     }
                 }
             }
@@ -770,21 +792,28 @@ async fn execute_local(
 /// SIGTERM to engine processes this runner started (they checkpoint and exit).
 fn terminate(pids: &[u32]) {
     for pid in pids.iter().filter(|p| **p > 0) {
-        // SAFETY: kill(2) on processes this runner started; no memory is touched.
-        unsafe {
-            libc::kill(*pid as i32, libc::SIGTERM);
-        }
+        send(*pid, libc::SIGTERM);
+    }
+}
+
+/// `sig` to a process this runner started, followed by SIGCONT: a stopped process (SIGSTOP, Ctrl-Z)
+/// would otherwise keep the signal pending forever, and the runner would wait for it forever.
+fn send(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a process this runner started and has not reaped; no memory is touched.
+    unsafe {
+        libc::kill(pid as i32, sig);
+        libc::kill(pid as i32, libc::SIGCONT);
     }
 }
 
 fn signal_all(pids: &Arc<Mutex<HashMap<i64, Vec<u32>>>>, sig: i32) {
     for pid in pids.lock().expect("pids lock").values().flatten() {
-        // SAFETY: kill(2) with a pid we started; no memory is touched.
-        unsafe {
-            libc::kill(*pid as i32, sig);
-        }
+        send(*pid, sig);
     }
 }
+
+/// How long the other ranks of a failed run get to stop after SIGTERM before SIGKILL.
+const RANK_STOP_GRACE: Duration = Duration::from_secs(60);
 
 /// A memory size given in GiB, readable also below one (`512 MiB`).
 pub(crate) fn gib_text(gib: f64) -> String {

@@ -603,6 +603,63 @@ fn a_killed_rank_fails_the_run_and_is_recorded() {
     );
 }
 
+/// A rank stopped outright (SIGSTOP: it neither dies nor answers) fails the run after ENGINE_DIST_TIMEOUT
+/// and the runner, which must also stop the stopped rank, does not wait for it forever.
+#[test]
+fn a_stopped_rank_fails_the_run_without_hanging_the_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = sweep_file(dir.path(), "dp", 100_000, "batch_size = [4]");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("max_parallel = 2", "max_parallel = 2\nprocs_per_run = 2");
+    std::fs::write(&file, text).unwrap();
+    let mut child = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .env("ENGINE_DIST_TIMEOUT", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_dir = home.join("run-1");
+    let t0 = Instant::now();
+    let pid = loop {
+        let started = run_dir.join("checkpoints/step-00000005").is_dir();
+        if let (true, Some(pid)) = (started, rank_pid(&run_dir, 1)) {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "rank 1 never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    unsafe { kill(pid, 19) }; // SIGSTOP
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t0.elapsed() > Duration::from_secs(90) {
+            unsafe { kill(pid, 18) }; // SIGCONT, then let the runner's death stop it
+            let _ = child.kill();
+            panic!("the runner still waits for a stopped rank after 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let rows = report_json(&home, "s1");
+    assert_eq!(rows[0]["status"], "failed", "{}", rows[0]);
+    // Failed because of the stopped rank, after the run was well under way.
+    assert!(rows[0]["step"].as_i64().unwrap() >= 5, "{}", rows[0]);
+    let why = rows[0]["error"].as_str().unwrap();
+    assert!(
+        why.contains("did not answer within ENGINE_DIST_TIMEOUT"),
+        "{why}"
+    );
+}
+
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }

@@ -193,8 +193,21 @@ impl TcpRing {
             let sent = sender
                 .join()
                 .map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
-            sent.context("sending to the next rank (did it die?)")?;
-            received.context("receiving from the previous rank (did it die or hang?)")?;
+            // A socket timeout (ENGINE_DIST_TIMEOUT) reads as EAGAIN: say what it means.
+            let explain = |e: std::io::Error, whom: &str| -> anyhow::Error {
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) {
+                    anyhow::anyhow!(
+                        "the {whom} rank did not answer within ENGINE_DIST_TIMEOUT: it hangs or is stopped"
+                    )
+                } else {
+                    anyhow::anyhow!("{e}: the {whom} rank died or closed its connection")
+                }
+            };
+            sent.map_err(|e| explain(e, "next"))?;
+            received.map_err(|e| explain(e, "previous"))?;
             Ok(())
         })
     }

@@ -177,7 +177,7 @@ impl CheckpointDir {
         if let Err(e) = Self::write_folder(&tmp, &mut state, model, optimizer) {
             // Leave no half-written folder behind (it may hold most of a full disk).
             let _ = fs::remove_dir_all(&tmp);
-            let newest = match self.steps().last() {
+            let newest = match self.steps().into_iter().max() {
                 Some(s) => format!("the newest checkpoint (step {s}) is intact"),
                 None => "there is no earlier checkpoint".to_string(),
             };

@@ -588,7 +588,8 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 dist::timeout()
             })?;
         }
-        if step % cfg.eval_every == 0 && !finishing && !stopped {
+        // Also when stopping: the resume starts after this step, so an eval skipped now would be lost.
+        if step % cfg.eval_every == 0 && !finishing {
             let val_loss = evaluate(&model, &val_batches, cfg.eval_batches, comm.as_mut())?;
             last_val = Some(val_loss);
             emitter.emit(&Event::Eval {
