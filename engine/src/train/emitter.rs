@@ -24,11 +24,17 @@ impl Emitter {
 
     /// Also append events to `path` from now on.
     pub fn attach_file(&mut self, path: &Path) -> Result<()> {
-        let f = OpenOptions::new()
+        let mut f = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
+        // A process killed mid-line left a fragment: end it, so the next event starts a line of its own
+        // (readers skip the fragment instead of losing the event glued to it).
+        if ends_mid_line(&mut f)? {
+            writeln!(f).with_context(|| format!("writing {}", path.display()))?;
+        }
         self.file = Some(f);
         Ok(())
     }
@@ -77,5 +83,43 @@ impl Emitter {
             },
             _ => {}
         }
+    }
+}
+
+/// Whether a non-empty file's last byte is not a line break.
+fn ends_mid_line(f: &mut File) -> Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if f.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_ended_before_new_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(&path, "{\"event\":\"step\",\"step\":1}\n{\"event\":\"st").unwrap();
+        let mut e = Emitter::stdout_only();
+        e.attach_file(&path).unwrap();
+        e.emit(&Event::Error {
+            message: "x".into(),
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last = text.lines().last().unwrap();
+        assert!(last.starts_with("{\"event\":\"error\""), "{text}");
+        // An intact file gets nothing extra.
+        let before = std::fs::read(&path).unwrap();
+        let mut e = Emitter::stdout_only();
+        e.attach_file(&path).unwrap();
+        drop(e);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 }
