@@ -560,64 +560,19 @@ fn data_parallel_runs_through_the_runner() {
     assert!(home.join("run-2/rank-1.log").is_file());
 }
 
-#[test]
-fn a_killed_rank_fails_the_run_and_is_recorded() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let file = sweep_file(dir.path(), "dp", 100_000, "batch_size = [4]");
+/// A 2-rank run of a practically endless sweep, started by a runner in `dir/home` (with `env` set), once
+/// it has a checkpoint: the home, the runner and rank 1's pid.
+fn dp_run_under_way(dir: &Path, env: &[(&str, &str)]) -> (PathBuf, std::process::Child, i32) {
+    let home = dir.join("home");
+    let file = sweep_file(dir, "dp", 100_000, "batch_size = [4]");
     let text = std::fs::read_to_string(&file)
         .unwrap()
         .replace("max_parallel = 2", "max_parallel = 2\nprocs_per_run = 2");
     std::fs::write(&file, text).unwrap();
-    let child = Reaped(Some(
-        runner(&home)
-            .arg("sweep")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
-    let run_dir = home.join("run-1");
-    let t0 = Instant::now();
-    let pid = loop {
-        let started = run_dir.join("checkpoints/step-00000005").is_dir();
-        if let (true, Some(pid)) = (started, rank_pid(&run_dir, 1)) {
-            break pid;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "rank 1 never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    unsafe { kill(pid, 9) };
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let rows = report_json(&home, "s1");
-    assert_eq!(rows[0]["status"], "failed");
-    assert!(
-        rows[0]["error"].as_str().unwrap().contains("rank"),
-        "{}",
-        rows[0]
-    );
-}
-
-/// A rank stopped outright (SIGSTOP: it neither dies nor answers) fails the run after ENGINE_DIST_TIMEOUT
-/// and the runner, which must also stop the stopped rank, does not wait for it forever.
-#[test]
-fn a_stopped_rank_fails_the_run_without_hanging_the_runner() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let file = sweep_file(dir.path(), "dp", 100_000, "batch_size = [4]");
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("max_parallel = 2", "max_parallel = 2\nprocs_per_run = 2");
-    std::fs::write(&file, text).unwrap();
-    let mut child = runner(&home)
+    let child = runner(&home)
         .arg("sweep")
         .arg(&file)
-        .env("ENGINE_DIST_TIMEOUT", "1")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -635,6 +590,32 @@ fn a_stopped_rank_fails_the_run_without_hanging_the_runner() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
+    (home, child, pid)
+}
+
+#[test]
+fn a_killed_rank_fails_the_run_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, child, pid) = dp_run_under_way(dir.path(), &[]);
+    let child = Reaped(Some(child));
+    unsafe { kill(pid, 9) };
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let rows = report_json(&home, "s1");
+    assert_eq!(rows[0]["status"], "failed");
+    assert!(
+        rows[0]["error"].as_str().unwrap().contains("rank"),
+        "{}",
+        rows[0]
+    );
+}
+
+/// A rank stopped outright (SIGSTOP: it neither dies nor answers) fails the run after ENGINE_DIST_TIMEOUT
+/// and the runner, which must also stop the stopped rank, does not wait for it forever.
+#[test]
+fn a_stopped_rank_fails_the_run_without_hanging_the_runner() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, mut child, pid) = dp_run_under_way(dir.path(), &[("ENGINE_DIST_TIMEOUT", "1")]);
     unsafe { kill(pid, 19) }; // SIGSTOP
     let t0 = Instant::now();
     let status = loop {
