@@ -775,7 +775,8 @@ async fn execute_local(
                 stopping = true;
                 signal_all(&pids, libc::SIGTERM);
             }
-            _ = sigterm.recv(), if !stopping => {
+            // As Ctrl-C: the first asks the engines to checkpoint and stop, a second makes them exit now.
+            _ = sigterm.recv() => {
                 stopping = true;
                 signal_all(&pids, libc::SIGTERM);
             }

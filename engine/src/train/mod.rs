@@ -239,6 +239,27 @@ fn install_signal_handlers() -> Result<Signals> {
     Ok(signals)
 }
 
+/// SIGBUS here means a memory-mapped token file shrank or was rewritten in place under the run (a `cp` over
+/// train.bin; `data_prep build` replaces files atomically). Say so in one line instead of dying silently.
+fn install_sigbus_message() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] = b"error: a token file of data_dir changed or shrank under the running engine (SIGBUS): \
+rebuild the data with `data_prep build --force` (it replaces files atomically) and resume from the last checkpoint\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: installing a handler that only calls async-signal-safe functions.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as *const () as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
+
 /// Sent by the kernel when the launching process (the runner) dies.
 const PARENT_DEATH_SIGNAL: i32 = signal_hook::consts::SIGUSR1;
 
@@ -448,6 +469,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         world_size: world,
     });
     let stop = install_signal_handlers()?;
+    install_sigbus_message();
     die_with_parent();
     // This rank's share of the fixed validation batches (all of them in a single-process run).
     let val_batches: Vec<(Tensor, Tensor)> = data
