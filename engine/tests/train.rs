@@ -272,6 +272,34 @@ fn a_checkpoint_that_cannot_be_written_leaves_nothing_behind() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A token file cut short in place under a running engine (not how data_prep writes) ends it with one
+/// line saying so, not a silent SIGBUS death.
+#[test]
+fn a_token_file_cut_under_the_run_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut child) = endless_run(dir.path(), Stdio::piped(), &[]);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        if l.contains("\"event\":\"step\"") {
+            break;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("data/train.bin"))
+        .unwrap()
+        .set_len(64)
+        .unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("changed or shrank under the running engine (SIGBUS)"),
+        "{stderr}"
+    );
+}
+
 /// A killed runner leaves its engines writing into pipes nobody reads: they must go on, and checkpoint
 /// on the parent-death signal, not die on the first progress line.
 #[test]
