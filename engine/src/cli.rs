@@ -250,7 +250,7 @@ where
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                crate::say!("error: {e:#}");
+                crate::say!("error: {}", crate::error_line(&e));
                 ExitCode::from(EXIT_ERROR as u8)
             }
         },
@@ -306,7 +306,7 @@ where
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    crate::say!("error: {e:#}");
+                    crate::say!("error: {}", crate::error_line(&e));
                     ExitCode::from(EXIT_ERROR as u8)
                 }
             }
@@ -340,7 +340,7 @@ where
             match crate::infer::run_generate(&args, &mut stdin.lock(), &mut stdout.lock()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    crate::say!("error: {e:#}");
+                    crate::say!("error: {}", crate::error_line(&e));
                     ExitCode::from(EXIT_ERROR as u8)
                 }
             }
@@ -351,7 +351,7 @@ where
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                crate::say!("error: {e:#}");
+                crate::say!("error: {}", crate::error_line(&e));
                 ExitCode::from(EXIT_ERROR as u8)
             }
         },
@@ -406,7 +406,7 @@ where
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    crate::say!("error: {e:#}");
+                    crate::say!("error: {}", crate::error_line(&e));
                     ExitCode::from(EXIT_ERROR as u8)
                 }
             }
@@ -425,7 +425,7 @@ where
             Ok(Outcome::Done) => ExitCode::SUCCESS,
             Ok(Outcome::Interrupted) => ExitCode::from(EXIT_INTERRUPTED as u8),
             Err(e) => {
-                crate::say!("error: {e:#}");
+                crate::say!("error: {}", crate::error_line(&e));
                 ExitCode::from(EXIT_ERROR as u8)
             }
         },

@@ -13,6 +13,19 @@ macro_rules! say {
     }};
 }
 
+/// An error and its causes on one line (as `{e:#}`), a cause that only repeats the text before it left
+/// out: candle's I/O errors and sqlx's SQLite errors carry their own message again as their source.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
 pub mod bench;
 pub mod cli;
 pub mod cpu_f32;
@@ -21,3 +34,26 @@ pub mod events;
 pub mod infer;
 pub mod model;
 pub mod train;
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct Repeats(&'static str);
+    impl std::fmt::Display for Repeats {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Repeats {}
+
+    #[test]
+    fn an_error_line_does_not_repeat_a_cause() {
+        let e = anyhow::Error::new(Repeats("(code: 5) database is locked"))
+            .context("(code: 5) database is locked")
+            .context("writing to runs.db kept failing");
+        assert_eq!(
+            super::error_line(&e),
+            "writing to runs.db kept failing: (code: 5) database is locked"
+        );
+    }
+}

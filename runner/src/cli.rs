@@ -155,7 +155,7 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}{}", error_line(&e), full_disk_hint(&home));
+            eprintln!("error: {}{}", engine::error_line(&e), full_disk_hint(&home));
             ExitCode::FAILURE
         }
     }
@@ -172,19 +172,6 @@ fn full_disk_hint(home: &Path) -> String {
         ),
         _ => String::new(),
     }
-}
-
-/// The error and its causes on one line, a cause that only repeats the text before it left out (sqlx's
-/// SQLite errors carry their own message as their source).
-fn error_line(e: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !parts.last().is_some_and(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -657,29 +644,4 @@ async fn bench_ingest(
         println!("report query over {runs} runs: {report_s:.4} s; loss history of 100 runs ({loss_points} points): {loss_history_s:.4} s; all metrics of 100 runs ({history_points} points): {history_s:.4} s");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug)]
-    struct Repeats(&'static str);
-    impl std::fmt::Display for Repeats {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
-    }
-    impl std::error::Error for Repeats {}
-
-    #[test]
-    fn an_error_line_does_not_repeat_a_cause() {
-        let e = anyhow::Error::new(Repeats("(code: 5) database is locked"))
-            .context("(code: 5) database is locked")
-            .context("writing to runs.db kept failing");
-        assert_eq!(
-            error_line(&e),
-            "writing to runs.db kept failing: (code: 5) database is locked"
-        );
-    }
 }

@@ -185,16 +185,17 @@ impl CheckpointDir {
                 c.downcast_ref::<std::io::Error>()
                     .and_then(|io| io.raw_os_error())
                     == Some(28)
-            }) || format!("{e:#}").contains("os error 28");
+            });
             let hint = if full {
                 ": the disk is full; free space there (or lower keep_checkpoints) and resume"
             } else {
                 ""
             };
             bail!(
-                "the checkpoint of step {} could not be written to {} ({e:#}); {newest}{hint}",
+                "the checkpoint of step {} could not be written to {} ({}); {newest}{hint}",
                 state.step,
-                self.root.display()
+                self.root.display(),
+                crate::error_line(&e)
             );
         }
         if dst.exists() {
@@ -226,11 +227,9 @@ impl CheckpointDir {
         fs::create_dir(tmp)?;
         let model_path = tmp.join("model.safetensors");
         let opt_path = tmp.join("optimizer.safetensors");
-        // candle's I/O error repeats its cause as its source: one line each.
-        candle_core::safetensors::save(model, &model_path)
-            .map_err(|e| anyhow::anyhow!("writing model.safetensors: {e}"))?;
+        candle_core::safetensors::save(model, &model_path).context("writing model.safetensors")?;
         candle_core::safetensors::save(optimizer, &opt_path)
-            .map_err(|e| anyhow::anyhow!("writing optimizer.safetensors: {e}"))?;
+            .context("writing optimizer.safetensors")?;
         fsync_path(&model_path)?;
         fsync_path(&opt_path)?;
         state.model_sha256 = sha256_file(&model_path)?;

@@ -305,7 +305,7 @@ pub fn train(args: &TrainArgs) -> Result<Outcome> {
     let result = train_inner(args, &mut emitter);
     if let Err(e) = &result {
         emitter.emit(&Event::Error {
-            message: format!("{e:#}"),
+            message: crate::error_line(e),
         });
     }
     result
