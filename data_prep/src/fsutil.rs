@@ -157,10 +157,22 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// An exclusive lock on `dir/name`, held until the returned file is dropped; waits (saying so) while
-/// another process holds it. A filesystem without file locks (some network mounts) gives no lock and
-/// a warning rather than an error.
-pub fn lock_dir(dir: &Path, name: &str) -> Result<Option<File>> {
+/// An exclusive lock on a folder, held until dropped (see [`lock_dir`]).
+pub struct DirLock {
+    /// `None` where no lock could be taken (see [`lock_dir`]).
+    _file: Option<File>,
+    /// Whether another process held the lock first: what it wrote may have changed the folder.
+    pub waited: bool,
+}
+
+/// An exclusive lock on `dir/name`, held until the returned guard is dropped; waits (saying so) while
+/// another process holds it. A folder this user cannot write to, or a filesystem without file locks
+/// (some network mounts), gives no lock and a warning rather than an error.
+pub fn lock_dir(dir: &Path, name: &str) -> Result<DirLock> {
+    let unlocked = DirLock {
+        _file: None,
+        waited: false,
+    };
     let path = dir.join(name);
     let file = match std::fs::OpenOptions::new()
         .create(true)
@@ -177,12 +189,15 @@ pub fn lock_dir(dir: &Path, name: &str) -> Result<Option<File>> {
                 "cannot create lock file {} ({e}); going on without a lock",
                 path.display()
             );
-            return Ok(None);
+            return Ok(unlocked);
         }
         Err(e) => return Err(e).ctx(|| format!("cannot open lock file {}", path.display())),
     };
     match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
+        Ok(()) => Ok(DirLock {
+            _file: Some(file),
+            waited: false,
+        }),
         Err(std::fs::TryLockError::WouldBlock) => {
             tracing::info!(
                 "another process is writing {}; waiting for it",
@@ -190,14 +205,17 @@ pub fn lock_dir(dir: &Path, name: &str) -> Result<Option<File>> {
             );
             file.lock()
                 .ctx(|| format!("cannot lock {}", path.display()))?;
-            Ok(Some(file))
+            Ok(DirLock {
+                _file: Some(file),
+                waited: true,
+            })
         }
         Err(std::fs::TryLockError::Error(e)) => {
             tracing::warn!(
                 "cannot lock {} ({e}); going on without a lock",
                 path.display()
             );
-            Ok(None)
+            Ok(unlocked)
         }
     }
 }

@@ -36,7 +36,7 @@ pub mod verify;
 pub use download::{tinystories, TinyStoriesOptions, Variant};
 pub use encode::read_tokens;
 pub use error::{Error, Result};
-pub use fsutil::lock_dir;
+pub use fsutil::{lock_dir, DirLock};
 pub use meta::{FileRecord, Meta, SplitStats, TokenizerInfo, ValSource, FORMAT_VERSION};
 pub use pipeline::{build, BuildOptions};
 pub use split::{Corpus, Split, Splitter};

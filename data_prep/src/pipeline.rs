@@ -316,10 +316,13 @@ pub fn build(opts: &BuildOptions) -> Result<Meta> {
         .ctx(|| format!("cannot create output folder {}", opts.out.display()))?;
     // One build at a time per folder (two would write the same temporary files); a second one waits
     // and then finds the first one's result up to date.
-    let _lock = crate::fsutil::lock_dir(&opts.out, ".build.lock")?;
-    if let Existing::UpToDate(old) = check_existing(opts, &meta)? {
-        tracing::info!("{} was built meanwhile; nothing to do", opts.out.display());
-        return Ok(*old);
+    let lock = crate::fsutil::lock_dir(&opts.out, ".build.lock")?;
+    // Checked again (hashing the outputs) only if another build held the folder meanwhile.
+    if lock.waited {
+        if let Existing::UpToDate(old) = check_existing(opts, &meta)? {
+            tracing::info!("{} was built meanwhile; nothing to do", opts.out.display());
+            return Ok(*old);
+        }
     }
     let meta_path = opts.out.join(META_FILE);
     if meta_path.exists() {
