@@ -63,14 +63,7 @@ fn done_sha(stdout: &str) -> String {
 }
 
 fn setup(dir: &Path, steps: u64, extra: &str) -> std::path::PathBuf {
-    let data = data_dir(dir);
-    let cfg = dir.join("run.toml");
-    std::fs::write(
-        &cfg,
-        tiny_config(&data, &format!("steps = {steps}\n{extra}")),
-    )
-    .unwrap();
-    cfg
+    write_run_config(dir, &format!("steps = {steps}\n{extra}"))
 }
 
 #[test]
@@ -232,52 +225,18 @@ fn killed_two_rank_run_resumes_exactly() {
     );
 }
 
-#[test]
-fn a_dead_rank_fails_the_others_quickly() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(dir.path(), 100_000, "");
-    let out = dir.path().join("run");
-    let mut children = ranks(
-        2,
-        &[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        free_port(),
-    );
-    let mut lines = BufReader::new(children[0].stdout.take().unwrap()).lines();
-    loop {
-        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-        if v["event"] == "step" && v["step"] == 3 {
-            break;
-        }
-    }
-    children[1].kill().unwrap();
-    let t0 = Instant::now();
-    let status = children[0].wait().unwrap();
-    assert!(!status.success());
-    assert!(
-        t0.elapsed() < Duration::from_secs(15),
-        "rank 0 took {:?} to notice",
-        t0.elapsed()
-    );
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    assert!(
-        rest.iter().any(|l| l.contains("\"event\":\"error\"")),
-        "{rest:?}"
-    );
-    children[1].wait().unwrap();
-}
-
-#[test]
-fn a_hung_rank_fails_the_others_after_the_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(dir.path(), 100_000, "");
-    let out = dir.path().join("run");
-    // No checkpoint during the test: the collective after one waits ten times longer.
+/// Two ranks of a practically endless run without checkpoints (the collective after one waits ten times
+/// longer) and `timeout_s` as ENGINE_DIST_TIMEOUT, once rank 0 logged step 3: the ranks and rank 0's
+/// remaining stdout lines.
+fn two_ranks_under_way(
+    dir: &Path,
+    timeout_s: u64,
+) -> (
+    Vec<Reaped>,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let cfg = setup(dir, 100_000, "");
+    let out = dir.join("run");
     let mut children = ranks_with_timeout(
         2,
         &[
@@ -290,7 +249,7 @@ fn a_hung_rank_fails_the_others_after_the_timeout() {
             "checkpoint_every=100000",
         ],
         free_port(),
-        4,
+        timeout_s,
     );
     let mut lines = BufReader::new(children[0].stdout.take().unwrap()).lines();
     loop {
@@ -299,6 +258,39 @@ fn a_hung_rank_fails_the_others_after_the_timeout() {
             break;
         }
     }
+    (children, lines)
+}
+
+/// Rank 0's stdout after it ended must hold an error event.
+fn ends_with_an_error(lines: std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("\"event\":\"error\"")),
+        "{rest:?}"
+    );
+}
+
+#[test]
+fn a_dead_rank_fails_the_others_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut children, lines) = two_ranks_under_way(dir.path(), 20);
+    children[1].kill().unwrap();
+    let t0 = Instant::now();
+    let status = children[0].wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "rank 0 took {:?} to notice",
+        t0.elapsed()
+    );
+    ends_with_an_error(lines);
+    children[1].wait().unwrap();
+}
+
+#[test]
+fn a_hung_rank_fails_the_others_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut children, lines) = two_ranks_under_way(dir.path(), 4);
     // Rank 1 hangs (stopped, its sockets open): rank 0 must give up after ENGINE_DIST_TIMEOUT.
     let hung = children[1].id() as i32;
     // SAFETY: kill(2) on a child this test started.
@@ -314,9 +306,5 @@ fn a_hung_rank_fails_the_others_after_the_timeout() {
         waited < Duration::from_secs(20),
         "rank 0 took {waited:?} to give up on a hung peer"
     );
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    assert!(
-        rest.iter().any(|l| l.contains("\"event\":\"error\"")),
-        "{rest:?}"
-    );
+    ends_with_an_error(lines);
 }

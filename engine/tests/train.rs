@@ -92,9 +92,7 @@ fn trains_and_streams_the_protocol() {
 #[test]
 fn resume_after_sigkill_is_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data_dir(dir.path());
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 40\ngrad_accum = 2\n")).unwrap();
+    let cfg = write_run_config(dir.path(), "steps = 40\ngrad_accum = 2\n");
     let reference = dir.path().join("ref");
     let out = run(&[
         "train",
@@ -177,9 +175,7 @@ fn resume_after_sigkill_is_exact() {
 /// A run of a tiny model that would train practically forever (no checkpoint of its own soon), started
 /// in `dir` with stdout piped and stderr as given: its run dir and process.
 fn endless_run(dir: &Path, stderr: Stdio, sets: &[&str]) -> (std::path::PathBuf, Reaped) {
-    let data = data_dir(dir);
-    let cfg = dir.join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 100000\n")).unwrap();
+    let cfg = write_run_config(dir, "steps = 100000\n");
     let run_dir = dir.join("run");
     let child = engine()
         .args(["train", "--config", cfg.to_str().unwrap()])
@@ -237,9 +233,7 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
 fn a_checkpoint_that_cannot_be_written_leaves_nothing_behind() {
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
-    let data = data_dir(dir.path());
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 20\n")).unwrap();
+    let cfg = write_run_config(dir.path(), "steps = 20\n");
     let run_dir = dir.path().join("run");
     let mut cmd = engine();
     cmd.args(["train", "--config", cfg.to_str().unwrap()])
@@ -615,9 +609,7 @@ fn a_data_dir_with_another_vocab_is_refused_on_resume() {
 #[test]
 fn engine_env_settings_sit_between_the_file_and_set() {
     let dir = tempfile::tempdir().unwrap();
-    let data = data_dir(dir.path());
-    let cfg = dir.path().join("run.toml");
-    std::fs::write(&cfg, tiny_config(&data, "steps = 5\n")).unwrap();
+    let cfg = write_run_config(dir.path(), "steps = 5\n");
     let last_step = |out: &std::process::Output| {
         assert!(
             out.status.success(),

@@ -27,6 +27,14 @@ pub fn tiny_config(data: &Path, extra: &str) -> String {
     )
 }
 
+/// Build the synthetic data in `dir/data` and write `tiny_config(data, extra)` to `dir/run.toml`; its path.
+pub fn write_run_config(dir: &Path, extra: &str) -> PathBuf {
+    let data = data_dir(dir);
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, extra)).unwrap();
+    cfg
+}
+
 /// Write `tiny_config(data, config_extra)` to `dir/run.toml` and train it into `dir/run` (`args` appended):
 /// the run dir and the engine's output.
 pub fn first_run(dir: &Path, data: &Path, config_extra: &str, args: &[&str]) -> (PathBuf, Output) {
