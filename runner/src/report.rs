@@ -386,36 +386,29 @@ pub async fn html(store: &RunStore, rows: &[ReportRow], title: &str) -> Result<S
             .collect();
         format!("{} {}", r.id, p.join(" "))
     };
-    let curve = |metric: &str| -> Vec<(String, Vec<(f64, f64)>)> {
+    // `metric` of every run that has it, against the step scaled by `x_per_step(run)` (runs without one left out).
+    let curve_by = |metric: &str, x_per_step: &dyn Fn(&ReportRow) -> Option<f64>| {
         rows.iter()
             .filter_map(|r| {
                 let pts = hist.get(&r.id)?.get(metric)?;
-                Some((label(r), pts.iter().map(|(s, v)| (*s as f64, *v)).collect()))
+                let k = x_per_step(r)?;
+                Some((
+                    label(r),
+                    pts.iter().map(|(s, v)| (*s as f64 * k, *v)).collect(),
+                ))
             })
-            .collect()
+            .collect::<Vec<(String, Vec<(f64, f64)>)>>()
     };
+    let curve = |metric: &str| curve_by(metric, &|_| Some(1.0));
     let mut body = String::new();
     let _ = write!(body, "<h1>{}</h1>", esc(title));
     body.push_str(&svg_chart("train loss", "step", &curve("loss"), false));
     body.push_str(&svg_chart("val loss", "step", &curve("val_loss"), false));
     // Runs with another batch size or context see another number of tokens per step: compare them by
     // tokens seen as well.
-    let per_step: BTreeMap<i64, f64> = rows
-        .iter()
-        .filter(|r| r.step > 0 && r.tokens > 0)
-        .map(|r| (r.id, r.tokens as f64 / r.step as f64))
-        .collect();
-    let by_tokens: Vec<_> = curve("val_loss")
-        .into_iter()
-        .zip(
-            rows.iter()
-                .filter(|r| hist.get(&r.id).is_some_and(|h| h.contains_key("val_loss"))),
-        )
-        .filter_map(|((name, pts), r)| {
-            let k = per_step.get(&r.id)?;
-            Some((name, pts.into_iter().map(|(s, v)| (s * k, v)).collect()))
-        })
-        .collect();
+    let tokens_per_step =
+        |r: &ReportRow| (r.step > 0 && r.tokens > 0).then(|| r.tokens as f64 / r.step as f64);
+    let by_tokens = curve_by("val_loss", &tokens_per_step);
     body.push_str(&svg_chart(
         "val loss by tokens seen",
         "tokens seen",
