@@ -161,10 +161,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Bytes free to unprivileged users on the filesystem holding `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) fills the struct it is given; the path is a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
 /// A failing SQLite write on a full disk may say "locked" rather than "full": name the real cause when the
 /// home's filesystem is (nearly) out of space.
 fn full_disk_hint(home: &Path) -> String {
-    match crate::ingest::free_bytes(home) {
+    match free_bytes(home) {
         Some(free) if free < 8 << 20 => format!(
             " (the disk holding {} has only {} KiB free: free space there, then `runner resume`)",
             home.display(),

@@ -304,7 +304,6 @@ async fn apply_with_retries(store: &RunStore, batch: &[(i64, Event)]) -> Result<
                     .await;
             }
             Err(e) => {
-                // (The CLI adds a full-disk hint when the home is out of space.)
                 return Err(e.context(
                     "writing to runs.db kept failing (every run's metrics.jsonl in its run dir still holds all its events)",
                 ));
@@ -312,17 +311,6 @@ async fn apply_with_retries(store: &RunStore, batch: &[(i64, Event)]) -> Result<
         }
     }
     unreachable!("the loop returns")
-}
-
-/// Bytes free to unprivileged users on the filesystem holding `path`.
-pub(crate) fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs(3) fills the struct it is given; the path is a valid C string.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
-    }
 }
 
 /// Most events one transaction takes.
