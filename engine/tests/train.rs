@@ -621,31 +621,16 @@ fn engine_env_settings_sit_between_the_file_and_set() {
             .unwrap()
             .0
     };
-    let a = dir.path().join("a");
-    let out = engine()
-        .args([
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            a.to_str().unwrap(),
-        ])
-        .env("ENGINE_STEPS", "3")
-        .output()
-        .unwrap();
-    assert_eq!(last_step(&out), 3);
-    let b = dir.path().join("b");
-    let out = engine()
-        .args([
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            b.to_str().unwrap(),
-        ])
-        .args(["--set", "steps=2"])
-        .env("ENGINE_STEPS", "3")
-        .output()
-        .unwrap();
-    assert_eq!(last_step(&out), 2);
+    // ENGINE_STEPS=3 in the environment, `sets` on the command line.
+    let train_into = |name: &str, sets: &[&str]| {
+        engine()
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .args(["--out", dir.path().join(name).to_str().unwrap()])
+            .args(sets.iter().flat_map(|s| ["--set", s]))
+            .env("ENGINE_STEPS", "3")
+            .output()
+            .unwrap()
+    };
+    assert_eq!(last_step(&train_into("a", &[])), 3);
+    assert_eq!(last_step(&train_into("b", &["steps=2"])), 2);
 }
