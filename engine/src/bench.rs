@@ -129,6 +129,7 @@ pub fn bench_train(b: &BenchTrain) -> Result<BenchTrainResult> {
         model_sha256: String::new(),
         optimizer_sha256: String::new(),
         last_val_loss: None,
+        eval_due: false,
     };
     let tensors = named
         .iter()

@@ -26,8 +26,9 @@ enum Command {
     /// step, write a checkpoint and exit with code 130; a second signal exits at once.
     ///
     /// Settings are layered: built-in defaults → --config TOML → ENGINE_<KEY> environment → --set key=value.
+    /// `engine keys` lists every key with its default and meaning.
     #[command(
-        after_help = "Examples:\n  engine train --config run.toml --out runs/a --set steps=200\n  engine train --resume runs/a --set steps=400"
+        after_help = "Examples:\n  engine train --config run.toml --out runs/a --set steps=200\n  engine train --resume runs/a --set steps=400\n  engine keys      # every setting, its default and meaning"
     )]
     Train {
         /// A flat TOML table of run settings (dim, n_layers, data_dir, steps, lr, ...).
@@ -43,6 +44,9 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// List every run setting (the keys of run.toml, a sweep's [base]/[sweep], ENGINE_<KEY> and --set) with
+    /// its default and meaning.
+    Keys,
     /// Benchmark the CPU all-reduce (TCP ring) between `--world` local processes; prints one JSON line per
     /// size with the median time and bus bandwidth.
     BenchAllreduce {
@@ -238,6 +242,11 @@ where
         tune_threads();
     }
     match cli.command {
+        Command::Keys => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(crate::train::config::keys_table().as_bytes());
+            ExitCode::SUCCESS
+        }
         Command::BenchAllreduce {
             world,
             floats,
@@ -295,7 +304,7 @@ where
                     ctx,
                     steps: steps.max(1),
                     warmup,
-                    device: crate::train::device_from_name(&device)?,
+                    device: crate::device::device_from_name(&device)?,
                 };
                 let _autocast = crate::model::precision::Autocast::new(matmul_dtype);
                 Ok(serde_json::to_string(&crate::bench::bench_train(&b)?)?)

@@ -29,6 +29,7 @@ pub fn error_line(e: &anyhow::Error) -> String {
 pub mod bench;
 pub mod cli;
 pub mod cpu_f32;
+pub mod device;
 pub mod dist;
 pub mod events;
 pub mod infer;

@@ -215,13 +215,84 @@ fn sigterm_checkpoints_and_exits_with_the_interrupted_code() {
     let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
     assert_eq!(last["event"], "interrupted");
     assert_eq!(last["signal"], "SIGTERM");
-    // The step it stopped at still had its scheduled eval: the resume starts after it.
-    let step = last["step"].clone();
+    // The step it stopped at had its scheduled eval: either it ran, or the signal cut it short between
+    // batches and the checkpoint records it as due, so that the resume runs it first. Never lost.
+    let step = last["step"].as_u64().unwrap();
+    assert!(has_checkpoint(&run_dir, step));
+    let evaluated = rest
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| v["event"] == "eval" && v["step"] == step);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join(format!("checkpoints/step-{step:08}/state.json")))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["eval_due"], !evaluated, "{state}");
+    if !evaluated {
+        let out = engine()
+            .args(["train", "--resume", run_dir.to_str().unwrap()])
+            .args(["--set", &format!("steps={}", step + 1)])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let first_eval = events.iter().find(|v| v["event"] == "eval").unwrap();
+        assert_eq!(first_eval["step"], step, "{events:?}");
+    }
+}
+
+/// `eval_batches` far beyond what the val split holds is bounded by it (not hours and GBs), and a SIGTERM
+/// during a long eval stops it between batches: the run checkpoints with the eval marked due.
+#[test]
+fn a_huge_eval_is_bounded_and_a_signal_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run_dir, mut child) = endless_run(
+        dir.path(),
+        Stdio::piped(),
+        &["eval_every=2", "eval_batches=1000000", "context_len=8"],
+    );
+    let stderr = child.stderr.take().unwrap();
+    let err_lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let t0 = Instant::now();
+    // The bounded eval completes (in seconds, not hours); then a SIGTERM during the next one.
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if v["event"] == "eval" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no eval finished");
+    }
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if v["event"] == "step" && v["step"].as_u64().unwrap() % 2 == 1 {
+            break;
+        }
+    }
+    let signalled = Instant::now();
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(child.wait().unwrap().code(), Some(130));
     assert!(
-        rest.iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .any(|v| v["event"] == "eval" && v["step"] == step),
-        "no eval at the interrupted step {step}"
+        signalled.elapsed() < Duration::from_secs(30),
+        "the eval did not stop for the signal"
+    );
+    let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    assert_eq!(last["event"], "interrupted", "{rest:?}");
+    let err = err_lines.join().unwrap().join("\n");
+    assert!(
+        err.contains("eval_batches = 1000000 is more than the val split holds"),
+        "{err}"
     );
     assert!(has_checkpoint(&run_dir, last["step"].as_u64().unwrap()));
 }
@@ -348,6 +419,12 @@ fn bad_input_gets_one_clear_line() {
         ),
         (tiny_config(&data, ""), vec!["dim=33".into()], "n_heads"),
         (tiny_config(&data, ""), vec!["device=tpu".into()], "device"),
+        // Far beyond this machine's memory: refused with the estimate, not aborted by the allocator.
+        (
+            tiny_config(&data, ""),
+            vec!["dim=200000".into()],
+            "available: lower dim",
+        ),
     ];
     for (i, (text, sets, needle)) in cases.into_iter().enumerate() {
         std::fs::write(&cfg, text).unwrap();
@@ -633,4 +710,99 @@ fn engine_env_settings_sit_between_the_file_and_set() {
     };
     assert_eq!(last_step(&train_into("a", &[])), 3);
     assert_eq!(last_step(&train_into("b", &["steps=2"])), 2);
+}
+
+/// A data dir that is not what its meta.json says is refused before the first step, with one line naming
+/// the file and `data_prep verify`: a corrupt tokenizer, a meta.json edited to another vocab, a token id
+/// out of range.
+#[test]
+fn a_damaged_data_dir_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, tiny_config(&data, "steps = 2\n")).unwrap();
+    let train = |name: &str| {
+        engine()
+            .args(["train", "--config", cfg.to_str().unwrap(), "--out"])
+            .arg(dir.path().join(name))
+            .output()
+            .unwrap()
+    };
+    assert!(train("good").status.success());
+    let damage = |file: &str, edit: &dyn Fn(&mut Vec<u8>), needle: &str| {
+        let path = data.join(file);
+        let original = std::fs::read(&path).unwrap();
+        let mut bytes = original.clone();
+        edit(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        let out = train(&format!("bad-{file}"));
+        std::fs::write(&path, original).unwrap();
+        assert!(!out.status.success(), "{file}: trained");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap();
+        assert!(
+            line.contains(file) && line.contains("data_prep verify") && line.contains(needle),
+            "{file}: {line}"
+        );
+        assert!(
+            !dir.path().join(format!("bad-{file}/tokenizer.json")).exists(),
+            "{file}: the run took the data"
+        );
+    };
+    damage(
+        "tokenizer.json",
+        &|b| b.truncate(b.len() / 2),
+        "sha256 differs",
+    );
+    damage(
+        "meta.json",
+        &|b| {
+            let text = String::from_utf8(b.clone()).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let vocab = v["vocab_size"].as_u64().unwrap();
+            *b = text
+                .replacen(
+                    &format!("\"vocab_size\": {vocab}"),
+                    &format!("\"vocab_size\": {}", vocab - 100),
+                    1,
+                )
+                .into_bytes();
+        },
+        "tokenizer.json has vocab",
+    );
+    damage(
+        "train.bin",
+        &|b| {
+            b[10] = 0xff;
+            b[11] = 0xff;
+        },
+        "token id 65535 at position 5",
+    );
+}
+
+/// A metrics.jsonl that cannot be written (a full disk; here /dev/full) ends the run with a line naming
+/// the file; the checkpoint before it stays usable and a later resume continues from it.
+#[test]
+fn a_failed_metrics_write_ends_the_run_and_the_checkpoint_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let (run_dir, out) = first_run(dir.path(), &data, "steps = 10\n", &[]);
+    assert!(out.status.success());
+    let metrics = run_dir.join("metrics.jsonl");
+    let kept = std::fs::read(&metrics).unwrap();
+    std::fs::remove_file(&metrics).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &metrics).unwrap();
+    let out = run(&["train", "--resume", run_dir.to_str().unwrap(), "--set", "steps=20"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("metrics.jsonl") && stderr.contains("No space left"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&metrics).unwrap();
+    std::fs::write(&metrics, kept).unwrap();
+    let out = run(&["train", "--resume", run_dir.to_str().unwrap(), "--set", "steps=20"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\"resumed\":true") && stdout.contains("\"event\":\"done\""));
 }

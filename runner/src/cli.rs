@@ -10,9 +10,9 @@ use engine::events::Event;
 
 use crate::ingest;
 use crate::report::{self, ReportRow};
-use crate::scheduler::{self, EngineCommand, Summary};
+use crate::exec::{self, EngineCommand, Summary};
 use crate::spec::{self, Sweep, SweepFile};
-use crate::store::{Id, RunStatus, RunStore};
+use crate::store::{Id, NewRun, RunStatus, RunStore};
 
 #[derive(Parser)]
 #[command(
@@ -265,6 +265,7 @@ async fn report_runs(
     report::sort_rows(&mut rows, sort)?;
     // The page first: the table may go to a reader that stops early (`| head`).
     if let Some(path) = html {
+        refuse_home_db(&store.home, path)?;
         let title = match ids {
             [] => "all runs".to_string(),
             [Id::Sweep(s)] => format!("sweep s{s}: {}", store.sweep(*s).await?.name),
@@ -278,9 +279,35 @@ async fn report_runs(
         eprintln!("wrote {}", path.display());
     }
     match format {
-        Format::Table => print!("{}", report::table(&rows)),
-        Format::Csv => print!("{}", report::csv(&rows)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Format::Table => out(format_args!("{}", report::table(&rows))),
+        Format::Csv => out(format_args!("{}", report::csv(&rows))),
+        Format::Json => out(format_args!("{}\n", serde_json::to_string_pretty(&rows)?)),
+    }
+    Ok(())
+}
+
+/// `report --html FILE` must never write over the home's database (or its WAL and shared-memory files):
+/// the paths are compared after resolving links and `..`, the file's folder canonical, its name as given.
+fn refuse_home_db(home: &Path, path: &Path) -> Result<()> {
+    let canonical = |p: &Path| -> Option<PathBuf> {
+        let name = p.file_name()?;
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        // An existing file (or a link to one) resolves fully; a new one by its folder.
+        std::fs::canonicalize(p)
+            .ok()
+            .or_else(|| Some(std::fs::canonicalize(dir).ok()?.join(name)))
+    };
+    let Some(target) = canonical(path) else {
+        return Ok(());
+    };
+    for name in ["runs.db", "runs.db-wal", "runs.db-shm"] {
+        if canonical(&home.join(name)).is_some_and(|db| db == target) {
+            bail!(
+                "--html {} is the runner's database ({}): writing the report there would destroy every run's history; pick another file, e.g. --html report.html",
+                path.display(),
+                home.join(name).display()
+            );
+        }
     }
     Ok(())
 }
@@ -304,19 +331,13 @@ fn print_summary(s: &Summary) {
 
 async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -> Result<ExitCode> {
     // Validate every file before anything launches.
+    exec::check_engine_env()?;
     let mut sweeps = Vec::new();
     for file in files {
         let spec = SweepFile::load_with(file, sets)?;
         let vocab = spec::ensure_data(file, &spec.data)?;
         sweeps.push(Sweep::from_spec(file, spec, vocab)?);
     }
-    let mem = |cfg: &engine::train::TrainConfig, vocab: usize| {
-        cfg.model_config(vocab).training_memory_estimate(
-            cfg.batch_size / cfg.grad_accum,
-            cfg.context_len,
-            &cfg.dtype,
-        )
-    };
     // One queue, one set of devices: the files must agree on [resources].
     let resources = &sweeps[0].spec.resources;
     for s in &sweeps[1..] {
@@ -328,25 +349,49 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
             );
         }
     }
+    // The ranks of a run and the memory one run may use, as the backend will see them: each run's
+    // estimate is for its per-rank micro-batch (the engine's own figure).
+    let (ranks, limit) = exec::plan(resources).await;
     let vocab_of = |s: &Sweep| data_prep::Meta::load(&s.spec.data.dir).map(|m| m.vocab_size);
+    let mut planned = Vec::new();
+    for s in &sweeps {
+        let vocab = vocab_of(s)?;
+        let rows = s
+            .runs
+            .iter()
+            .map(|r| {
+                let model = r.config.model_config(vocab);
+                Ok(NewRun {
+                    params: r.params.clone(),
+                    config: r.config.to_toml()?,
+                    param_count: model.param_count() as u64,
+                    mem_estimate: r.config.training_memory_estimate(&model, ranks),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        planned.push(rows);
+    }
     if dry_run {
-        for s in &sweeps {
-            let vocab = vocab_of(s)?;
-            println!(
-                "sweep {} ({}): {} runs",
-                s.spec.name,
+        for (s, rows) in sweeps.iter().zip(&planned) {
+            out(format_args!(
+                "sweep {} ({}): {} runs\n",
+                display_name(&s.spec.name),
                 s.file.display(),
-                s.runs.len()
-            );
-            for (i, r) in s.runs.iter().enumerate() {
+                rows.len()
+            ));
+            for (i, r) in rows.iter().enumerate() {
                 let p: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let m = r.config.model_config(vocab);
-                println!(
-                    "  {i:>3}  {:<50} params {:>12}  memory ~{:.2} GiB",
+                let need = r.mem_estimate as f64 / (1u64 << 30) as f64;
+                let skip = match &limit {
+                    Some((l, what)) if need > *l => format!("  will be skipped: {what}"),
+                    _ => String::new(),
+                };
+                out(format_args!(
+                    "  {i:>3}  {:<50} params {:>12}  memory ~{:.2} GiB{skip}\n",
                     p.join(" "),
-                    m.param_count(),
-                    mem(&r.config, vocab) as f64 / (1u64 << 30) as f64
-                );
+                    r.param_count,
+                    need
+                ));
             }
         }
         return Ok(ExitCode::SUCCESS);
@@ -356,30 +401,17 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     let store = RunStore::open(home).await?;
     report_recovered(&store).await?;
     let mut sweep_ids = Vec::new();
-    for s in &sweeps {
-        let vocab = vocab_of(s)?;
+    for (s, rows) in sweeps.iter().zip(&planned) {
         let spec_json = serde_json::to_string(&s.spec)?;
         let id = store
             .create_sweep(&s.spec.name, &s.file.display().to_string(), &spec_json)
             .await?;
-        let rows = s
-            .runs
-            .iter()
-            .map(|r| {
-                Ok((
-                    r.params.clone(),
-                    r.config.to_toml()?,
-                    r.config.model_config(vocab).param_count() as u64,
-                    mem(&r.config, vocab),
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
         store
-            .add_runs(id, &rows, s.spec.resources.runs_dir.as_deref())
+            .add_runs(id, rows, s.spec.resources.runs_dir.as_deref())
             .await?;
         eprintln!(
             "sweep s{id} {}: {} runs queued (home {})",
-            s.spec.name,
+            display_name(&s.spec.name),
             s.runs.len(),
             home.display()
         );
@@ -389,33 +421,56 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     for id in &sweep_ids {
         runs.extend(store.runs(Some(*id)).await?);
     }
-    let summary = scheduler::execute(&store, runs, resources, &engine).await?;
+    let summary = exec::execute(&store, runs, resources, &engine).await?;
     for id in &sweep_ids {
-        println!("sweep s{id}:");
+        out(format_args!("sweep s{id}:\n"));
         report_runs(&store, &[Id::Sweep(*id)], "id", Format::Table, None).await?;
     }
     print_summary(&summary);
     Ok(exit_for(&summary))
 }
 
+/// Write to stdout; a reader that went away (`runner sweep … | head`) ends the output, not the process:
+/// a sweep ignores SIGPIPE (it supervises engines), and `print!` would panic on the broken pipe.
+fn out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_fmt(args).and_then(|()| stdout.flush());
+}
+
+/// A name from a sweep file as printable text: control characters (escape sequences, line breaks) are
+/// shown escaped rather than sent to the terminal.
+pub fn display_name(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
     let id: Id = id.parse()?;
+    exec::check_engine_env()?;
     let store = open_existing(home).await?;
     let (sweep_id, runs) = match id {
         Id::Run(r) => {
             let run = store.run(r).await?;
-            match run.status.as_str() {
-                "completed" => {
-                    println!(
-                        "run {r} already completed at step {}; nothing to do",
+            match run.status {
+                RunStatus::Completed => {
+                    out(format_args!(
+                        "run {r} already completed at step {}; nothing to do\n",
                         run.step
-                    );
+                    ));
                     return Ok(ExitCode::SUCCESS);
                 }
-                "running" if run.slurm_job.is_none() => bail!(
-                    "run {r} is running{}; wait for it or stop its runner first",
-                    run.pid
-                        .map(|p| format!(" (engine pid {p})"))
+                RunStatus::Running if run.slurm_job.is_none() && !store.abandoned(&run) => bail!(
+                    "run {r} is running under a live runner{}; wait for it or stop that runner first",
+                    run.runner_pid
+                        .map(|p| format!(" (pid {p})"))
                         .unwrap_or_default()
                 ),
                 _ => {}
@@ -427,39 +482,50 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
             let all = store.runs(Some(s)).await?;
             let todo: Vec<_> = all
                 .into_iter()
-                .filter(|r| {
-                    matches!(r.status.as_str(), "queued" | "interrupted" | "failed")
-                        // A Slurm job that outlived its runner: followed again.
-                        || (r.status == "running" && r.slurm_job.is_some())
+                .filter(|r| match r.status {
+                    RunStatus::Queued | RunStatus::Interrupted | RunStatus::Failed => true,
+                    // A Slurm job that outlived its runner: followed again. A local engine a killed
+                    // runner left checkpointing: waited for, then resumed.
+                    RunStatus::Running => r.slurm_job.is_some() || store.abandoned(r),
+                    _ => false,
                 })
                 .collect();
             if todo.is_empty() {
-                println!("sweep s{s}: every run is completed (or skipped); nothing to do");
+                out(format_args!(
+                    "sweep s{s}: every run is completed, skipped or running under a live runner; nothing to do\n"
+                ));
                 return Ok(ExitCode::SUCCESS);
             }
             (s, todo)
         }
     };
     let sweep = store.sweep(sweep_id).await?;
-    let spec_json: String = sqlx::query_scalar("SELECT spec FROM sweeps WHERE id = ?")
-        .bind(sweep_id)
-        .fetch_one(&store.pool)
-        .await?;
-    let spec: SweepFile =
-        serde_json::from_str(&spec_json).context("reading the sweep's stored spec")?;
+    let spec: SweepFile = serde_json::from_str(&store.sweep_spec(sweep_id).await?)
+        .context("reading the sweep's stored spec")?;
     eprintln!(
         "resuming {} run(s) of sweep s{} {}",
         runs.len(),
         sweep.id,
-        sweep.name
+        display_name(&sweep.name)
     );
-    // A skipped run stays skipped; queued/interrupted/failed ones are claimed again.
-    let runs: Vec<_> = runs
-        .into_iter()
-        .filter(|r| r.status != RunStatus::SkippedOom.as_str())
-        .collect();
+    // A skipped run stays skipped; queued/interrupted/failed ones are claimed again. A run whose runner
+    // was killed becomes interrupted here (its engine may still be writing its last checkpoint: the
+    // launch waits for it).
+    let mut todo = Vec::new();
+    for mut r in runs {
+        if r.status == RunStatus::SkippedOom {
+            continue;
+        }
+        if r.status == RunStatus::Running && r.slurm_job.is_none() {
+            if !store.release_abandoned(&r).await? {
+                continue;
+            }
+            r.status = RunStatus::Interrupted;
+        }
+        todo.push(r);
+    }
     let engine = EngineCommand::detect()?;
-    let summary = scheduler::execute(&store, runs, &spec.resources, &engine).await?;
+    let summary = exec::execute(&store, todo, &spec.resources, &engine).await?;
     report_runs(&store, &[Id::Sweep(sweep_id)], "id", Format::Table, None).await?;
     print_summary(&summary);
     Ok(exit_for(&summary))
@@ -471,13 +537,13 @@ async fn ls(home: &Path) -> Result<ExitCode> {
         let runs = store.runs(Some(s.id)).await?;
         let mut counts = std::collections::BTreeMap::new();
         for r in &runs {
-            *counts.entry(r.status.clone()).or_insert(0) += 1;
+            *counts.entry(r.status.to_string()).or_insert(0) += 1;
         }
         let c: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         println!(
             "s{}  {}  {}  ({})  {}",
             s.id,
-            s.name,
+            display_name(&s.name),
             s.created_at,
             s.file,
             c.join(", ")
@@ -507,7 +573,10 @@ async fn show(home: &Path, id: &str) -> Result<ExitCode> {
             let sw = store.sweep(s).await?;
             println!(
                 "sweep s{}: {} ({}), created {}",
-                sw.id, sw.name, sw.file, sw.created_at
+                sw.id,
+                display_name(&sw.name),
+                sw.file,
+                sw.created_at
             );
             report_runs(&store, &[Id::Sweep(s)], "id", Format::Table, None).await?;
         }
@@ -572,7 +641,12 @@ async fn bench_ingest(
         .map(|i| {
             let mut p = std::collections::BTreeMap::new();
             p.insert("i".to_string(), toml::Value::Integer(i as i64));
-            (p, String::new(), 0u64, 0u64)
+            NewRun {
+                params: p,
+                config: String::new(),
+                param_count: 0,
+                mem_estimate: 0,
+            }
         })
         .collect();
     let ids = store.add_runs(sweep, &rows, None).await?;

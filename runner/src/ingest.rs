@@ -528,7 +528,7 @@ mod tests {
             let store = RunStore::open(d.path()).await?;
             let s = store.create_sweep("t", "f.toml", "{}").await?;
             let run = store
-                .add_runs(s, &[(Default::default(), "dim = 8".into(), 10, 20)], None)
+                .add_runs(s, &[crate::store::NewRun::test("dim = 8")], None)
                 .await?[0];
             let a: Vec<(i64, Event)> = timeline_a.iter().map(|e| (run, e.clone())).collect();
             let b: Vec<(i64, Event)> = timeline_b.iter().map(|e| (run, e.clone())).collect();

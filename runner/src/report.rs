@@ -35,7 +35,7 @@ impl From<&RunRow> for ReportRow {
         Self {
             id: r.id,
             sweep_id: format!("s{}", r.sweep_id),
-            status: r.status.clone(),
+            status: r.status.to_string(),
             params: r.params.clone(),
             step: r.step,
             total_steps: r.total_steps,

@@ -67,6 +67,9 @@ pub struct Resources {
     pub sbatch_args: Vec<String>,
     /// Slurm: seconds between job-state polls (`squeue`) and metrics reads.
     pub poll_seconds: f64,
+    /// Local: a run whose engine writes no event for this many seconds (a stopped or hung process) is
+    /// stopped and marked failed. Raise it for runs whose `log_every` steps or evals take longer.
+    pub stall_seconds: f64,
 }
 
 /// Who runs the engines.
@@ -110,6 +113,7 @@ impl Default for Resources {
             max_restarts: 3,
             sbatch_args: Vec::new(),
             poll_seconds: 5.0,
+            stall_seconds: 3600.0,
         }
     }
 }
@@ -196,6 +200,12 @@ impl SweepFile {
             }
             fig = fig.merge(figment::providers::Serialized::default(&key, value));
         }
+        // A relative `[data] dir` written in the file is relative to the file (as Cargo and docker-compose
+        // read paths); one given by RUNNER_DATA__DIR or --set stays relative to the working folder.
+        let dir_from_file = fig
+            .find_metadata("data.dir")
+            .and_then(|m| m.source.as_ref())
+            .is_some_and(|s| matches!(s, figment::Source::File(_)));
         let mut file: SweepFile = fig.extract().map_err(|e| {
             anyhow!(
                 "{}: {}",
@@ -203,6 +213,10 @@ impl SweepFile {
                 engine::train::config::describe_config_error(e, Some("--set"))
             )
         })?;
+        if dir_from_file && file.data.dir.is_relative() {
+            let base = path.parent().unwrap_or(Path::new(""));
+            file.data.dir = base.join(&file.data.dir);
+        }
         if file.name.trim().is_empty() {
             file.name = path
                 .file_stem()
@@ -301,10 +315,10 @@ impl Sweep {
             bail!("{f}: name is empty: give the sweep a name");
         }
         let known = engine::train::config::known_keys();
-        let known_list = known.join(", ");
+        let unknown = |key: &str| engine::train::config::suggest(key, &known);
         for key in spec.base.keys() {
             if !known.contains(key) {
-                bail!("{f}: [base] {key}: unknown key (known: {known_list})");
+                bail!("{f}: [base] {key}: unknown key ({})", unknown(key));
             }
             if key == "data_dir" {
                 bail!("{f}: [base] data_dir: set the data in [data] dir instead");
@@ -323,7 +337,7 @@ impl Sweep {
                 continue;
             }
             if !known.contains(key) {
-                bail!("{f}: [sweep] {key}: unknown key (known: {known_list})");
+                bail!("{f}: [sweep] {key}: unknown key ({})", unknown(key));
             }
             if key == "data_dir" {
                 bail!("{f}: [sweep] data_dir: sweeping the data dir is not supported; make one sweep per data dir");
@@ -364,6 +378,9 @@ impl Sweep {
         };
         if strategy == Strategy::Random {
             let trials = match spec.sweep.get("trials") {
+                Some(toml::Value::Integer(n)) if *n as u64 > MAX_GRID_RUNS as u64 => bail!(
+                    "{f}: [sweep] trials = {n}: at most {MAX_GRID_RUNS} runs per sweep (as for a grid); split the search into several sweeps"
+                ),
                 Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
                 Some(other) => bail!("{f}: [sweep] trials: {other} is not a positive integer"),
                 None => bail!("{f}: [sweep] trials: strategy = \"random\" needs trials = N"),
@@ -389,6 +406,18 @@ impl Sweep {
         }
         if r.nodes_per_run == 0 || r.poll_seconds.is_nan() || r.poll_seconds <= 0.0 {
             bail!("{f}: [resources] nodes_per_run must be at least 1 and poll_seconds above 0");
+        }
+        // `!(x > 0)` also catches NaN; infinity is no limit a run can be measured against.
+        if let Some(m) = r.memory_gb {
+            if !(m > 0.0 && m.is_finite()) {
+                bail!("{f}: [resources] memory_gb = {m}: give the memory one run may use in GiB, a number above 0 (or leave it out to use the device's)");
+            }
+        }
+        if !(r.stall_seconds > 0.0) {
+            bail!(
+                "{f}: [resources] stall_seconds = {}: must be above 0 (seconds without an event before a run counts as stalled)",
+                r.stall_seconds
+            );
         }
         if r.backend == Backend::Slurm {
             let per_run = if matches!(&r.devices, Devices::List(l) if l.iter().all(|d| d == "cpu"))
@@ -449,6 +478,14 @@ impl Sweep {
                 .model_config(vocab_size)
                 .validate()
                 .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+            // Each rank takes an equal slice of every batch: check it for every rank count the run may
+            // get (CPU ranks, GPU ranks, or both with devices = "auto"), so that --dry-run fails what the
+            // launch would.
+            for (ranks, name) in rank_counts(r) {
+                config
+                    .check_ranks(ranks, name)
+                    .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+            }
             runs.push(PlannedRun { params, config });
         }
         Ok(Self {
@@ -457,6 +494,17 @@ impl Sweep {
             strategy,
             runs,
         })
+    }
+}
+
+/// The rank counts a run of `r` may be launched with, each named by its key.
+fn rank_counts(r: &Resources) -> Vec<(usize, &'static str)> {
+    let cpu = (r.procs_per_run, "procs_per_run");
+    let gpu = (r.gpus_per_run, "gpus_per_run");
+    match &r.devices {
+        Devices::List(l) if l.iter().all(|d| d == "cpu") => vec![cpu],
+        Devices::List(_) => vec![gpu],
+        Devices::Auto(_) => vec![cpu, gpu],
     }
 }
 

@@ -13,8 +13,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 /// Run statuses, exactly as stored in `runs.status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "TEXT", rename_all = "snake_case")]
 pub enum RunStatus {
     Queued,
     Running,
@@ -34,6 +35,12 @@ impl RunStatus {
             RunStatus::Interrupted => "interrupted",
             RunStatus::SkippedOom => "skipped_oom",
         }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -57,7 +64,7 @@ impl FromStr for RunStatus {
 pub struct RunRow {
     pub id: i64,
     pub sweep_id: i64,
-    pub status: String,
+    pub status: RunStatus,
     pub params: serde_json::Value,
     #[serde(skip)]
     pub config: String,
@@ -88,6 +95,31 @@ pub struct RunRow {
     pub runner_host: Option<String>,
     #[serde(skip)]
     pub runner_started: Option<i64>,
+}
+
+/// A run of a new sweep, as [`RunStore::add_runs`] records it.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// The swept values.
+    pub params: BTreeMap<String, toml::Value>,
+    /// The whole engine config (TOML).
+    pub config: String,
+    pub param_count: u64,
+    /// Estimated peak bytes of one rank's training step.
+    pub mem_estimate: u64,
+}
+
+#[cfg(test)]
+impl NewRun {
+    /// A run with no swept values and the given config, for tests.
+    pub fn test(config: &str) -> Self {
+        Self {
+            params: BTreeMap::new(),
+            config: config.into(),
+            param_count: 10,
+            mem_estimate: 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -288,14 +320,20 @@ impl RunStore {
     pub async fn add_runs(
         &self,
         sweep_id: i64,
-        runs: &[(BTreeMap<String, toml::Value>, String, u64, u64)],
+        runs: &[NewRun],
         runs_dir: Option<&Path>,
     ) -> Result<Vec<i64>> {
         let parent = std::path::absolute(runs_dir.unwrap_or(&self.home))
             .context("resolving the runs folder")?;
         let mut tx = self.pool.begin().await?;
         let mut ids = Vec::with_capacity(runs.len());
-        for (idx, (params, config, param_count, mem)) in runs.iter().enumerate() {
+        for (idx, run) in runs.iter().enumerate() {
+            let NewRun {
+                params,
+                config,
+                param_count,
+                mem_estimate: mem,
+            } = run;
             let params_json = serde_json::to_string(params)?;
             let id = sqlx::query(
                 "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at) \
@@ -491,6 +529,52 @@ impl RunStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Whether `run` is left `running` on this host by a runner that is gone (killed): its engine, if any,
+    /// is checkpointing and exiting (the parent-death signal) and nobody will record how it ends.
+    pub fn abandoned(&self, run: &RunRow) -> bool {
+        run.status == RunStatus::Running
+            && run.slurm_job.is_none()
+            && run.runner_host.as_deref().is_none_or(|h| h == this_host())
+            && run.runner_pid.is_none_or(|p| {
+                p as u32 != std::process::id()
+                    && !runner_alive(p, run.runner_host.as_deref(), run.runner_started)
+            })
+    }
+
+    /// Mark an [`Self::abandoned`] run `interrupted` so that it can be claimed again; `false` when another
+    /// runner changed it meanwhile.
+    pub async fn release_abandoned(&self, run: &RunRow) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE runs SET status = 'interrupted', finished_at = ? \
+             WHERE id = ? AND status = 'running' AND slurm_job IS NULL AND runner_pid IS ?",
+        )
+        .bind(now())
+        .bind(run.id)
+        .bind(run.runner_pid)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            sqlx::query("INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, 'status', 'interrupted', ?)")
+                .bind(run.id)
+                .bind(now())
+                .bind("its runner was killed; resumed (after its engine's last checkpoint)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// The stored sweep file (JSON) of sweep `id`.
+    pub async fn sweep_spec(&self, id: i64) -> Result<String> {
+        Ok(sqlx::query_scalar("SELECT spec FROM sweeps WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     pub async fn set_pid(&self, id: i64, pid: u32) -> Result<()> {
@@ -706,7 +790,7 @@ pub(crate) fn runner_alive(pid: i64, host: Option<&str>, started: Option<i64>) -
 }
 
 /// Whether process `pid` exists and its command line mentions `needle` (guards against pid reuse).
-fn process_mentions(pid: i64, needle: &str) -> bool {
+pub(crate) fn process_mentions(pid: i64, needle: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains(needle))
         .unwrap_or(false)
@@ -739,7 +823,7 @@ mod tests {
         let d = tempfile::tempdir()?;
         let store = RunStore::open(d.path()).await?;
         let s = store.create_sweep("t", "f.toml", "{}").await?;
-        let row = || (BTreeMap::new(), "dim = 8".to_string(), 10, 20);
+        let row = || NewRun::test("dim = 8");
         let ids = store
             .add_runs(s, &[row(), row(), row(), row()], None)
             .await?;
@@ -763,8 +847,8 @@ mod tests {
                 .await?;
         }
         assert_eq!(store.recover_orphans().await?, vec![ids[0], ids[2]]);
-        assert_eq!(store.run(ids[1]).await?.status, "running");
-        assert_eq!(store.run(ids[3]).await?.status, "running");
+        assert_eq!(store.run(ids[1]).await?.status, RunStatus::Running);
+        assert_eq!(store.run(ids[3]).await?.status, RunStatus::Running);
         Ok(())
     }
 
@@ -776,7 +860,14 @@ mod tests {
         let mut p = BTreeMap::new();
         p.insert("n_layers".to_string(), toml::Value::Integer(2));
         let ids = store
-            .add_runs(s, &[(p, "dim = 8".into(), 10, 20)], None)
+            .add_runs(
+                s,
+                &[NewRun {
+                    params: p,
+                    ..NewRun::test("dim = 8")
+                }],
+                None,
+            )
             .await?;
         assert!(store.claim(ids[0], "cpu").await?);
         assert!(

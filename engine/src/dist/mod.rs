@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod env;
+pub mod grads;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod tcp;
@@ -17,6 +18,7 @@ use candle_core::{Device, Tensor};
 use std::time::Duration;
 
 pub use env::DistEnv;
+pub use grads::average_gradients;
 
 /// Collective operations over the ranks of one run.
 pub trait Communicator: Send {

@@ -229,7 +229,7 @@ pub fn load_decoder(
     device: &str,
     f32_tables: bool,
 ) -> Result<(Box<dyn Decoder>, Tokenizer, String)> {
-    let device = crate::train::device_from_name(device)?;
+    let device = crate::device::device_from_name(device)?;
     let src = Source::load(path)?;
     let desc = src.description.clone();
     let tokenizer = src.tokenizer.clone();

@@ -14,12 +14,10 @@ use super::tables::{Int6Rows, Int8Matrix};
 use super::weights::{Linear, ModelWeights};
 use crate::model::{MixerKind, ModelConfig};
 
-/// ε of the block RMSNorms (as training).
-const RMS_EPS: f32 = 1e-5;
-/// ε of the TTT inner layer norm (as training).
-const INNER_LN_EPS: f32 = 1e-6;
-/// RoPE base frequency (as training).
-const ROPE_THETA: f64 = 10_000.0;
+/// ε of the block RMSNorms, the TTT inner layer norm, and RoPE's base: training's own constants.
+const RMS_EPS: f32 = crate::model::block::RMS_EPS as f32;
+const INNER_LN_EPS: f32 = crate::model::ttt_linear::INNER_LN_EPS as f32;
+use crate::model::attention::ROPE_THETA;
 
 struct Ttt {
     qkv: Linear,

@@ -10,7 +10,7 @@ use super::config::WeightKind;
 use crate::cpu_f32;
 
 /// RoPE base frequency.
-const ROPE_THETA: f64 = 10_000.0;
+pub const ROPE_THETA: f64 = 10_000.0;
 
 /// Keys and values of the tokens seen so far, (B,H,S,d) each: the decoder's KV cache.
 #[derive(Debug, Clone)]

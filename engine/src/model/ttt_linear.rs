@@ -20,7 +20,7 @@ use super::bit_linear::BitLinear;
 use super::config::WeightKind;
 
 /// ε of the inner model's layer norm.
-const INNER_LN_EPS: f64 = 1e-6;
+pub const INNER_LN_EPS: f64 = 1e-6;
 
 /// The carried hidden state of a TTT layer for a batch of sequences: what a chunked forward pass or a
 /// token-by-token decoder needs to continue exactly where the previous chunk stopped (O(1) in length).

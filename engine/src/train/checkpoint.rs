@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -41,6 +41,9 @@ pub struct CheckpointState {
     pub model_sha256: String,
     pub optimizer_sha256: String,
     pub last_val_loss: Option<f64>,
+    /// An eval was due at this step but a stop signal cut it short: the resume runs it first.
+    #[serde(default)]
+    pub eval_due: bool,
 }
 
 /// A checkpoint read back from disk.
@@ -61,19 +64,9 @@ pub fn config_hash(cfg: &ModelConfig) -> String {
     ))
 }
 
-/// sha256 of a file, streamed.
+/// sha256 of a file, streamed (data_prep's, so there is one implementation).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    Ok(data_prep::fsutil::sha256_file(path)?)
 }
 
 fn fsync_path(path: &Path) -> Result<()> {
@@ -82,25 +75,9 @@ fn fsync_path(path: &Path) -> Result<()> {
         .with_context(|| format!("fsync {}", path.display()))
 }
 
-/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync the folder.
+/// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync the folder (data_prep's).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    // A bare file name has the parent "": the folder is then the current one.
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    fsync_path(dir)
+    Ok(data_prep::fsutil::write_atomic(path, bytes)?)
 }
 
 /// A checkpoint folder whose own files are damaged (see [`CheckpointDir::verify`]).
@@ -371,6 +348,74 @@ impl CheckpointDir {
     }
 }
 
+/// A resumed run must read its data through the tokenizer it was trained with: the copy in the run dir
+/// and `data_dir`'s must be the same file (the vocab size alone does not catch a rebuilt data dir).
+pub fn check_same_tokenizer(run_dir: &Path, data_dir: &Path) -> Result<()> {
+    let (ours, theirs) = (
+        run_dir.join("tokenizer.json"),
+        data_dir.join("tokenizer.json"),
+    );
+    if let (Ok(a), Ok(b)) = (std::fs::read(&ours), std::fs::read(&theirs)) {
+        if a != b {
+            bail!(
+                "{} differs from the tokenizer this run was trained with ({}): point data_dir at the data the run was made with",
+                theirs.display(),
+                ours.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Load a checkpoint's tensors into the model's variables, refusing another architecture.
+pub fn restore(
+    varmap: &candle_nn::VarMap,
+    ck: &LoadedCheckpoint,
+    model_cfg: &ModelConfig,
+) -> Result<()> {
+    if ck.state.model_config.vocab_size != model_cfg.vocab_size {
+        bail!(
+            "checkpoint {} was trained with vocab {} but data_dir's meta.json has vocab {}: point data_dir at the data the run was trained on",
+            ck.path.display(),
+            ck.state.model_config.vocab_size,
+            model_cfg.vocab_size
+        );
+    }
+    if ck.state.config_hash != config_hash(model_cfg) {
+        let (was, now) = (
+            serde_json::to_value(&ck.state.model_config)?,
+            serde_json::to_value(model_cfg)?,
+        );
+        let changed: Vec<String> = match (was.as_object(), now.as_object()) {
+            (Some(a), Some(b)) => a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(*v))
+                .map(|(k, v)| {
+                    format!(
+                        "{k} = {v} in the checkpoint, {} now",
+                        b.get(k).unwrap_or(&serde_json::Value::Null)
+                    )
+                })
+                .collect(),
+            _ => vec![],
+        };
+        bail!(
+            "checkpoint {} is from a different model config ({}): model keys cannot change on resume",
+            ck.path.display(),
+            if changed.is_empty() { "its hash differs".to_string() } else { changed.join(", ") }
+        );
+    }
+    let data = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        let Some(t) = ck.model.get(name) else {
+            bail!("checkpoint {} has no tensor {name}", ck.path.display());
+        };
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)
+            .with_context(|| format!("restoring {name}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +435,7 @@ mod tests {
             model_sha256: String::new(),
             optimizer_sha256: String::new(),
             last_val_loss: None,
+            eval_due: false,
         }
     }
 

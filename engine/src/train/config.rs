@@ -92,6 +92,55 @@ impl Default for TrainConfig {
     }
 }
 
+/// What each key means (`engine keys` prints these with the defaults).
+pub const KEY_DOCS: [(&str, &str); 29] = [
+    ("dim", "model width D (a multiple of n_heads)"),
+    ("n_layers", "blocks: [RMSNorm → mixer → +x; RMSNorm → SwiGLU → +x]"),
+    ("n_heads", "heads of the mixer (TTT or attention)"),
+    ("mixer", "\"ttt\" (TTT-Linear) or \"attention\" (RoPE causal attention)"),
+    ("weights", "\"ternary\" (BitLinear b1.58) or \"float\" block linears"),
+    ("mlp_hidden", "SwiGLU hidden size (unset: 4·D rounded up to a multiple of 64)"),
+    ("ttt_mini_batch", "tokens per TTT inner-loop mini-batch"),
+    ("ttt_base_lr", "TTT inner learning rate η_base"),
+    ("tie_embeddings", "share the embedding matrix with the output head"),
+    ("data_dir", "a `data_prep build` output (the vocab comes from its meta.json)"),
+    ("batch_size", "sequences per optimizer step, over all ranks and micro-batches"),
+    ("context_len", "tokens per sequence"),
+    ("steps", "run length in optimizer steps (the first of steps/max_tokens/max_seconds ends it; none set: 1000)"),
+    ("max_tokens", "run length in training tokens"),
+    ("max_seconds", "run length in training seconds"),
+    ("lr", "peak learning rate (AdamW)"),
+    ("warmup_steps", "linear warm-up steps before the cosine decay"),
+    ("min_lr", "learning rate at the end of the cosine decay"),
+    ("weight_decay", "AdamW decoupled weight decay"),
+    ("grad_clip", "clip the global gradient norm to this (0: off)"),
+    ("grad_accum", "micro-batches per step (batch_size is split into them)"),
+    ("log_every", "steps between step events (loss, lr, tokens/s)"),
+    ("eval_every", "steps between evals on the fixed val batches"),
+    ("eval_batches", "val batches of 8 windows per eval (bounded by what val.bin holds)"),
+    ("checkpoint_every", "steps between checkpoints"),
+    ("keep_checkpoints", "newest checkpoints kept"),
+    ("seed", "seed of the weights and the data order"),
+    ("device", "\"cpu\", \"cuda:N\", or \"cuda\" (GPU LOCAL_RANK)"),
+    ("dtype", "\"f32\", or \"bf16\" on CUDA (mixed precision)"),
+];
+
+/// `engine keys`: every key with its default and meaning, one per line.
+pub fn keys_table() -> String {
+    let defaults = toml::Value::try_from(TrainConfig::default())
+        .ok()
+        .and_then(|v| v.as_table().cloned())
+        .unwrap_or_default();
+    let mut out = String::new();
+    for (key, doc) in KEY_DOCS {
+        let default = defaults
+            .get(key)
+            .map_or_else(|| "(unset)".to_string(), |v| v.to_string());
+        out.push_str(&format!("{key:<17} {default:<10} {doc}\n"));
+    }
+    out
+}
+
 /// Default run length when none of `steps`, `max_tokens`, `max_seconds` is set.
 pub const DEFAULT_STEPS: u64 = 1000;
 
@@ -275,6 +324,31 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Sequences each rank runs through one forward/backward: the global `batch_size` split over `world`
+    /// ranks and `grad_accum` micro-batches. Training and the memory estimate both use it.
+    pub fn micro_batch(&self, world: usize) -> usize {
+        self.batch_size / (world.max(1) * self.grad_accum)
+    }
+
+    /// Refuse a rank count the batch does not split over evenly (`ranks` names where the count came from:
+    /// `WORLD_SIZE`, `procs_per_run`, `gpus_per_run`).
+    pub fn check_ranks(&self, world: usize, ranks: &str) -> Result<()> {
+        if !self.batch_size.is_multiple_of(world.max(1) * self.grad_accum) {
+            bail!(
+                "batch_size = {} must be divisible by {ranks} × grad_accum = {world} × {}: each rank takes an equal slice of every batch",
+                self.batch_size,
+                self.grad_accum
+            );
+        }
+        Ok(())
+    }
+
+    /// Estimated peak bytes of one rank's training step (the runner's skip rule and the engine's own
+    /// refusal use this one figure).
+    pub fn training_memory_estimate(&self, model: &ModelConfig, world: usize) -> u64 {
+        model.training_memory_estimate(self.micro_batch(world), self.context_len, &self.dtype)
+    }
+
     /// The model part of the config, with the vocab of the data.
     pub fn model_config(&self, vocab_size: usize) -> ModelConfig {
         ModelConfig {
@@ -333,10 +407,7 @@ pub fn describe_config_error(e: figment::Error, code_source: Option<&str>) -> St
             let what = match &e.kind {
                 Kind::UnknownField(field, known) => {
                     let prefix = key.strip_suffix(field.as_str()).unwrap_or("");
-                    format!(
-                        "unknown key `{prefix}{field}` (known keys: {})",
-                        known.join(", ")
-                    )
+                    format!("unknown key `{prefix}{field}` ({})", suggest(field, known))
                 }
                 Kind::UnknownVariant(v, known) => {
                     format!("`{key}` = {v:?} is not one of {}", known.join(", "))
@@ -371,6 +442,23 @@ pub fn describe_config_error(e: figment::Error, code_source: Option<&str>) -> St
     parts.join("; ")
 }
 
+/// "did you mean `dim`?" for a key close to a known one (a typo), else the list of known keys.
+pub fn suggest<S: AsRef<str>>(key: &str, known: &[S]) -> String {
+    let best = known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(key, k.as_ref()), k.as_ref()))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((d, k)) if d <= 2.max(key.len() / 4) && d < key.len() => {
+            format!("did you mean `{k}`? `engine keys` lists them all")
+        }
+        _ => format!(
+            "known keys: {}",
+            known.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 /// Figment errors can span lines; the CLI prints one.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -379,6 +467,18 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_key_is_documented_and_typos_get_a_suggestion() {
+        let mut documented: Vec<&str> = KEY_DOCS.iter().map(|(k, _)| *k).collect();
+        let mut known = known_keys();
+        documented.sort();
+        known.sort();
+        assert_eq!(documented, known);
+        assert!(keys_table().contains("batch_size        16"));
+        assert!(suggest("n_layerz", &known).contains("did you mean `n_layers`?"));
+        assert!(suggest("completely_else", &known).contains("known keys: "));
+    }
 
     #[test]
     fn layers_apply_in_order_and_unknown_keys_are_named() {

@@ -18,6 +18,35 @@ pub struct TokenData {
     val: Mmap,
 }
 
+/// Token files up to this size are also checked against their sha256 before training (well under a
+/// second); larger ones get the id-range pass only.
+pub const HASHED_TOKEN_BYTES: usize = 128 << 20;
+
+/// The first u16 little-endian id in `buf` that is `vocab` or more: (position, id).
+fn first_id_at_or_above(buf: &[u8], vocab: usize) -> Option<(usize, usize)> {
+    if vocab > u16::MAX as usize {
+        return None;
+    }
+    // Chunked max first (vectorises), then the exact position only in a chunk that has one.
+    const CHUNK: usize = 1 << 16;
+    for (c, chunk) in buf.chunks(CHUNK).enumerate() {
+        let max = chunk
+            .chunks_exact(2)
+            .map(|p| u16::from_le_bytes([p[0], p[1]]))
+            .max()
+            .unwrap_or(0);
+        if max as usize >= vocab {
+            let (i, id) = chunk
+                .chunks_exact(2)
+                .map(|p| u16::from_le_bytes([p[0], p[1]]) as usize)
+                .enumerate()
+                .find(|(_, id)| *id >= vocab)?;
+            return Some((c * CHUNK / 2 + i, id));
+        }
+    }
+    None
+}
+
 fn map(path: &Path) -> Result<Mmap> {
     let file = File::open(path).with_context(|| {
         format!(
@@ -63,12 +92,75 @@ impl TokenData {
                 );
             }
         }
-        Ok(Self {
+        let data = Self {
             dir: dir.to_path_buf(),
             meta,
             train,
             val,
-        })
+        };
+        data.check_against_meta()?;
+        Ok(data)
+    }
+
+    /// Before the first step, the folder must be what its `meta.json` says: the tokenizer loads, is the
+    /// recorded file (sha256) and has the recorded vocab; every token id is below the vocab (one pass over
+    /// the mapped files); token files up to [`HASHED_TOKEN_BYTES`] also match their recorded sha256.
+    /// Otherwise a corrupt tokenizer would be copied into the run and fail generation later, an edited
+    /// vocab would train the wrong model, and a bad id would fail whatever step reached it.
+    fn check_against_meta(&self) -> Result<()> {
+        let dir = &self.dir;
+        let verify = |file: &str, what: String| -> anyhow::Error {
+            anyhow::anyhow!(
+                "data_dir {}: {file} {what}: check the folder with `data_prep verify {}` and rebuild it with `data_prep build --force`",
+                dir.display(),
+                dir.display()
+            )
+        };
+        let meta = &self.meta;
+        let tok_path = meta.tokenizer_path(dir);
+        let tok_name = &meta.tokenizer.file;
+        let sha = data_prep::fsutil::sha256_file(&tok_path)
+            .map_err(|e| verify(tok_name, format!("cannot be read ({e})")))?;
+        if sha != meta.tokenizer.sha256 {
+            return Err(verify(
+                tok_name,
+                "is not the file meta.json records (its sha256 differs)".into(),
+            ));
+        }
+        let tok = data_prep::tokenizer::load_tokenizer(&tok_path)
+            .map_err(|e| verify(tok_name, format!("does not load ({e})")))?;
+        let tok_vocab = data_prep::tokenizer::vocab_size_of(&tok);
+        if tok_vocab != meta.vocab_size {
+            return Err(verify(
+                tok_name,
+                format!(
+                    "has vocab {tok_vocab} but meta.json says {}",
+                    meta.vocab_size
+                ),
+            ));
+        }
+        for (stats, mmap) in [(&meta.train, &self.train), (&meta.val, &self.val)] {
+            if let Some((pos, id)) = first_id_at_or_above(mmap, meta.vocab_size) {
+                return Err(verify(
+                    &stats.file,
+                    format!(
+                        "holds token id {id} at position {pos}, not below meta.json's vocab {}",
+                        meta.vocab_size
+                    ),
+                ));
+            }
+            if mmap.len() <= HASHED_TOKEN_BYTES {
+                use sha2::Digest;
+                let got = hex::encode(sha2::Sha256::digest(&mmap[..]));
+                if got != stats.sha256 {
+                    return Err(verify(
+                        &stats.file,
+                        "is not the file meta.json records (its sha256 differs)".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn train_tokens(&self) -> usize {
@@ -136,7 +228,40 @@ impl TokenData {
         Self::batch(&self.train, starts, t, device)
     }
 
-    /// The fixed validation batches: `n_batches` × `b` windows spread evenly over the val split.
+    /// Most validation batches of `b` windows of `t + 1` tokens the val split holds without overlap: the
+    /// bound on `eval_batches` (more would only score the same tokens again, for hours, in GBs).
+    pub fn max_val_batches(&self, b: usize, t: usize) -> usize {
+        (self.val_tokens() / ((t + 1) * b)).max(1)
+    }
+
+    /// Window starts of the fixed validation set: `n_batches` × `b` windows spread evenly over the val split.
+    fn val_starts(&self, n_batches: usize, b: usize, t: usize) -> Vec<usize> {
+        let n = n_batches * b;
+        let span = self.val_tokens() - (t + 1);
+        (0..n)
+            .map(|i| if n > 1 { i * span / (n - 1) } else { 0 })
+            .collect()
+    }
+
+    /// Validation batch `index` of the fixed set of `n_batches` (see [`Self::val_starts`]), built when it is
+    /// needed: an eval holds one batch at a time.
+    pub fn val_batch(
+        &self,
+        index: usize,
+        n_batches: usize,
+        b: usize,
+        t: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let n = n_batches * b;
+        let span = self.val_tokens() - (t + 1);
+        let starts: Vec<usize> = (index * b..(index + 1) * b)
+            .map(|i| if n > 1 { i * span / (n - 1) } else { 0 })
+            .collect();
+        Self::batch(&self.val, &starts, t, device)
+    }
+
+    /// All the fixed validation batches at once (small sets: tests and benchmarks).
     pub fn val_batches(
         &self,
         n_batches: usize,
@@ -144,12 +269,7 @@ impl TokenData {
         t: usize,
         device: &Device,
     ) -> Result<Vec<(Tensor, Tensor)>> {
-        let n = n_batches * b;
-        let span = self.val_tokens() - (t + 1);
-        let starts: Vec<usize> = (0..n)
-            .map(|i| if n > 1 { i * span / (n - 1) } else { 0 })
-            .collect();
-        starts
+        self.val_starts(n_batches, b, t)
             .chunks(b)
             .map(|chunk| Self::batch(&self.val, chunk, t, device))
             .collect()

@@ -3,14 +3,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
 use crate::events::Event;
 
 pub struct Emitter {
-    file: Option<File>,
+    file: Option<(File, PathBuf)>,
     human: bool,
 }
 
@@ -35,20 +35,28 @@ impl Emitter {
         if ends_mid_line(&mut f)? {
             writeln!(f).with_context(|| format!("writing {}", path.display()))?;
         }
-        self.file = Some(f);
+        self.file = Some((f, path.to_path_buf()));
         Ok(())
     }
 
-    pub fn emit(&mut self, event: &Event) {
+    /// Write one event. Stdout is best effort (its reader may be gone: a killed runner); a failed write to
+    /// `metrics.jsonl` is an error, because the Slurm backend follows that file and would lose the run's
+    /// progress and its end. The file is then detached, so the error event that follows goes to stdout only.
+    pub fn emit(&mut self, event: &Event) -> Result<()> {
         let line = event.to_line();
         {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
         }
-        if let Some(f) = &mut self.file {
-            let _ = writeln!(f, "{line}");
-            let _ = f.flush();
+        if let Some((f, path)) = &mut self.file {
+            if let Err(e) = writeln!(f, "{line}").and_then(|()| f.flush()) {
+                let path = path.clone();
+                self.file = None;
+                return Err(e).with_context(|| {
+                    format!("writing {} failed (the last checkpoint is intact; free space there and resume)", path.display())
+                });
+            }
         }
         if self.human {
             match event {
@@ -83,6 +91,7 @@ impl Emitter {
             },
             _ => {}
         }
+        Ok(())
     }
 }
 
@@ -111,7 +120,8 @@ mod tests {
         e.attach_file(&path).unwrap();
         e.emit(&Event::Error {
             message: "x".into(),
-        });
+        })
+        .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let last = text.lines().last().unwrap();
         assert!(last.starts_with("{\"event\":\"error\""), "{text}");
@@ -121,5 +131,28 @@ mod tests {
         e.attach_file(&path).unwrap();
         drop(e);
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn a_failed_metrics_write_is_an_error() {
+        // /dev/full takes the open and fails every write with ENOSPC, as a full disk does.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        let mut e = Emitter::stdout_only();
+        e.attach_file(&path).unwrap();
+        let err = e
+            .emit(&Event::Error {
+                message: "x".into(),
+            })
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("metrics.jsonl") && text.contains("No space left"), "{text}");
+        // Detached: what follows (the run's error event) still reaches stdout without failing again.
+        assert!(e
+            .emit(&Event::Error {
+                message: "y".into(),
+            })
+            .is_ok());
     }
 }

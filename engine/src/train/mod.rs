@@ -7,29 +7,31 @@ pub mod data;
 pub mod emitter;
 pub mod loss;
 pub mod optim;
+pub mod process;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::dist::{self, DistEnv};
+use crate::device::device_for_rank;
+use crate::dist::{self, average_gradients, DistEnv};
 use crate::events::{Event, PROTOCOL_VERSION};
-use crate::model::{build_seeded, BitLlama, ModelConfig};
-use checkpoint::{config_hash, CheckpointDir, CheckpointState, CHECKPOINT_FORMAT};
+use crate::model::{build_seeded, BitLlama};
+use checkpoint::{check_same_tokenizer, config_hash, restore, CheckpointDir, CheckpointState, CHECKPOINT_FORMAT};
 pub use config::TrainConfig;
 use data::TokenData;
 use emitter::Emitter;
 use optim::{clip_scale, grad_norm, lr_at, AdamW};
+use process::{die_with_parent, install_signal_handlers, install_sigbus_message, lock_run_dir};
 
 /// Windows per validation batch: fixed, so evals of runs with different batch sizes compare.
 pub const VAL_BATCH: usize = 8;
@@ -48,34 +50,6 @@ pub struct TrainArgs {
 pub enum Outcome {
     Done,
     Interrupted,
-}
-
-/// The device named by `device = "cpu" | "cuda:N"`.
-pub fn device_from_name(name: &str) -> Result<Device> {
-    device_for_rank(name, 0)
-}
-
-/// As [`device_from_name`]; plain `"cuda"` is GPU `local_rank` (one rank per GPU of a node, as under
-/// `srun` with all the node's GPUs visible to every task).
-pub fn device_for_rank(name: &str, local_rank: usize) -> Result<Device> {
-    if name == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = if name == "cuda" {
-        Some(local_rank)
-    } else {
-        name.strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-    };
-    let Some(ordinal) = ordinal else {
-        bail!(
-            "device = {name:?} is not known: use \"cpu\", \"cuda\" (GPU LOCAL_RANK) or \"cuda:N\""
-        );
-    };
-    if !candle_core::utils::cuda_is_available() {
-        bail!("device = {name:?} needs an engine built with `--features cuda`: this build is CPU-only, use device = \"cpu\"");
-    }
-    Ok(Device::new_cuda(ordinal)?)
 }
 
 /// Mean next-token cross entropy of `model` on (x, y).
@@ -102,200 +76,45 @@ fn add_grads(mut acc: GradStore, g: GradStore, vars: &[Var]) -> Result<GradStore
     Ok(acc)
 }
 
-/// Mean loss over the fixed validation batches. In a data-parallel run each rank evaluates its share
-/// (`batches` holds the ones with index ≡ rank mod world) and one all-reduce adds the sums, so every rank
-/// gets the same value and none sits idle while another evaluates.
+/// Mean loss over the fixed validation batches, built one at a time; `None` when a stop signal cut the eval
+/// short between batches (a long eval must not keep a signalled run from its checkpoint). In a
+/// data-parallel run each rank scores the batches with index ≡ rank mod world, the ranks agree after each
+/// round whether to stop (a one-float all-reduce), and one all-reduce adds the sums, so every rank gets the
+/// same value and none sits idle while another evaluates.
 fn evaluate(
     model: &BitLlama,
-    batches: &[(Tensor, Tensor)],
-    total: usize,
+    data: &TokenData,
+    n_batches: usize,
+    context_len: usize,
     comm: &mut dyn dist::Communicator,
-) -> Result<f64> {
+    stop: &AtomicBool,
+) -> Result<Option<f64>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let device = model.head().device().clone();
+    let rounds = n_batches.div_ceil(world);
     let mut sum = 0.0;
-    for (x, y) in batches {
-        sum += lm_loss(model, x, y)?.to_scalar::<f32>()? as f64;
+    for round in 0..rounds {
+        let i = round * world + rank;
+        if i < n_batches {
+            let (x, y) = data.val_batch(i, n_batches, VAL_BATCH, context_len, &device)?;
+            sum += lm_loss(model, &x, &y)?.to_scalar::<f32>()? as f64;
+        }
+        if round + 1 < rounds {
+            let mut flag = [f32::from(u8::from(stop.load(Ordering::SeqCst)))];
+            if world > 1 {
+                comm.all_reduce_sum(&mut flag)?;
+            }
+            if flag[0] > 0.0 {
+                return Ok(None);
+            }
+        }
     }
-    if comm.world_size() > 1 {
+    if world > 1 {
         let mut buf = [sum as f32];
         comm.all_reduce_sum(&mut buf)?;
         sum = buf[0] as f64;
     }
-    Ok(sum / total as f64)
-}
-
-/// A resumed run must read its data through the tokenizer it was trained with: the copy in the run dir
-/// and `data_dir`'s must be the same file (the vocab size alone does not catch a rebuilt data dir).
-fn check_same_tokenizer(run_dir: &Path, data_dir: &Path) -> Result<()> {
-    let (ours, theirs) = (
-        run_dir.join("tokenizer.json"),
-        data_dir.join("tokenizer.json"),
-    );
-    if let (Ok(a), Ok(b)) = (std::fs::read(&ours), std::fs::read(&theirs)) {
-        if a != b {
-            bail!(
-                "{} differs from the tokenizer this run was trained with ({}): point data_dir at the data the run was made with",
-                theirs.display(),
-                ours.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Load a checkpoint's tensors into the model's variables, refusing another architecture.
-fn restore(
-    varmap: &candle_nn::VarMap,
-    ck: &checkpoint::LoadedCheckpoint,
-    model_cfg: &ModelConfig,
-) -> Result<()> {
-    if ck.state.model_config.vocab_size != model_cfg.vocab_size {
-        bail!(
-            "checkpoint {} was trained with vocab {} but data_dir's meta.json has vocab {}: point data_dir at the data the run was trained on",
-            ck.path.display(),
-            ck.state.model_config.vocab_size,
-            model_cfg.vocab_size
-        );
-    }
-    if ck.state.config_hash != config_hash(model_cfg) {
-        let (was, now) = (
-            serde_json::to_value(&ck.state.model_config)?,
-            serde_json::to_value(model_cfg)?,
-        );
-        let changed: Vec<String> = match (was.as_object(), now.as_object()) {
-            (Some(a), Some(b)) => a
-                .iter()
-                .filter(|(k, v)| b.get(*k) != Some(*v))
-                .map(|(k, v)| {
-                    format!(
-                        "{k} = {v} in the checkpoint, {} now",
-                        b.get(k).unwrap_or(&serde_json::Value::Null)
-                    )
-                })
-                .collect(),
-            _ => vec![],
-        };
-        bail!(
-            "checkpoint {} is from a different model config ({}): model keys cannot change on resume",
-            ck.path.display(),
-            if changed.is_empty() { "its hash differs".to_string() } else { changed.join(", ") }
-        );
-    }
-    let data = varmap.data().lock().expect("varmap lock");
-    for (name, var) in data.iter() {
-        let Some(t) = ck.model.get(name) else {
-            bail!("checkpoint {} has no tensor {name}", ck.path.display());
-        };
-        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)
-            .with_context(|| format!("restoring {name}"))?;
-    }
-    Ok(())
-}
-
-/// Take the run directory's lock so two engines never write the same run.
-fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
-    let path = run_dir.join(".lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            bail!(
-                "run dir {} is in use by another engine process",
-                run_dir.display()
-            )
-        }
-        Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the run dir"),
-    }
-}
-
-/// Register SIGINT/SIGTERM: the first sets the returned flag (finish the step, checkpoint, exit); a second
-/// one exits at once with the interrupted code.
-fn install_signal_handlers() -> Result<Signals> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let signals = Signals {
-        any: Arc::new(AtomicBool::new(false)),
-        term: Arc::new(AtomicBool::new(false)),
-        int: Arc::new(AtomicBool::new(false)),
-        parent: Arc::new(AtomicBool::new(false)),
-    };
-    for (sig, which) in [(SIGINT, &signals.int), (SIGTERM, &signals.term)] {
-        signal_hook::flag::register_conditional_shutdown(
-            sig,
-            crate::events::EXIT_INTERRUPTED,
-            signals.any.clone(),
-        )?;
-        signal_hook::flag::register(sig, signals.any.clone())?;
-        signal_hook::flag::register(sig, which.clone())?;
-    }
-    // The parent-death signal (see `die_with_parent`) only ever asks for a graceful stop: the kernel may
-    // deliver it more than once (once per thread that inherited the setting), which as SIGTERM counted as
-    // the "second signal" and exited without the checkpoint.
-    signal_hook::flag::register(PARENT_DEATH_SIGNAL, signals.any.clone())?;
-    signal_hook::flag::register(PARENT_DEATH_SIGNAL, signals.parent.clone())?;
-    Ok(signals)
-}
-
-/// SIGBUS here means a memory-mapped token file shrank or was rewritten in place under the run (a `cp` over
-/// train.bin; `data_prep build` replaces files atomically). Say so in one line instead of dying silently.
-fn install_sigbus_message() {
-    extern "C" fn on_sigbus(_: libc::c_int) {
-        const MSG: &[u8] = b"error: a token file of data_dir changed or shrank under the running engine (SIGBUS): \
-rebuild the data with `data_prep build --force` (it replaces files atomically) and resume from the last checkpoint\n";
-        // SAFETY: write(2) and _exit(2) are async-signal-safe.
-        unsafe {
-            libc::write(2, MSG.as_ptr().cast(), MSG.len());
-            libc::_exit(1);
-        }
-    }
-    // SAFETY: installing a handler that only calls async-signal-safe functions.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_sigbus as *const () as usize;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
-    }
-}
-
-/// Sent by the kernel when the launching process (the runner) dies.
-const PARENT_DEATH_SIGNAL: i32 = signal_hook::consts::SIGUSR1;
-
-/// Which stop signals this process received.
-struct Signals {
-    any: Arc<AtomicBool>,
-    term: Arc<AtomicBool>,
-    int: Arc<AtomicBool>,
-    parent: Arc<AtomicBool>,
-}
-
-impl Signals {
-    /// The name the `interrupted` event carries: the signal this process got, "parent" when the
-    /// launching process died, or, in a data-parallel run stopped because another rank was signalled,
-    /// "peer".
-    fn name(&self) -> &'static str {
-        if self.term.load(Ordering::SeqCst) {
-            "SIGTERM"
-        } else if self.int.load(Ordering::SeqCst) {
-            "SIGINT"
-        } else if self.parent.load(Ordering::SeqCst) {
-            "parent"
-        } else {
-            "peer"
-        }
-    }
-}
-
-/// Ask the kernel to signal this process when the launching process (e.g. the runner) dies, so no engine
-/// outlives its runner as an orphan: it checkpoints and stops as on SIGTERM (see `PARENT_DEATH_SIGNAL`).
-fn die_with_parent() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and has no memory effects.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL);
-    }
+    Ok(Some(sum / n_batches as f64))
 }
 
 /// Run `engine train`. Events go to stdout and `RUN_DIR/metrics.jsonl`; an error is also emitted as an
@@ -304,7 +123,8 @@ pub fn train(args: &TrainArgs) -> Result<Outcome> {
     let mut emitter = Emitter::stdout_only();
     let result = train_inner(args, &mut emitter);
     if let Err(e) = &result {
-        emitter.emit(&Event::Error {
+        // Best effort: the error may be the metrics file failing; it still reaches stdout.
+        let _ = emitter.emit(&Event::Error {
             message: crate::error_line(e),
         });
     }
@@ -334,13 +154,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         (None, None) => bail!("say where the run goes: `engine train --config RUN.toml --out RUN_DIR` (or --resume RUN_DIR)"),
     };
     cfg.validate()?;
-    if cfg.batch_size % (world * cfg.grad_accum) != 0 {
-        bail!(
-            "batch_size = {} must be divisible by WORLD_SIZE × grad_accum = {world} × {}: each rank takes an equal slice of every batch",
-            cfg.batch_size,
-            cfg.grad_accum
-        );
-    }
+    cfg.check_ranks(world, "WORLD_SIZE")?;
     let data_dir = cfg.data_dir.clone().expect("validated");
     if resuming && data_dir.is_relative() && !data_dir.exists() {
         bail!(
@@ -357,6 +171,9 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     let model_cfg = cfg.model_config(data.meta.vocab_size);
     model_cfg.validate()?;
     let device = device_for_rank(&cfg.device, dist.local_rank)?;
+    if device.is_cpu() {
+        crate::device::check_host_memory(cfg.training_memory_estimate(&model_cfg, world))?;
+    }
     // bf16: the big matmuls in bf16 on this thread; weights, optimizer and loss stay f32.
     let _autocast = crate::model::precision::Autocast::new(match cfg.dtype.as_str() {
         "bf16" => DType::BF16,
@@ -393,6 +210,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     let (mut step, mut tokens, mut elapsed_before) = (0u64, 0u64, 0f64);
     let ckpts = CheckpointDir::new(&run_dir);
     let mut last_val: Option<f64> = None;
+    let mut eval_due = false;
     // Corrupt checkpoints passed over on resume, set aside once every rank agrees on the step.
     let mut unusable: Vec<PathBuf> = Vec::new();
     if resuming {
@@ -421,6 +239,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 (step, tokens, elapsed_before) =
                     (ck.state.step, ck.state.tokens, ck.state.elapsed_s);
                 last_val = ck.state.last_val_loss;
+                eval_due = ck.state.eval_due;
                 tracing::info!("resuming from {} (step {step})", ck.path.display());
             }
             None => tracing::warn!(
@@ -467,21 +286,21 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         resumed: resuming,
         device: cfg.device.clone(),
         world_size: world,
-    });
+    })?;
     let stop = install_signal_handlers()?;
     install_sigbus_message();
     die_with_parent();
-    // This rank's share of the fixed validation batches (all of them in a single-process run).
-    let val_batches: Vec<(Tensor, Tensor)> = data
-        .val_batches(cfg.eval_batches, VAL_BATCH, cfg.context_len, &device)?
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| i % world == dist.rank)
-        .map(|(_, b)| b)
-        .collect();
-    let local = cfg.batch_size / world;
-    let micro = local / cfg.grad_accum;
     let t = cfg.context_len;
+    // eval_batches, bounded by what the val split holds (more would score the same tokens again).
+    let eval_batches = cfg.eval_batches.min(data.max_val_batches(VAL_BATCH, t));
+    if eval_batches < cfg.eval_batches && leader {
+        tracing::warn!(
+            "eval_batches = {} is more than the val split holds at context_len {t} ({eval_batches} batches of {VAL_BATCH} windows without overlap): evaluating {eval_batches}",
+            cfg.eval_batches
+        );
+    }
+    let local = cfg.batch_size / world;
+    let micro = cfg.micro_batch(world);
     let bar = if leader {
         progress_bar(horizon, step)
     } else {
@@ -493,7 +312,8 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 elapsed: f64,
                 rng: &ChaCha8Rng,
                 opt: &AdamW,
-                last_val: Option<f64>|
+                last_val: Option<f64>,
+                eval_due: bool|
      -> Result<Option<Event>> {
         if !leader {
             return Ok(None);
@@ -512,6 +332,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             model_sha256: String::new(),
             optimizer_sha256: String::new(),
             last_val_loss: last_val,
+            eval_due,
         };
         let tensors = named
             .iter()
@@ -525,6 +346,21 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             bytes,
         }))
     };
+    // The eval due at `step` (emitted), or `None` when a stop signal cut it short.
+    let eval_at = |step: u64,
+                       comm: &mut dyn dist::Communicator,
+                       emitter: &mut Emitter|
+     -> Result<Option<f64>> {
+        let Some(val_loss) = evaluate(&model, &data, eval_batches, t, comm, &stop.any)? else {
+            return Ok(None);
+        };
+        emitter.emit(&Event::Eval {
+            step,
+            val_loss,
+            val_bpb: data.bits_per_byte(val_loss),
+        })?;
+        Ok(Some(val_loss))
+    };
 
     // 3. The loop. Every rank draws the same global batch and trains on its slice; the all-reduce also
     // carries the loss and the stop/time-up flags, so all ranks agree on when to stop.
@@ -537,8 +373,15 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     // after its max_seconds were spent takes no further step.
     let (mut stopped, mut timed_out) =
         (false, cfg.max_seconds.is_some_and(|s| elapsed_before >= s));
+    // An eval a signal cut short before the checkpoint: run it now (the final eval covers a finished run).
+    if eval_due && !(cfg.finished(step, tokens, 0.0) || timed_out) {
+        match eval_at(step, comm.as_mut(), emitter)? {
+            Some(v) => (last_val, eval_due) = (Some(v), false),
+            None => stopped = true,
+        }
+    }
     let mut patient = false;
-    while !cfg.finished(step, tokens, 0.0) && !timed_out {
+    while !stopped && !cfg.finished(step, tokens, 0.0) && !timed_out {
         let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, horizon);
         let starts = data.sample_starts(&mut rng, cfg.batch_size, t);
         let mine = &starts[dist.rank * local..(dist.rank + 1) * local];
@@ -596,7 +439,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 extra: allreduce_ms
                     .map(|ms| [("allreduce_ms".to_string(), ms)].into())
                     .unwrap_or_default(),
-            });
+            })?;
         }
         let finishing = cfg.finished(step, tokens, 0.0) || timed_out;
         // Every rank knows whether the leader writes a checkpoint now; the others then wait longer for
@@ -610,113 +453,56 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
                 dist::timeout()
             })?;
         }
-        // Also when stopping: the resume starts after this step, so an eval skipped now would be lost.
+        // Also when stopping: the resume starts after this step. An eval a signal cuts short is recorded
+        // as due in the checkpoint below, and the resume runs it first.
         if step % cfg.eval_every == 0 && !finishing {
-            let val_loss = evaluate(&model, &val_batches, cfg.eval_batches, comm.as_mut())?;
-            last_val = Some(val_loss);
-            emitter.emit(&Event::Eval {
-                step,
-                val_loss,
-                val_bpb: data.bits_per_byte(val_loss),
-            });
+            match eval_at(step, comm.as_mut(), emitter)? {
+                Some(v) => last_val = Some(v),
+                None => (eval_due, stopped) = (true, true),
+            }
         }
-        if step % cfg.checkpoint_every == 0 && !finishing {
-            if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, last_val)? {
-                emitter.emit(&ev);
+        if step % cfg.checkpoint_every == 0 && !finishing && !eval_due {
+            if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, last_val, false)? {
+                emitter.emit(&ev)?;
             }
             saved_at = step;
-        }
-        if stopped {
-            break;
         }
     }
     bar.finish_and_clear();
 
     // 4. Interrupted: checkpoint and stop. Finished: final eval and checkpoint.
-    if stopped && !(cfg.finished(step, tokens, 0.0) || timed_out) {
-        if saved_at != step {
-            if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, last_val)? {
-                emitter.emit(&ev);
+    let finished = cfg.finished(step, tokens, 0.0) || timed_out;
+    let final_val = if finished {
+        eval_at(step, comm.as_mut(), emitter)?
+    } else {
+        None
+    };
+    let Some(final_val) = final_val else {
+        // Stopped by a signal (mid-run, or during the final eval: then the resume only evaluates).
+        if saved_at != step || eval_due || finished {
+            let due = eval_due || finished;
+            if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, last_val, due)? {
+                emitter.emit(&ev)?;
             }
         }
         emitter.emit(&Event::Interrupted {
             step,
             signal: stop.name().into(),
-        });
+        })?;
         return Ok(Outcome::Interrupted);
-    }
-    let final_val = evaluate(&model, &val_batches, cfg.eval_batches, comm.as_mut())?;
-    let val_bpb = data.bits_per_byte(final_val);
-    emitter.emit(&Event::Eval {
-        step,
-        val_loss: final_val,
-        val_bpb,
-    });
-    if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, Some(final_val))? {
-        emitter.emit(&ev);
+    };
+    if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, Some(final_val), false)? {
+        emitter.emit(&ev)?;
     }
     emitter.emit(&Event::Done {
         step,
         tokens,
         elapsed_s: elapsed(&started),
         val_loss: Some(final_val),
-        val_bpb: Some(val_bpb),
+        val_bpb: Some(data.bits_per_byte(final_val)),
         params_sha256: Some(params_sha256(&named)?),
-    });
+    })?;
     Ok(Outcome::Done)
-}
-
-/// Average gradients across ranks with one flat all-reduce per bucket; the same buffer carries the
-/// local loss sum and the stop/time-up flags. Returns the global loss sum, whether any rank set a flag,
-/// and the all-reduce's milliseconds (the device is synchronised first, so backward is not counted).
-fn average_gradients(
-    comm: &mut dyn dist::Communicator,
-    grads: &mut GradStore,
-    vars: &[Var],
-    loss_sum: f64,
-    flags: [bool; 2],
-) -> Result<(f64, [bool; 2], f64)> {
-    let world = comm.world_size() as f64;
-    // One flat f32 buffer on the training device: every gradient, then the loss and the two flags.
-    let mut parts = Vec::with_capacity(vars.len() + 1);
-    let mut shapes = Vec::with_capacity(vars.len());
-    for v in vars {
-        match grads.get(v.as_tensor()) {
-            Some(g) => {
-                shapes.push(Some((g.shape().clone(), g.dtype())));
-                parts.push(g.to_dtype(DType::F32)?.flatten_all()?);
-            }
-            None => shapes.push(None),
-        }
-    }
-    let device = vars
-        .first()
-        .map_or(candle_core::Device::Cpu, |v| v.device().clone());
-    let tail = [
-        loss_sum as f32,
-        f32::from(u8::from(flags[0])),
-        f32::from(u8::from(flags[1])),
-    ];
-    parts.push(Tensor::new(&tail, &device)?);
-    let flat = Tensor::cat(&parts, 0)?;
-    let n_grads = flat.elem_count() - tail.len();
-    flat.device().synchronize()?;
-    let started = Instant::now();
-    let summed = comm.all_reduce_tensor_sum(&flat)?;
-    // Both backends return once the sum is complete (NCCL: its completion event was waited for).
-    let allreduce_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut offset = 0;
-    for (v, shape) in vars.iter().zip(shapes) {
-        let Some((shape, dtype)) = shape else {
-            continue;
-        };
-        let len = shape.elem_count();
-        let avg = (summed.narrow(0, offset, len)? / world)?;
-        offset += len;
-        grads.insert(v.as_tensor(), avg.reshape(shape)?.to_dtype(dtype)?);
-    }
-    let tail = summed.narrow(0, n_grads, 3)?.to_vec1::<f32>()?;
-    Ok((tail[0] as f64, [tail[1] > 0.0, tail[2] > 0.0], allreduce_ms))
 }
 
 /// sha256 over every parameter's bytes in name order: equal on every rank of a data-parallel run.

@@ -3,7 +3,7 @@
 //! (`squeue`, then `scontrol` once a job has left the queue), follows each run's `metrics.jsonl` on the
 //! shared filesystem, and resubmits preempted, timed-out or cancelled jobs with `--resume`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,8 +13,9 @@ use engine::events::{Event, EXIT_INTERRUPTED};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use super::{prepare_run_dir, EngineCommand, Executor, Interrupt, Launch, Update};
+use crate::display::Display;
 use crate::ingest::{self, Msg};
-use crate::scheduler::{Display, EngineCommand, Summary};
 use crate::spec::{Devices, Resources};
 use crate::store::{runner_alive, RunRow, RunStatus, RunStore};
 
@@ -398,247 +399,247 @@ async fn confirm_cancel(n: usize) -> bool {
     .unwrap_or(false)
 }
 
-/// Run `runs` as Slurm jobs: submit up to `max_parallel` at a time, follow them to the end.
-/// Runs already in a live job whose runner is gone are adopted, not resubmitted.
-pub async fn execute(
-    store: &RunStore,
-    runs: Vec<RunRow>,
-    res: &Resources,
-    engine: &EngineCommand,
-) -> Result<Summary> {
-    if let Err(e) = Command::new("sbatch").arg("--version").output().await {
-        bail!("backend = \"slurm\" but sbatch cannot be started ({e}): run the runner on a Slurm login node, or use backend = \"local\"");
-    }
-    let gpus = uses_gpus(res).await;
-    let poll = Duration::from_secs_f64(res.poll_seconds);
-    let (writer, writer_task) = ingest::spawn_writer(store.clone());
-    let mut display = Display::new(runs.len());
-    let mut summary = Summary::default();
-    let mut active: HashMap<i64, Job> = HashMap::new();
-    let mut queue = VecDeque::new();
+/// The nodes' memory is unknown here: `memory_gb` (per run) is the only limit applied.
+pub fn memory_limit(res: &Resources) -> Option<(f64, String)> {
+    res.memory_gb.map(|l| (l, format!("memory_gb = {l}")))
+}
 
-    for mut run in runs {
-        if run.slurm_job.as_deref() == Some("submitting") {
-            // Claimed by a runner that was about to run sbatch. Still alive: it is that runner's. Gone: it
-            // may have died before sbatch (no job) or after it but before recording the id (a live job
-            // runs this run's script): adopt such a job rather than submit a second one.
-            let claimer = other_live_runner(&run);
-            if let Some(p) = claimer {
+/// Runs as Slurm jobs: up to `max_parallel` submitted at a time, followed through `squeue`/`scontrol` and
+/// their `metrics.jsonl`. Runs already in a live job whose runner is gone are adopted, not resubmitted.
+pub struct Slurm {
+    store: RunStore,
+    res: Resources,
+    engine: EngineCommand,
+    writer: mpsc::UnboundedSender<Msg>,
+    gpus: bool,
+    active: HashMap<i64, Job>,
+    ticker: tokio::time::Interval,
+}
+
+impl Slurm {
+    pub async fn new(
+        store: &RunStore,
+        res: &Resources,
+        engine: EngineCommand,
+        writer: mpsc::UnboundedSender<Msg>,
+    ) -> Result<Self> {
+        if let Err(e) = Command::new("sbatch").arg("--version").output().await {
+            bail!("backend = \"slurm\" but sbatch cannot be started ({e}): run the runner on a Slurm login node, or use backend = \"local\"");
+        }
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(res.poll_seconds));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Self {
+            store: store.clone(),
+            res: res.clone(),
+            engine,
+            writer,
+            gpus: uses_gpus(res).await,
+            active: HashMap::new(),
+            ticker,
+        })
+    }
+
+    async fn cancel_all(&mut self, display: &mut Display) {
+        let jobs: Vec<String> = self.active.values().map(|j| j.job.clone()).collect();
+        display.line(format!(
+            "cancelling {} Slurm job(s); their engines checkpoint first…",
+            jobs.len()
+        ));
+        for j in self.active.values_mut() {
+            j.cancelled_by_us = true;
+        }
+        if let Err(e) = scancel(&jobs).await {
+            display.line(format!("{e:#}"));
+        }
+    }
+
+    fn detach(&self, display: &mut Display) -> Interrupt {
+        if !self.active.is_empty() {
+            display.line(format!(
+                "left {} Slurm job(s) running ({}); `runner resume` follows them again",
+                self.active.len(),
+                self.active
+                    .values()
+                    .map(|j| j.job.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Interrupt::Detach
+    }
+}
+
+impl Executor for Slurm {
+    async fn adopt(&mut self, runs: Vec<RunRow>, display: &mut Display) -> Result<Vec<RunRow>> {
+        let store = &self.store;
+        let mut queue = Vec::new();
+        for mut run in runs {
+            if run.slurm_job.as_deref() == Some("submitting") {
+                // Claimed by a runner that was about to run sbatch. Still alive: it is that runner's. Gone:
+                // it may have died before sbatch (no job) or after it but before recording the id (a live
+                // job runs this run's script): adopt such a job rather than submit a second one.
+                if let Some(p) = other_live_runner(&run) {
+                    display.line(format!(
+                        "run {}: runner pid {p} is submitting it; skipping",
+                        run.id
+                    ));
+                    continue;
+                }
+                let job = match live_job_for(&run).await {
+                    Ok(job) => job,
+                    Err(e) => {
+                        display.line(format!(
+                            "run {}: cannot tell whether its job was submitted ({e:#}); left for the next `runner resume`",
+                            run.id
+                        ));
+                        continue;
+                    }
+                };
+                store.set_slurm_job(run.id, job.as_deref(), false).await?;
+                run.slurm_job = job;
+            }
+            let Some(job) = run.slurm_job.clone() else {
+                queue.push(run);
+                continue;
+            };
+            if let Some(p) = other_live_runner(&run) {
                 display.line(format!(
-                    "run {}: runner pid {p} is submitting it; skipping",
+                    "run {}: Slurm job {job} is followed by runner pid {p}; skipping",
                     run.id
                 ));
                 continue;
             }
-            let job = match live_job_for(&run).await {
-                Ok(job) => job,
-                Err(e) => {
-                    display.line(format!(
-                        "run {}: cannot tell whether its job was submitted ({e:#}); left for the next `runner resume`",
-                        run.id
-                    ));
-                    continue;
-                }
-            };
-            store.set_slurm_job(run.id, job.as_deref(), false).await?;
-            run.slurm_job = job;
-        }
-        match run.slurm_job.clone() {
-            Some(job) => {
-                let other_runner = other_live_runner(&run);
-                if let Some(p) = other_runner {
-                    display.line(format!(
-                        "run {}: Slurm job {job} is followed by runner pid {p}; skipping",
-                        run.id
-                    ));
-                    continue;
-                }
-                if !store.adopt_slurm_job(run.id, &job, run.runner_pid).await? {
-                    continue;
-                }
-                display.line(format!("run {}: following Slurm job {job} again", run.id));
-                // What the job wrote while no runner followed it: its final timeline's rows (upserts, no
-                // repeated notes in the event log), then everything appended from here on.
-                let metrics = Path::new(&run.run_dir).join("metrics.jsonl");
-                let follower = MetricsFollower::from_end(metrics.clone());
-                let done_seen = ingest::backfill(&writer, run.id, &metrics);
-                active.insert(
-                    run.id,
-                    Job {
-                        running: run.status == "running",
-                        restarts: run.restarts as u32,
-                        job,
-                        follower,
-                        done_seen,
-                        cancelled_by_us: false,
-                        run,
-                    },
-                );
-            }
-            None => queue.push_back(run),
-        }
-    }
-
-    let mut stopping = false;
-    let mut detach = false;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut ticker = tokio::time::interval(poll);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        // Submit while under max_parallel.
-        while !stopping && active.len() < res.cpu_parallel() {
-            let Some(run) = queue.pop_front() else { break };
-            // The nodes' memory is unknown here: `memory_gb` (per run) is the only limit applied.
-            if let (Some(limit), Some(est)) = (res.memory_gb, run.mem_estimate) {
-                let need = est as f64 / (1u64 << 30) as f64;
-                if need > limit {
-                    let why = format!(
-                        "needs about {}, memory_gb = {limit}",
-                        crate::scheduler::gib_text(need)
-                    );
-                    store
-                        .set_status(run.id, RunStatus::SkippedOom, &why)
-                        .await?;
-                    display.finished(run.id, RunStatus::SkippedOom, &why);
-                    summary.skipped_oom += 1;
-                    continue;
-                }
-            }
-            if !store.claim_for_slurm(run.id).await? {
-                display.line(format!("run {}: taken by another runner, skipping", run.id));
+            if !store.adopt_slurm_job(run.id, &job, run.runner_pid).await? {
                 continue;
             }
-            match submit_run(&run, res, engine, gpus).await {
-                Ok(job) => {
-                    store.set_slurm_job(run.id, Some(&job), false).await?;
-                    display.started(run.id, &format!("Slurm job {job}"));
-                    let follower =
-                        MetricsFollower::from_end(Path::new(&run.run_dir).join("metrics.jsonl"));
-                    active.insert(
-                        run.id,
-                        Job {
-                            run,
-                            job,
-                            follower,
-                            running: false,
-                            done_seen: false,
-                            restarts: 0,
-                            cancelled_by_us: false,
-                        },
-                    );
-                }
-                Err(e) => {
-                    // A bad partition, account or time limit fails every submission alike: stop here.
-                    let why = format!("{e:#}");
-                    store.set_status(run.id, RunStatus::Failed, &why).await?;
-                    display.finished(run.id, RunStatus::Failed, &why);
-                    summary.failed += 1;
-                    display.line("not submitting more runs: fix the [resources] Slurm settings and `runner resume` the sweep".into());
-                    stopping = true;
-                }
-            }
+            display.line(format!("run {}: following Slurm job {job} again", run.id));
+            // What the job wrote while no runner followed it: its final timeline's rows (upserts, no
+            // repeated notes in the event log), then everything appended from here on.
+            let metrics = Path::new(&run.run_dir).join("metrics.jsonl");
+            let follower = MetricsFollower::from_end(metrics.clone());
+            let done_seen = ingest::backfill(&self.writer, run.id, &metrics);
+            self.active.insert(
+                run.id,
+                Job {
+                    running: run.status == RunStatus::Running,
+                    restarts: run.restarts as u32,
+                    job,
+                    follower,
+                    done_seen,
+                    cancelled_by_us: false,
+                    run,
+                },
+            );
         }
-        if active.is_empty() || detach {
-            break;
-        }
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = tokio::signal::ctrl_c() => {
-                if stopping {
-                    // A second Ctrl-C: leave whatever is still live to `runner resume`.
-                    detach = true;
-                    continue;
-                }
-                stopping = true;
-                let jobs: Vec<String> = active.values().map(|j| j.job.clone()).collect();
-                if confirm_cancel(jobs.len()).await {
-                    cancel_all(&mut active, &jobs, &mut display).await;
-                } else {
-                    detach = true;
-                    continue;
-                }
-            }
-            _ = sigterm.recv(), if !stopping => {
-                stopping = true;
-                let jobs: Vec<String> = active.values().map(|j| j.job.clone()).collect();
-                cancel_all(&mut active, &jobs, &mut display).await;
-            }
-        }
-        poll_jobs(
-            store,
-            res,
-            engine,
-            gpus,
-            &writer,
-            &mut active,
-            &mut display,
-            &mut summary,
-        )
-        .await?;
+        Ok(queue)
     }
-    if detach && !active.is_empty() {
-        display.line(format!(
-            "left {} Slurm job(s) running ({}); `runner resume` follows them again",
-            active.len(),
-            active
-                .values()
-                .map(|j| j.job.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        summary.interrupted += active.len();
-    }
-    summary.left_queued = queue.len();
-    ingest::flush(&writer).await;
-    drop(writer);
-    writer_task.await.context("the DB writer panicked")??;
-    display.overall.finish_and_clear();
-    Ok(summary)
-}
 
-async fn cancel_all(active: &mut HashMap<i64, Job>, jobs: &[String], display: &mut Display) {
-    display.line(format!(
-        "cancelling {} Slurm job(s); their engines checkpoint first…",
-        jobs.len()
-    ));
-    for j in active.values_mut() {
-        j.cancelled_by_us = true;
+    fn has_room(&self) -> bool {
+        self.active.len() < self.res.cpu_parallel()
     }
-    if let Err(e) = scancel(jobs).await {
-        display.line(format!("{e:#}"));
+
+    fn active(&self) -> usize {
+        self.active.len()
+    }
+
+    fn memory_limit(&self) -> Option<(f64, String)> {
+        memory_limit(&self.res)
+    }
+
+    async fn launch(&mut self, run: RunRow) -> Result<Launch> {
+        if !self.store.claim_for_slurm(run.id).await? {
+            return Ok(Launch::Taken);
+        }
+        match submit_run(&self.store, &run, &self.res, &self.engine, self.gpus).await {
+            Ok(job) => {
+                self.store.set_slurm_job(run.id, Some(&job), false).await?;
+                let follower =
+                    MetricsFollower::from_end(Path::new(&run.run_dir).join("metrics.jsonl"));
+                let place = format!("Slurm job {job}");
+                self.active.insert(
+                    run.id,
+                    Job {
+                        run,
+                        job,
+                        follower,
+                        running: false,
+                        done_seen: false,
+                        restarts: 0,
+                        cancelled_by_us: false,
+                    },
+                );
+                Ok(Launch::Started(place))
+            }
+            // A bad partition, account or time limit fails every submission alike: stop here.
+            Err(e) => Ok(Launch::Failed {
+                reason: format!("{e:#}"),
+                stop_all: true,
+            }),
+        }
+    }
+
+    async fn wait(&mut self) {
+        self.ticker.tick().await;
+    }
+
+    async fn updates(&mut self) -> Result<Vec<Update>> {
+        poll_jobs(
+            &self.store,
+            &self.res,
+            &self.engine,
+            self.gpus,
+            &mut self.active,
+        )
+        .await
+    }
+
+    async fn interrupt(
+        &mut self,
+        second: bool,
+        terminal: bool,
+        display: &mut Display,
+    ) -> Interrupt {
+        if second {
+            // A second Ctrl-C: leave whatever is still live to `runner resume`; a second SIGTERM is
+            // already being acted on.
+            return if terminal {
+                self.detach(display)
+            } else {
+                Interrupt::Stopping
+            };
+        }
+        if !terminal || confirm_cancel(self.active.len()).await {
+            self.cancel_all(display).await;
+            Interrupt::Stopping
+        } else {
+            self.detach(display)
+        }
     }
 }
 
 async fn submit_run(
+    store: &RunStore,
     run: &RunRow,
     res: &Resources,
     engine: &EngineCommand,
     gpus: bool,
 ) -> Result<String> {
-    let dir = Path::new(&run.run_dir);
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    if !dir.join("config.toml").is_file() {
-        let cfg = dir.join("run.toml");
-        std::fs::write(&cfg, &run.config).with_context(|| format!("writing {}", cfg.display()))?;
-    }
-    let script = dir.join("job.sh");
+    prepare_run_dir(store, run).await?;
+    let script = Path::new(&run.run_dir).join("job.sh");
     std::fs::write(&script, job_script(run, res, engine, gpus))
         .with_context(|| format!("writing {}", script.display()))?;
     submit(&script).await
 }
 
 /// One poll: new metrics of every job, then the states of all jobs in one `squeue` call.
-#[allow(clippy::too_many_arguments)]
 async fn poll_jobs(
     store: &RunStore,
     res: &Resources,
     engine: &EngineCommand,
     gpus: bool,
-    writer: &mpsc::UnboundedSender<Msg>,
     active: &mut HashMap<i64, Job>,
-    display: &mut Display,
-    summary: &mut Summary,
-) -> Result<()> {
+) -> Result<Vec<Update>> {
+    let mut updates = Vec::new();
     let ids: Vec<String> = active.values().map(|j| j.job.clone()).collect();
     let states = squeue_states(&ids).await?;
     let mut ended = Vec::new();
@@ -648,8 +649,7 @@ async fn poll_jobs(
             if matches!(ev, Event::Done { .. }) {
                 j.done_seen = true;
             }
-            display.event(*run_id, &ev);
-            let _ = writer.send(Msg::Event(*run_id, ev));
+            updates.push(Update::Event(*run_id, ev));
         }
         let info = match states.get(&j.job) {
             Some(st) => Some(JobInfo {
@@ -663,13 +663,11 @@ async fn poll_jobs(
             Some(Phase::Running) => {
                 if !j.running {
                     j.running = true;
-                    store
-                        .set_status(
-                            *run_id,
-                            RunStatus::Running,
-                            &format!("Slurm job {} running", j.job),
-                        )
-                        .await?;
+                    updates.push(Update::Status(
+                        *run_id,
+                        RunStatus::Running,
+                        format!("Slurm job {} running", j.job),
+                    ));
                 }
             }
             _ => ended.push(*run_id),
@@ -682,7 +680,7 @@ async fn poll_jobs(
             if matches!(ev, Event::Done { .. }) {
                 j.done_seen = true;
             }
-            let _ = writer.send(Msg::Event(run_id, ev));
+            updates.push(Update::Event(run_id, ev));
         }
         let info = scontrol_show(&j.job).await;
         let tail = output_tail(&j.run.run_dir, &j.job, 8);
@@ -695,16 +693,15 @@ async fn poll_jobs(
             res.max_restarts,
             &tail,
         );
-        ingest::flush(writer).await;
         let (status, why) = match v {
-            Verdict::Resubmit(state) => match submit_run(&j.run, res, engine, gpus).await {
+            Verdict::Resubmit(state) => match submit_run(store, &j.run, res, engine, gpus).await {
                 Ok(job) => {
-                    display.line(format!(
-                            "run {run_id}: Slurm job {} {state}; resubmitted as job {job} (restart {}/{})",
-                            j.job,
-                            j.restarts + 1,
-                            res.max_restarts
-                        ));
+                    updates.push(Update::Line(format!(
+                        "run {run_id}: Slurm job {} {state}; resubmitted as job {job} (restart {}/{})",
+                        j.job,
+                        j.restarts + 1,
+                        res.max_restarts
+                    )));
                     store
                         .note(
                             run_id,
@@ -713,13 +710,11 @@ async fn poll_jobs(
                         )
                         .await?;
                     store.set_slurm_job(run_id, Some(&job), true).await?;
-                    store
-                        .set_status(
-                            run_id,
-                            RunStatus::Queued,
-                            &format!("Slurm job {job} pending"),
-                        )
-                        .await?;
+                    updates.push(Update::Status(
+                        run_id,
+                        RunStatus::Queued,
+                        format!("Slurm job {job} pending"),
+                    ));
                     j.job = job;
                     j.restarts += 1;
                     j.running = false;
@@ -736,15 +731,9 @@ async fn poll_jobs(
             Verdict::Interrupted(why) => (RunStatus::Interrupted, why),
             Verdict::Failed(why) => (RunStatus::Failed, why),
         };
-        store.set_status(run_id, status, &why).await?;
-        display.finished(run_id, status, &why);
-        match status {
-            RunStatus::Completed => summary.completed += 1,
-            RunStatus::Interrupted => summary.interrupted += 1,
-            _ => summary.failed += 1,
-        }
+        updates.push(Update::Ended(run_id, status, why));
     }
-    Ok(())
+    Ok(updates)
 }
 
 #[cfg(test)]
@@ -841,7 +830,7 @@ mod tests {
         let run = RunRow {
             id: 4,
             sweep_id: 1,
-            status: "queued".into(),
+            status: RunStatus::Queued,
             params: serde_json::Value::Null,
             config: String::new(),
             run_dir: "/shared/runs/run-4".into(),

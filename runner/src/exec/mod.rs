@@ -1,0 +1,319 @@
+//! Where runs execute. One [`Executor`] interface — launch a run, follow it, signal it, adopt it after a
+//! restart — with two backends behind it: [`local::Local`] (engine processes on this machine's devices)
+//! and [`slurm::Slurm`] (one `sbatch` job per run). [`execute`] is the one loop both share: it takes runs
+//! off the queue while the backend has room, skips those whose memory estimate exceeds the limit, records
+//! how each ended, and handles Ctrl-C/SIGTERM; the backends only know how to start and watch engines.
+
+pub mod local;
+pub mod slurm;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use engine::events::Event;
+use tokio::sync::mpsc;
+
+use crate::display::Display;
+use crate::ingest::{self, Msg};
+use crate::spec::{Backend, Resources};
+use crate::store::{RunRow, RunStatus, RunStore};
+
+/// How to start an engine: a separate `engine` binary, or this runner's hidden `engine` subcommand.
+#[derive(Debug, Clone)]
+pub struct EngineCommand {
+    pub program: PathBuf,
+    pub prefix: Vec<String>,
+}
+
+impl EngineCommand {
+    /// `RUNNER_ENGINE` (path to an engine binary, e.g. a CUDA build) or else this runner itself, which
+    /// embeds the same engine (`runner engine train ...`), so the two can never be out of date.
+    pub fn detect() -> Result<Self> {
+        if let Ok(p) = std::env::var("RUNNER_ENGINE") {
+            let program = PathBuf::from(p);
+            if !program.is_file() {
+                bail!(
+                    "RUNNER_ENGINE={} is not a file: point it at an engine binary",
+                    program.display()
+                );
+            }
+            return Ok(Self {
+                program,
+                prefix: Vec::new(),
+            });
+        }
+        Ok(Self {
+            program: std::env::current_exe().context("locating the runner binary")?,
+            prefix: vec!["engine".into()],
+        })
+    }
+}
+
+/// Refuse to run sweeps while an `ENGINE_<KEY>` variable of the run config is set: every engine (local
+/// processes and Slurm jobs alike inherit the environment) would take it over the sweep's value, while
+/// `runs.db`, `run.toml` and the report say the swept one. What the store records must be what trained.
+pub fn check_engine_env() -> Result<()> {
+    let keys = engine::train::config::known_keys();
+    for (name, value) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let Some(key) = name.strip_prefix("ENGINE_") else {
+            continue;
+        };
+        if let Some(key) = keys.iter().find(|k| k.eq_ignore_ascii_case(key)) {
+            bail!(
+                "{name}={} is set in the environment: it would override {key} in every run of the sweep while runs.db records the sweep's values; unset it (`unset {name}`) and put the value in the sweep file ([base] {key} = …) or pass --set base.{key}=…",
+                value.to_string_lossy()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Counts of how runs ended.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub completed: usize,
+    pub failed: usize,
+    pub interrupted: usize,
+    pub skipped_oom: usize,
+    pub left_queued: usize,
+}
+
+impl Summary {
+    fn count(&mut self, status: RunStatus) {
+        match status {
+            RunStatus::Completed => self.completed += 1,
+            RunStatus::Interrupted => self.interrupted += 1,
+            RunStatus::SkippedOom => self.skipped_oom += 1,
+            RunStatus::Queued | RunStatus::Running => {}
+            RunStatus::Failed => self.failed += 1,
+        }
+    }
+}
+
+/// What [`Executor::launch`] did with a run.
+pub enum Launch {
+    /// Started (on the devices or as the job named).
+    Started(String),
+    /// No room right now (devices another runner holds): try again after the next update.
+    Busy(RunRow),
+    /// Another runner claimed it first.
+    Taken,
+    /// Could not be started; the run failed with this reason. `stop_all`: every further launch would
+    /// fail alike (a bad Slurm setting), so launch no more.
+    Failed { reason: String, stop_all: bool },
+}
+
+/// What a backend reports about the runs it follows.
+pub enum Update {
+    /// A protocol event of a run (goes to the DB writer and the display).
+    Event(i64, Event),
+    /// A run changed status without ending (a pending Slurm job started or was requeued).
+    Status(i64, RunStatus, String),
+    /// A run ended: its final status and why.
+    Ended(i64, RunStatus, String),
+    /// A line for the user.
+    Line(String),
+}
+
+/// What a Ctrl-C or SIGTERM did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Interrupt {
+    /// The engines were asked to stop; keep following them until they have.
+    Stopping,
+    /// Stop following: what still runs is left to `runner resume` (Slurm jobs outlive their runner).
+    Detach,
+}
+
+/// A place runs execute. The driver ([`execute`]) calls these from one task, never concurrently.
+#[allow(async_fn_in_trait)]
+pub trait Executor {
+    /// Runs of `runs` still live elsewhere (a Slurm job whose runner is gone) are followed again; the rest
+    /// are returned, to be launched.
+    async fn adopt(&mut self, runs: Vec<RunRow>, display: &mut Display) -> Result<Vec<RunRow>>;
+    /// Whether one more run could start now.
+    fn has_room(&self) -> bool;
+    /// Runs being followed.
+    fn active(&self) -> usize;
+    /// The memory one run may use, in GiB, and what that limit is (for the skip reason).
+    fn memory_limit(&self) -> Option<(f64, String)>;
+    /// Start `run` (already `queued`/`interrupted`/`failed` in the store; the backend claims it).
+    async fn launch(&mut self, run: RunRow) -> Result<Launch>;
+    /// Wait until there may be updates. Must be cancel-safe: the driver races it against signals.
+    async fn wait(&mut self);
+    /// What happened since the last call.
+    async fn updates(&mut self) -> Result<Vec<Update>>;
+    /// Ctrl-C (`second`: again) or SIGTERM (`terminal`: false) arrived.
+    async fn interrupt(&mut self, second: bool, terminal: bool, display: &mut Display)
+        -> Interrupt;
+}
+
+/// The ranks of one run and the memory one run may use (GiB, and what that limit is), as the backend of
+/// `res` sees them: for the memory estimate recorded with each run and the dry run's "will be skipped".
+pub async fn plan(res: &Resources) -> (usize, Option<(f64, String)>) {
+    match res.backend {
+        Backend::Local => {
+            let (devices, limit) = local::resolve_devices(res);
+            (
+                local::ranks_per_run(res, &devices),
+                limit.map(|l| (l, local::limit_text(l))),
+            )
+        }
+        Backend::Slurm => {
+            let ranks = if slurm::uses_gpus(res).await {
+                res.gpus_per_run
+            } else {
+                res.procs_per_run
+            };
+            (ranks, slurm::memory_limit(res))
+        }
+    }
+}
+
+/// Run `runs` (already `queued`/`interrupted`/`failed` in the store) with the backend of `res`.
+pub async fn execute(
+    store: &RunStore,
+    runs: Vec<RunRow>,
+    res: &Resources,
+    engine: &EngineCommand,
+) -> Result<Summary> {
+    let (writer, writer_task) = ingest::spawn_writer(store.clone());
+    let mut display = Display::new(runs.len());
+    let result = match res.backend {
+        Backend::Local => {
+            let exec = local::Local::new(store, res, engine.clone(), writer.clone())?;
+            drive(store, runs, exec, &writer, &mut display).await
+        }
+        Backend::Slurm => {
+            let exec = slurm::Slurm::new(store, res, engine.clone(), writer.clone()).await?;
+            drive(store, runs, exec, &writer, &mut display).await
+        }
+    };
+    ingest::flush(&writer).await;
+    drop(writer);
+    writer_task.await.context("the DB writer panicked")??;
+    display.overall.finish_and_clear();
+    result
+}
+
+/// The loop every backend shares.
+async fn drive<E: Executor>(
+    store: &RunStore,
+    runs: Vec<RunRow>,
+    mut exec: E,
+    writer: &mpsc::UnboundedSender<Msg>,
+    display: &mut Display,
+) -> Result<Summary> {
+    let mut summary = Summary::default();
+    let mut queue: VecDeque<RunRow> = exec.adopt(runs, display).await?.into();
+    let (mut stopping, mut detach) = (false, false);
+    let mut busy = false;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        // Launch while there is room.
+        while !stopping && exec.has_room() {
+            let Some(run) = queue.pop_front() else { break };
+            if let (Some((limit, what)), Some(est)) = (exec.memory_limit(), run.mem_estimate) {
+                let need = est as f64 / (1u64 << 30) as f64;
+                if need > limit {
+                    let why = format!(
+                        "needs about {}, {what}",
+                        engine::device::gib_text(est as u64)
+                    );
+                    store.set_status(run.id, RunStatus::SkippedOom, &why).await?;
+                    display.finished(run.id, RunStatus::SkippedOom, &why);
+                    summary.count(RunStatus::SkippedOom);
+                    continue;
+                }
+            }
+            let id = run.id;
+            match exec.launch(run).await? {
+                Launch::Started(place) => {
+                    busy = false;
+                    display.started(id, &place);
+                }
+                Launch::Busy(run) => {
+                    if !busy {
+                        display.line("waiting for GPUs that another runner is using…".into());
+                    }
+                    busy = true;
+                    queue.push_front(run);
+                    break;
+                }
+                Launch::Taken => {
+                    display.line(format!("run {id}: taken by another runner, skipping"));
+                }
+                Launch::Failed { reason, stop_all } => {
+                    store.set_status(id, RunStatus::Failed, &reason).await?;
+                    display.finished(id, RunStatus::Failed, &reason);
+                    summary.count(RunStatus::Failed);
+                    if stop_all {
+                        display.line("not launching more runs: fix the [resources] settings and `runner resume` the sweep".into());
+                        stopping = true;
+                    }
+                }
+            }
+        }
+        if detach || (exec.active() == 0 && (stopping || queue.is_empty() || !busy)) {
+            break;
+        }
+        let signal = tokio::select! {
+            () = exec.wait() => None,
+            _ = tokio::signal::ctrl_c() => Some(true),
+            _ = sigterm.recv() => Some(false),
+        };
+        if let Some(terminal) = signal {
+            if exec.interrupt(stopping, terminal, display).await == Interrupt::Detach {
+                detach = true;
+            }
+            stopping = true;
+        }
+        for update in exec.updates().await? {
+            match update {
+                Update::Event(run, ev) => {
+                    display.event(run, &ev);
+                    let _ = writer.send(Msg::Event(run, ev));
+                }
+                Update::Status(run, status, why) => store.set_status(run, status, &why).await?,
+                Update::Ended(run, status, why) => {
+                    // The run's last events are in the DB before its final status.
+                    ingest::flush(writer).await;
+                    store.set_status(run, status, &why).await?;
+                    display.finished(run, status, &why);
+                    summary.count(status);
+                }
+                Update::Line(text) => display.line(text),
+            }
+        }
+    }
+    if detach && exec.active() > 0 {
+        summary.interrupted += exec.active();
+    }
+    summary.left_queued = queue.len();
+    Ok(summary)
+}
+
+/// Prepare a run's folder for a fresh start or a resume: the folder, and `run.toml` (the config the runner
+/// recorded) unless the engine already wrote its own `config.toml` (then the engine resumes from it).
+/// Returns whether the engine resumes.
+pub async fn prepare_run_dir(store: &RunStore, run: &RunRow) -> Result<bool> {
+    let dir = Path::new(&run.run_dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if dir.join("config.toml").is_file() {
+        return Ok(true);
+    }
+    if run.step > 0 {
+        // The engine's start event at step 0 then clears the old metrics and checkpoint rows.
+        let why = format!(
+            "run dir {} is gone (it had reached step {}): starting the run over from step 0",
+            dir.display(),
+            run.step
+        );
+        store.note(run.id, "runner", &why).await?;
+        tracing::warn!("run {}: {why}", run.id);
+    }
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, &run.config).with_context(|| format!("writing {}", cfg.display()))?;
+    Ok(false)
+}
