@@ -616,6 +616,31 @@ mod tests {
     }
 
     #[test]
+    fn paths_typos_and_per_rank_memory() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        let p = d.path().join("sub").join("s.toml");
+        std::fs::write(&p, OK.replace("dir = \"d\"", "dir = \"../data\"")).unwrap();
+        // A relative [data] dir in the file is relative to the file, not to the working folder.
+        let spec = SweepFile::load(&p).unwrap();
+        assert_eq!(spec.data.dir, d.path().join("sub").join("../data"));
+        // ... but one given on the command line stays relative to the working folder.
+        let spec = SweepFile::load_with(&p, &["data.dir=\"x\"".into()]).unwrap();
+        assert_eq!(spec.data.dir, Path::new("x"));
+        // A typo'd key gets a suggestion, not the list of every key.
+        let err = Sweep::from_file(&write(d.path(), &OK.replace("dim = 32", "dimm = 32")), 100)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `dim`?"), "{err}");
+        // The memory estimate of a data-parallel run is for one rank's slice of the batch.
+        let s = Sweep::from_file(&write(d.path(), OK), 100).unwrap();
+        let cfg = &s.runs.iter().find(|r| r.config.batch_size == 8).unwrap().config;
+        let model = cfg.model_config(100);
+        assert!(cfg.training_memory_estimate(&model, 2) < cfg.training_memory_estimate(&model, 1));
+        assert_eq!(cfg.micro_batch(2), 4);
+    }
+
+    #[test]
     fn a_list_of_seeds_is_swept() {
         let d = tempfile::tempdir().unwrap();
         let text = OK.replace("n_layers = [1, 2]", "seed = [0, 1, 2]");

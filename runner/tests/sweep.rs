@@ -131,6 +131,24 @@ fn grid_sweep_runs_all_and_reports() {
         .output()
         .unwrap());
     let page = std::fs::read_to_string(&html).unwrap();
+    // The home's database (or its WAL/shm files), however it is spelt, is never the report's file.
+    let db_len = std::fs::metadata(home.join("runs.db")).unwrap().len();
+    let spelt = home.join("..").join("home").join("runs.db");
+    for target in [home.join("runs.db"), spelt, home.join("runs.db-wal")] {
+        let out = runner(&home)
+            .args(["report", "s1", "--html"])
+            .arg(&target)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("the runner's database"),
+            "{}: {err}",
+            target.display()
+        );
+    }
+    assert_eq!(std::fs::metadata(home.join("runs.db")).unwrap().len(), db_len);
+    assert_eq!(report_json(&home, "s1").len(), 8);
     assert!(page.contains("<svg") && page.contains("polyline") && !page.contains("<script"));
     assert!(page.contains("val loss by tokens seen"), "{page}");
     // Runs picked by id, with a sweep that also holds one of them: each run once, sorted.
@@ -282,6 +300,100 @@ fn killed_sweep_resumes_from_checkpoints() {
     assert_eq!(resumed, 2, "steps when killed: {stopped_at:?}");
 }
 
+/// `runner resume` right after the runner was SIGKILLed, while its engines are still writing their last
+/// checkpoint: it waits for each (the run dir's lock), then resumes it; one resume completes every run.
+#[test]
+fn a_resume_right_after_a_killed_runner_completes_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = sweep_file(dir.path(), "quick", 300, "n_layers = [1, 2]");
+    let mut child = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !(1..=2).all(|r| has_checkpoint(&home.join(format!("run-{r}")))) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoints");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // At once: the engines are still checkpointing and exiting (still alive, holding their run dirs).
+    let out = runner(&home).args(["resume", "s1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(&out);
+    for r in report_json(&home, "s1") {
+        assert_eq!(r["status"], "completed", "{r}\n{err}");
+        assert_eq!(
+            sqlite_steps(&home, r["id"].as_i64().unwrap()),
+            (1..=300).collect::<Vec<_>>()
+        );
+    }
+    // Nothing left: a second resume has nothing to do.
+    let again = ok(&runner(&home).args(["resume", "s1"]).output().unwrap());
+    assert!(again.contains("nothing to do"), "{again}");
+}
+
+/// A reader that goes away (`runner sweep … | head`) does not make the sweep panic.
+#[test]
+fn a_closed_stdout_does_not_crash_a_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = sweep_file(dir.path(), "pipe", 3, "n_layers = [1]");
+    let mut child = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
+    assert_eq!(report_json(&home, "s1")[0]["status"], "completed");
+}
+
+/// A stopped engine (SIGSTOP) does not block a local sweep forever: after `stall_seconds` without an
+/// event its run is stopped and failed with the reason, and the sweep ends.
+#[test]
+fn a_stalled_engine_is_stopped_and_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = sweep_file(dir.path(), "stall", 100000, "n_layers = [1]");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("max_parallel = 2", "max_parallel = 2\nstall_seconds = 3");
+    std::fs::write(&file, text).unwrap();
+    let child = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = Reaped(Some(child));
+    let run_dir = home.join("run-1");
+    let t0 = Instant::now();
+    let pid = loop {
+        if let (Some(pid), true) = (rank_pid(&run_dir, 0), has_checkpoint(&run_dir)) {
+            break pid;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no engine");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    unsafe { kill(pid, 19) }; // SIGSTOP
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let rows = report_json(&home, "s1");
+    assert_eq!(rows[0]["status"], "failed", "{}", rows[0]);
+    let why = rows[0]["error"].as_str().unwrap();
+    assert!(why.contains("stall_seconds"), "{why}");
+}
+
 fn has_checkpoint(run_dir: &Path) -> bool {
     std::fs::read_dir(run_dir.join("checkpoints"))
         .map(|d| {
@@ -420,10 +532,34 @@ fn malformed_sweep_files_are_refused_before_launch() {
             good.replace("vocab_size = 300", "vocab_size = 999"),
             "vocab",
         ),
+        // What the launch would fail, --dry-run fails too: 3 ranks cannot split a batch of 4.
+        (
+            good.replace("max_parallel = 2", "max_parallel = 3\nprocs_per_run = 3")
+                .replace("[base]\n", "[base]\nbatch_size = 4\n"),
+            "procs_per_run × grad_accum = 3 × 1",
+        ),
+        (
+            good.replace("max_parallel = 2", "max_parallel = 2\nmemory_gb = -4"),
+            "memory_gb = -4",
+        ),
+        (
+            good.replace("max_parallel = 2", "max_parallel = 2\nmemory_gb = nan"),
+            "memory_gb = NaN",
+        ),
+        (
+            good.replace("[sweep]\n", "[sweep]\nstrategy = \"random\"\ntrials = 1000000000\n"),
+            "at most 100000 runs",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let f = dir.path().join(format!("bad{i}.toml"));
         std::fs::write(&f, text).unwrap();
+        let dry = runner(&home)
+            .args(["sweep", "--dry-run"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(!dry.status.success(), "case {i} passed --dry-run");
         let out = runner(&home).arg("sweep").arg(&f).output().unwrap();
         assert!(!out.status.success(), "case {i} launched");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -471,6 +607,40 @@ fn malformed_sweep_files_are_refused_before_launch() {
         "{err}"
     );
     assert!(!home.join("runs.db").exists(), "nothing was recorded");
+    // An ENGINE_<KEY> variable would override every run while runs.db records the sweep's values:
+    // refused, naming it (other ENGINE_ variables, such as ENGINE_DIST_TIMEOUT, are not run keys).
+    for cmd in [vec!["sweep"], vec!["sweep", "--dry-run"]] {
+        let out = runner(&home)
+            .args(&cmd)
+            .arg(dir.path().join("good.toml"))
+            .env("ENGINE_BATCH_SIZE", "3")
+            .env("ENGINE_DIST_TIMEOUT", "5")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("ENGINE_BATCH_SIZE=3") && err.contains("base.batch_size"),
+            "{cmd:?}: {err}"
+        );
+    }
+    assert!(!home.join("runs.db").exists(), "nothing was recorded");
+    // A run estimated above the memory limit is named in the dry run as one that will be skipped.
+    let small = dir.path().join("small.toml");
+    std::fs::write(
+        &small,
+        good.replace("max_parallel = 2", "max_parallel = 2\nmemory_gb = 0.0001"),
+    )
+    .unwrap();
+    let dry = ok(&runner(&home)
+        .args(["sweep", "--dry-run"])
+        .arg(&small)
+        .output()
+        .unwrap());
+    assert_eq!(
+        dry.matches("will be skipped: a device has 0 MiB").count(),
+        2,
+        "{dry}"
+    );
     // CI systems' own RUNNER_* variables are not sweep keys; RUNNER_<SECTION>__<KEY> still is.
     let ci_env = |c: &mut Command| {
         c.env("RUNNER_TEMP", "/tmp")
