@@ -745,7 +745,9 @@ fn a_damaged_data_dir_is_refused_before_training() {
             "{file}: {line}"
         );
         assert!(
-            !dir.path().join(format!("bad-{file}/tokenizer.json")).exists(),
+            !dir.path()
+                .join(format!("bad-{file}/tokenizer.json"))
+                .exists(),
             "{file}: the run took the data"
         );
     };
@@ -792,7 +794,13 @@ fn a_failed_metrics_write_ends_the_run_and_the_checkpoint_survives() {
     let kept = std::fs::read(&metrics).unwrap();
     std::fs::remove_file(&metrics).unwrap();
     std::os::unix::fs::symlink("/dev/full", &metrics).unwrap();
-    let out = run(&["train", "--resume", run_dir.to_str().unwrap(), "--set", "steps=20"]);
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "steps=20",
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -801,8 +809,18 @@ fn a_failed_metrics_write_ends_the_run_and_the_checkpoint_survives() {
     );
     std::fs::remove_file(&metrics).unwrap();
     std::fs::write(&metrics, kept).unwrap();
-    let out = run(&["train", "--resume", run_dir.to_str().unwrap(), "--set", "steps=20"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "steps=20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("\"resumed\":true") && stdout.contains("\"event\":\"done\""));
 }

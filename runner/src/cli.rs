@@ -8,9 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use engine::events::Event;
 
+use crate::exec::{self, EngineCommand, Summary};
 use crate::ingest;
 use crate::report::{self, ReportRow};
-use crate::exec::{self, EngineCommand, Summary};
 use crate::spec::{self, Sweep, SweepFile};
 use crate::store::{Id, NewRun, RunStatus, RunStore};
 
@@ -291,7 +291,10 @@ async fn report_runs(
 fn refuse_home_db(home: &Path, path: &Path) -> Result<()> {
     let canonical = |p: &Path| -> Option<PathBuf> {
         let name = p.file_name()?;
-        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         // An existing file (or a link to one) resolves fully; a new one by its folder.
         std::fs::canonicalize(p)
             .ok()

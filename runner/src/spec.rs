@@ -413,7 +413,7 @@ impl Sweep {
                 bail!("{f}: [resources] memory_gb = {m}: give the memory one run may use in GiB, a number above 0 (or leave it out to use the device's)");
             }
         }
-        if !(r.stall_seconds > 0.0) {
+        if r.stall_seconds.is_nan() || r.stall_seconds <= 0.0 {
             bail!(
                 "{f}: [resources] stall_seconds = {}: must be above 0 (seconds without an event before a run counts as stalled)",
                 r.stall_seconds
@@ -634,7 +634,12 @@ mod tests {
         assert!(err.contains("did you mean `dim`?"), "{err}");
         // The memory estimate of a data-parallel run is for one rank's slice of the batch.
         let s = Sweep::from_file(&write(d.path(), OK), 100).unwrap();
-        let cfg = &s.runs.iter().find(|r| r.config.batch_size == 8).unwrap().config;
+        let cfg = &s
+            .runs
+            .iter()
+            .find(|r| r.config.batch_size == 8)
+            .unwrap()
+            .config;
         let model = cfg.model_config(100);
         assert!(cfg.training_memory_estimate(&model, 2) < cfg.training_memory_estimate(&model, 1));
         assert_eq!(cfg.micro_batch(2), 4);

@@ -171,7 +171,13 @@ fn a_sweep_runs_on_slurm_and_a_cancelled_job_is_resubmitted() {
         let runs = store.runs(Some(1)).await.unwrap();
         assert_eq!(runs.len(), 2);
         for r in &runs {
-            assert_eq!(r.status.as_str(), "completed", "run {}: {:?}", r.id, r.error);
+            assert_eq!(
+                r.status.as_str(),
+                "completed",
+                "run {}: {:?}",
+                r.id,
+                r.error
+            );
             assert_eq!(r.step, 150);
             assert!(r.slurm_job.is_none(), "a finished run holds no job");
             assert!(r.run_dir.starts_with(runs_dir.to_str().unwrap()));
@@ -274,7 +280,13 @@ fn a_sweep_runs_on_slurm_and_a_cancelled_job_is_resubmitted() {
     rt.block_on(async {
         let store = runner::store::RunStore::open(&home).await.unwrap();
         for r in store.runs(Some(2)).await.unwrap() {
-            assert_eq!(r.status.as_str(), "interrupted", "run {}: {:?}", r.id, r.error);
+            assert_eq!(
+                r.status.as_str(),
+                "interrupted",
+                "run {}: {:?}",
+                r.id,
+                r.error
+            );
             assert!(r.step < 1000 && r.slurm_job.is_none());
         }
     });

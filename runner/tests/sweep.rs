@@ -147,7 +147,10 @@ fn grid_sweep_runs_all_and_reports() {
             target.display()
         );
     }
-    assert_eq!(std::fs::metadata(home.join("runs.db")).unwrap().len(), db_len);
+    assert_eq!(
+        std::fs::metadata(home.join("runs.db")).unwrap().len(),
+        db_len
+    );
     assert_eq!(report_json(&home, "s1").len(), 8);
     assert!(page.contains("<svg") && page.contains("polyline") && !page.contains("<script"));
     assert!(page.contains("val loss by tokens seen"), "{page}");
@@ -547,7 +550,10 @@ fn malformed_sweep_files_are_refused_before_launch() {
             "memory_gb = NaN",
         ),
         (
-            good.replace("[sweep]\n", "[sweep]\nstrategy = \"random\"\ntrials = 1000000000\n"),
+            good.replace(
+                "[sweep]\n",
+                "[sweep]\nstrategy = \"random\"\ntrials = 1000000000\n",
+            ),
             "at most 100000 runs",
         ),
     ];
@@ -619,7 +625,9 @@ fn malformed_sweep_files_are_refused_before_launch() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            !out.status.success() && err.contains("ENGINE_BATCH_SIZE=3") && err.contains("base.batch_size"),
+            !out.status.success()
+                && err.contains("ENGINE_BATCH_SIZE=3")
+                && err.contains("base.batch_size"),
             "{cmd:?}: {err}"
         );
     }

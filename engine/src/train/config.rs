@@ -333,7 +333,10 @@ impl TrainConfig {
     /// Refuse a rank count the batch does not split over evenly (`ranks` names where the count came from:
     /// `WORLD_SIZE`, `procs_per_run`, `gpus_per_run`).
     pub fn check_ranks(&self, world: usize, ranks: &str) -> Result<()> {
-        if !self.batch_size.is_multiple_of(world.max(1) * self.grad_accum) {
+        if !self
+            .batch_size
+            .is_multiple_of(world.max(1) * self.grad_accum)
+        {
             bail!(
                 "batch_size = {} must be divisible by {ranks} × grad_accum = {world} × {}: each rank takes an equal slice of every batch",
                 self.batch_size,
@@ -454,7 +457,11 @@ pub fn suggest<S: AsRef<str>>(key: &str, known: &[S]) -> String {
         }
         _ => format!(
             "known keys: {}",
-            known.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", ")
+            known
+                .iter()
+                .map(AsRef::as_ref)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }

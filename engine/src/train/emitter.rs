@@ -147,7 +147,10 @@ mod tests {
             })
             .unwrap_err();
         let text = format!("{err:#}");
-        assert!(text.contains("metrics.jsonl") && text.contains("No space left"), "{text}");
+        assert!(
+            text.contains("metrics.jsonl") && text.contains("No space left"),
+            "{text}"
+        );
         // Detached: what follows (the run's error event) still reaches stdout without failing again.
         assert!(e
             .emit(&Event::Error {

@@ -26,12 +26,14 @@ use crate::device::device_for_rank;
 use crate::dist::{self, average_gradients, DistEnv};
 use crate::events::{Event, PROTOCOL_VERSION};
 use crate::model::{build_seeded, BitLlama};
-use checkpoint::{check_same_tokenizer, config_hash, restore, CheckpointDir, CheckpointState, CHECKPOINT_FORMAT};
+use checkpoint::{
+    check_same_tokenizer, config_hash, restore, CheckpointDir, CheckpointState, CHECKPOINT_FORMAT,
+};
 pub use config::TrainConfig;
 use data::TokenData;
 use emitter::Emitter;
 use optim::{clip_scale, grad_norm, lr_at, AdamW};
-use process::{die_with_parent, install_signal_handlers, install_sigbus_message, lock_run_dir};
+use process::{die_with_parent, install_sigbus_message, install_signal_handlers, lock_run_dir};
 
 /// Windows per validation batch: fixed, so evals of runs with different batch sizes compare.
 pub const VAL_BATCH: usize = 8;
@@ -348,8 +350,8 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     };
     // The eval due at `step` (emitted), or `None` when a stop signal cut it short.
     let eval_at = |step: u64,
-                       comm: &mut dyn dist::Communicator,
-                       emitter: &mut Emitter|
+                   comm: &mut dyn dist::Communicator,
+                   emitter: &mut Emitter|
      -> Result<Option<f64>> {
         let Some(val_loss) = evaluate(&model, &data, eval_batches, t, comm, &stop.any)? else {
             return Ok(None);
@@ -491,7 +493,15 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         })?;
         return Ok(Outcome::Interrupted);
     };
-    if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, Some(final_val), false)? {
+    if let Some(ev) = save(
+        step,
+        tokens,
+        elapsed(&started),
+        &rng,
+        &opt,
+        Some(final_val),
+        false,
+    )? {
         emitter.emit(&ev)?;
     }
     emitter.emit(&Event::Done {

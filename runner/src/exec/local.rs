@@ -304,7 +304,7 @@ impl Executor for Local {
         let Some(devs) = self.slots.take() else {
             // Free here but held by another runner: try again after the next update or a pause.
             self.busy_retry = true;
-            return Ok(Launch::Busy(run));
+            return Ok(Launch::Busy(Box::new(run)));
         };
         self.busy_retry = false;
         let place = devs.join(",");
@@ -422,7 +422,11 @@ async fn wait_for_run_dir(run: &RunRow, ctx: &LaunchContext, limit: Duration) ->
 }
 
 /// Launch one run's engine (every rank) and follow it to the end: its final status and why.
-async fn follow(run: RunRow, devices: Vec<String>, ctx: &LaunchContext) -> Result<(RunStatus, String)> {
+async fn follow(
+    run: RunRow,
+    devices: Vec<String>,
+    ctx: &LaunchContext,
+) -> Result<(RunStatus, String)> {
     let id = run.id;
     let run_dir = PathBuf::from(&run.run_dir);
     wait_for_run_dir(&run, ctx, ctx.stall).await?;
@@ -494,7 +498,8 @@ async fn follow(run: RunRow, devices: Vec<String>, ctx: &LaunchContext) -> Resul
             Err(e) => {
                 // Ranks already started would wait for this one until their timeout: stop them now.
                 terminate(&children.iter().filter_map(|c| c.id()).collect::<Vec<_>>());
-                return Err(e).with_context(|| format!("starting {}", ctx.engine.program.display()));
+                return Err(e)
+                    .with_context(|| format!("starting {}", ctx.engine.program.display()));
             }
         }
     }
@@ -596,7 +601,11 @@ async fn follow(run: RunRow, devices: Vec<String>, ctx: &LaunchContext) -> Resul
                 Err(_) => {
                     // A rank that neither stopped nor died (hung in a kernel call, or spinning):
                     // not reaped yet, so its pid is still its own.
-                    for (pid, _) in rank_pids.iter().zip(&ended).filter(|(p, e)| **p > 0 && !**e) {
+                    for (pid, _) in rank_pids
+                        .iter()
+                        .zip(&ended)
+                        .filter(|(p, e)| **p > 0 && !**e)
+                    {
                         send(*pid, libc::SIGKILL);
                     }
                     kill_at = None;
@@ -641,21 +650,22 @@ async fn follow(run: RunRow, devices: Vec<String>, ctx: &LaunchContext) -> Resul
         )
     } else {
         // The failed rank's stderr tail, less the line that repeats the error event.
-        let rank_failure = |(rank, status, tail): (usize, std::process::ExitStatus, Vec<String>),
-                            error: Option<&str>| {
-            let tail: Vec<String> = tail
-                .into_iter()
-                .filter(|l| error.is_none_or(|e| l.trim() != format!("error: {e}")))
-                .collect();
-            if tail.is_empty() {
-                format!("rank {rank} exited with {status}")
-            } else {
-                format!(
-                    "rank {rank} exited with {status}; stderr tail: {}",
-                    tail.join(" | ")
-                )
-            }
-        };
+        let rank_failure =
+            |(rank, status, tail): (usize, std::process::ExitStatus, Vec<String>),
+             error: Option<&str>| {
+                let tail: Vec<String> = tail
+                    .into_iter()
+                    .filter(|l| error.is_none_or(|e| l.trim() != format!("error: {e}")))
+                    .collect();
+                if tail.is_empty() {
+                    format!("rank {rank} exited with {status}")
+                } else {
+                    format!(
+                        "rank {rank} exited with {status}; stderr tail: {}",
+                        tail.join(" | ")
+                    )
+                }
+            };
         let why = match (error, failure) {
             (Some(e), Some(f)) => {
                 let f = rank_failure(f, Some(&e));

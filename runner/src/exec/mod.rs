@@ -97,7 +97,7 @@ pub enum Launch {
     /// Started (on the devices or as the job named).
     Started(String),
     /// No room right now (devices another runner holds): try again after the next update.
-    Busy(RunRow),
+    Busy(Box<RunRow>),
     /// Another runner claimed it first.
     Taken,
     /// Could not be started; the run failed with this reason. `stop_all`: every further launch would
@@ -221,7 +221,9 @@ async fn drive<E: Executor>(
                         "needs about {}, {what}",
                         engine::device::gib_text(est as u64)
                     );
-                    store.set_status(run.id, RunStatus::SkippedOom, &why).await?;
+                    store
+                        .set_status(run.id, RunStatus::SkippedOom, &why)
+                        .await?;
                     display.finished(run.id, RunStatus::SkippedOom, &why);
                     summary.count(RunStatus::SkippedOom);
                     continue;
@@ -238,7 +240,7 @@ async fn drive<E: Executor>(
                         display.line("waiting for GPUs that another runner is using…".into());
                     }
                     busy = true;
-                    queue.push_front(run);
+                    queue.push_front(*run);
                     break;
                 }
                 Launch::Taken => {
