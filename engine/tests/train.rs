@@ -263,31 +263,45 @@ fn a_huge_eval_is_bounded_and_a_signal_stops_it() {
             .map_while(Result::ok)
             .collect::<Vec<_>>()
     });
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let t0 = Instant::now();
-    // The bounded eval completes (in seconds, not hours); then a SIGTERM during the next one.
-    loop {
-        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-        if v["event"] == "eval" {
-            break;
+    // Events through a channel, so that an eval that never ends fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap());
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no eval finished");
-    }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(120))
+            .expect("no event for 120 s: the eval did not end")
+    };
+    // The bounded eval completes (in seconds, not hours); then a SIGTERM during the next one.
+    while next()["event"] != "eval" {}
     loop {
-        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let v = next();
         if v["event"] == "step" && v["step"].as_u64().unwrap() % 2 == 1 {
             break;
         }
     }
     let signalled = Instant::now();
     unsafe { libc_kill(child.id() as i32, 15) };
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    assert_eq!(child.wait().unwrap().code(), Some(130));
-    assert!(
-        signalled.elapsed() < Duration::from_secs(30),
-        "the eval did not stop for the signal"
-    );
-    let last: serde_json::Value = serde_json::from_str(rest.last().unwrap()).unwrap();
+    let mut rest = Vec::new();
+    while let Ok(v) = rx.recv_timeout(Duration::from_secs(30)) {
+        rest.push(v);
+    }
+    // Ended within seconds of the signal (an eval that ignores it would run for hours: the guard kills it).
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(30),
+            "the eval did not stop for the signal"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    let last = rest.last().unwrap();
     assert_eq!(last["event"], "interrupted", "{rest:?}");
     let err = err_lines.join().unwrap().join("\n");
     assert!(

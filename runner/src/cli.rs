@@ -69,8 +69,9 @@ enum Command {
         /// Sweeps (s3) and runs (7) to compare, in any mix (`runner report s1 s4 12`); all runs by default.
         #[arg(value_name = "ID")]
         ids: Vec<String>,
-        /// Column to sort by: id, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s.
-        #[arg(long, default_value = "id")]
+        /// Column to sort by: id, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, or any run setting
+        /// (n_layers, lr, ...); -KEY or KEY:desc sorts descending.
+        #[arg(long, default_value = "id", allow_hyphen_values = true)]
         sort: String,
         /// table (aligned text), csv, or json (one object per run, every column).
         #[arg(long, value_enum, default_value = "table")]
@@ -155,7 +156,12 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}{}", engine::error_line(&e), full_disk_hint(&home));
+            eprintln!(
+                "error: {}{}{}",
+                engine::error_line(&e),
+                full_disk_hint(&home),
+                read_only_hint(&e, &home)
+            );
             ExitCode::FAILURE
         }
     }
@@ -169,6 +175,20 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
     unsafe {
         let mut st: libc::statvfs = std::mem::zeroed();
         (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+/// SQLite says "attempt to write a readonly database" without naming it: name the file and what to do.
+fn read_only_hint(e: &anyhow::Error, home: &Path) -> String {
+    if e.chain()
+        .any(|c| c.to_string().contains("readonly database"))
+    {
+        format!(
+            " ({} or its folder is read-only to this user: the runner records every command there; make it writable or pass another --home)",
+            home.join("runs.db").display()
+        )
+    } else {
+        String::new()
     }
 }
 
@@ -222,6 +242,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 /// Open an existing home. Runs left `running` by a runner that is gone (and whose engine is gone too)
 /// become `interrupted` here, so `ls`, `show` and `report` never show dead runs as running.
 async fn open_existing(home: &Path) -> Result<RunStore> {
+    if home.exists() && !home.is_dir() {
+        bail!(
+            "--home {} is a file, not a folder: pass the folder that holds runs.db (default: runs)",
+            home.display()
+        );
+    }
     if !home.join("runs.db").is_file() {
         bail!("no runs.db in {}: start a sweep first (`runner sweep experiments/quickstart.toml`) or pass --home", home.display());
     }
@@ -586,7 +612,14 @@ async fn show(home: &Path, id: &str) -> Result<ExitCode> {
         Id::Run(r) => {
             let run = store.run(r).await?;
             println!("run {} of sweep s{}: {}", run.id, run.sweep_id, run.status);
-            println!("run dir: {}", run.run_dir);
+            if Path::new(&run.run_dir).is_dir() {
+                println!("run dir: {}", run.run_dir);
+            } else {
+                println!(
+                    "run dir: {} (deleted: its checkpoints and metrics.jsonl are gone)",
+                    run.run_dir
+                );
+            }
             if let Some(job) = &run.slurm_job {
                 println!("Slurm job: {job}");
             }
@@ -618,7 +651,10 @@ async fn show(home: &Path, id: &str) -> Result<ExitCode> {
             }
             println!("\ncheckpoints:");
             for (step, path, bytes, _) in store.checkpoints(r).await? {
-                println!("  step {step:>6}  {bytes:>10} bytes  {path}");
+                // Rotated away by keep_checkpoints (or deleted by hand): not offered as usable.
+                if Path::new(&path).is_dir() {
+                    println!("  step {step:>6}  {bytes:>10} bytes  {path}");
+                }
             }
         }
     }

@@ -28,6 +28,11 @@ pub struct ReportRow {
     pub param_count: Option<i64>,
     pub checkpoint: Option<String>,
     pub error: Option<String>,
+    /// Whether the run's folder still exists (a deleted one takes its checkpoints and metrics file along).
+    pub run_dir_exists: bool,
+    /// The run's whole config: a parameter one sweep did not sweep still shows the value its run had.
+    #[serde(skip)]
+    pub config: toml::Table,
 }
 
 impl From<&RunRow> for ReportRow {
@@ -43,11 +48,19 @@ impl From<&RunRow> for ReportRow {
             val_loss: r.val_loss,
             best_val_loss: r.best_val_loss,
             val_bpb: r.val_bpb,
-            tokens_per_s: r.tokens_per_s,
+            // Averaged over the run (tokens over training seconds, evals and checkpoints included), not
+            // the last logging window's rate; the window's rate until the first seconds are recorded.
+            tokens_per_s: if r.wall_s > 0.0 && r.tokens > 0 {
+                Some(r.tokens as f64 / r.wall_s)
+            } else {
+                r.tokens_per_s
+            },
             wall_s: r.wall_s,
             param_count: r.param_count,
             checkpoint: r.checkpoint.clone(),
             error: r.error.clone(),
+            run_dir_exists: r.run_dir.is_empty() || std::path::Path::new(&r.run_dir).is_dir(),
+            config: r.config.parse().unwrap_or_default(),
         }
     }
 }
@@ -62,27 +75,72 @@ pub const SORT_KEYS: [&str; 6] = [
     "wall_s",
 ];
 
+/// Sort by a column (`SORT_KEYS`) or any run setting (`n_layers`, `lr`: swept or not); `-KEY` or
+/// `KEY:desc` sorts descending. Missing values go last; ties by id.
 pub fn sort_rows(rows: &mut [ReportRow], key: &str) -> Result<()> {
-    let val = |r: &ReportRow| -> f64 {
-        match key {
-            "val_loss" => r.val_loss,
-            "best_val_loss" => r.best_val_loss,
-            "val_bpb" => r.val_bpb,
-            // Fastest first.
-            "tokens_per_s" => r.tokens_per_s.map(|v| -v),
-            "wall_s" => Some(r.wall_s),
-            _ => Some(r.id as f64),
-        }
-        .unwrap_or(f64::INFINITY)
+    let (key, desc) = match (key.strip_prefix('-'), key.strip_suffix(":desc")) {
+        (Some(k), _) | (None, Some(k)) => (k, true),
+        _ => (key.strip_suffix(":asc").unwrap_or(key), false),
     };
-    if !SORT_KEYS.contains(&key) {
+    let is_param = rows
+        .iter()
+        .any(|r| r.params.get(key).is_some() || r.config.contains_key(key));
+    if !SORT_KEYS.contains(&key) && !is_param {
         bail!(
-            "--sort {key}: not a column; use one of {}",
+            "--sort {key}: not a column or a run setting of these runs; use one of {} or a setting such as n_layers (prefix - or add :desc for descending)",
             SORT_KEYS.join(", ")
         );
     }
-    rows.sort_by(|a, b| val(a).total_cmp(&val(b)).then(a.id.cmp(&b.id)));
+    #[derive(PartialEq, PartialOrd)]
+    enum V {
+        Num(f64),
+        Text(String),
+    }
+    let val = |r: &ReportRow| -> Option<V> {
+        let num = match key {
+            "id" => Some(r.id as f64),
+            "val_loss" => r.val_loss,
+            "best_val_loss" => r.best_val_loss,
+            "val_bpb" => r.val_bpb,
+            // Fastest first (descending: slowest first).
+            "tokens_per_s" => r.tokens_per_s.map(|v| -v),
+            "wall_s" => Some(r.wall_s),
+            _ => {
+                return match param_value(r, key)? {
+                    toml::Value::Integer(i) => Some(V::Num(i as f64)),
+                    toml::Value::Float(f) => Some(V::Num(f)),
+                    toml::Value::String(s) => Some(V::Text(s)),
+                    other => Some(V::Text(other.to_string())),
+                }
+            }
+        };
+        num.filter(|v| !v.is_nan()).map(V::Num)
+    };
+    rows.sort_by(|a, b| {
+        let order = match (val(a), val(b)) {
+            (Some(x), Some(y)) => {
+                let o = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
+                if desc {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        };
+        order.then(a.id.cmp(&b.id))
+    });
     Ok(())
+}
+
+/// A run's value of setting `k`: the swept one, else the one in its config.
+fn param_value(r: &ReportRow, k: &str) -> Option<toml::Value> {
+    match r.params.get(k) {
+        Some(v) => serde_json::from_value(v.clone()).ok(),
+        None => r.config.get(k).cloned(),
+    }
 }
 
 /// Keys swept in these rows, in order.
@@ -96,9 +154,10 @@ fn param_keys(rows: &[ReportRow]) -> Vec<String> {
     keys.into_iter().collect()
 }
 
+/// A parameter's cell: the swept value, or, for a run whose sweep did not sweep it, the value it had.
 fn param_str(r: &ReportRow, k: &str) -> String {
-    match r.params.get(k) {
-        Some(serde_json::Value::String(s)) => s.clone(),
+    match param_value(r, k) {
+        Some(toml::Value::String(s)) => s,
         Some(v) => v.to_string(),
         None => String::new(),
     }
@@ -140,7 +199,11 @@ fn columns(rows: &[ReportRow]) -> (Vec<String>, Vec<Vec<String>>) {
             cells.push(opt(r.val_bpb, 4));
             cells.push(opt(r.tokens_per_s, 0));
             cells.push(format!("{:.1}", r.wall_s));
-            cells.push(r.checkpoint.clone().unwrap_or_else(|| "-".into()));
+            cells.push(if r.run_dir_exists {
+                r.checkpoint.clone().unwrap_or_else(|| "-".into())
+            } else {
+                "(run dir deleted)".into()
+            });
             cells
         })
         .collect();
@@ -479,6 +542,10 @@ mod tests {
             param_count: Some(5),
             checkpoint: Some("a,b".into()),
             error: None,
+            run_dir_exists: true,
+            config: format!("n_layers = {id}\nlr = 0.00{id}\nmixer = \"ttt\"")
+                .parse()
+                .unwrap(),
         }
     }
 
@@ -488,6 +555,31 @@ mod tests {
         sort_rows(&mut rows, "val_loss").unwrap();
         assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3, 2, 1]);
         assert!(sort_rows(&mut rows, "nope").is_err());
+        // Descending, and by a run setting whether swept or not.
+        sort_rows(&mut rows, "-val_loss").unwrap();
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![2, 3, 1]);
+        sort_rows(&mut rows, "lr:desc").unwrap();
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3, 2, 1]);
+        sort_rows(&mut rows, "n_layers").unwrap();
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn an_unswept_parameter_shows_the_value_the_run_had() {
+        let mut other = row(2, Some(1.0));
+        other.params = serde_json::json!({"lr": 0.5});
+        let t = table(&[row(1, Some(2.0)), other]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("lr") && lines[0].contains("n_layers"),
+            "{t}"
+        );
+        // Run 1 swept n_layers, not lr: its lr comes from its config; run 2 the other way round.
+        assert!(
+            lines[1].contains("0.001") && lines[2].contains("0.5"),
+            "{t}"
+        );
+        assert!(lines[2].split_whitespace().any(|c| c == "2"), "{t}");
     }
 
     #[test]

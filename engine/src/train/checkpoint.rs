@@ -321,20 +321,31 @@ impl CheckpointDir {
         let (mut skipped, mut newest_why) = (Vec::new(), None);
         for step in self.steps() {
             let path = self.root.join(step_name(step));
+            // A live run rotates old checkpoints away (keep_checkpoints): a folder that disappears while it
+            // is read (`engine generate` on a training run) is passed over for the next one, not an error.
+            let gone = |path: &Path| !path.exists();
             match Self::verify(&path) {
                 Ok(state) => {
                     // Sound on disk: a failure to load it now (I/O, device memory) is an error, not a
                     // reason to fall back to an older step.
-                    let mut ck = Self::load_verified(&path, state, device)?;
-                    ck.skipped = skipped;
-                    return Ok(Some(ck));
+                    match Self::load_verified(&path, state, device) {
+                        Ok(mut ck) => {
+                            ck.skipped = skipped;
+                            return Ok(Some(ck));
+                        }
+                        Err(_) if gone(&path) => continue,
+                        Err(e) => {
+                            return Err(e.context(format!("loading checkpoint {}", path.display())))
+                        }
+                    }
                 }
+                Err(_) if gone(&path) => continue,
                 Err(e) if e.downcast_ref::<Corrupt>().is_some() => {
                     tracing::warn!("skipping checkpoint {}: {e:#}", path.display());
                     newest_why.get_or_insert_with(|| format!("{e:#}"));
                     skipped.push(path);
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.context(format!("reading checkpoint {}", path.display()))),
             }
         }
         match newest_why {

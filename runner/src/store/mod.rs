@@ -12,6 +12,8 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+mod apply;
+
 /// Run statuses, exactly as stored in `runs.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
@@ -196,7 +198,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// The runner's home: `runs.db` and one folder per run.
 #[derive(Clone)]
 pub struct RunStore {
-    pub pool: SqlitePool,
+    /// Private: every statement is a method of the store.
+    pool: SqlitePool,
     pub home: PathBuf,
 }
 
@@ -567,6 +570,19 @@ impl RunStore {
         }
         tx.commit().await?;
         Ok(n == 1)
+    }
+
+    /// SQLite's own check of the database file ("ok" when intact).
+    pub async fn integrity_check(&self) -> Result<String> {
+        Ok(sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// The pool, for tests elsewhere in the crate that need a raw statement.
+    #[cfg(test)]
+    pub(crate) fn pool_for_tests(&self) -> &SqlitePool {
+        &self.pool
     }
 
     /// The stored sweep file (JSON) of sweep `id`.
