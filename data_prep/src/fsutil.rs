@@ -157,6 +157,27 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Opens (creating it if needed, never truncating) a lock file: the one way the workspace opens the files
+/// it takes `flock` locks on (build folders, run dirs, GPUs).
+pub fn open_lock_file(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
+/// Try to take an exclusive lock on the file at `path` without waiting: `Ok(Some(file))` holds it until
+/// the file is dropped, `Ok(None)` means another process holds it.
+pub fn try_lock_file(path: &Path) -> io::Result<Option<File>> {
+    let file = open_lock_file(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// An exclusive lock on a folder, held until dropped (see [`lock_dir`]).
 pub struct DirLock {
     /// `None` where no lock could be taken (see [`lock_dir`]).
@@ -174,12 +195,7 @@ pub fn lock_dir(dir: &Path, name: &str) -> Result<DirLock> {
         waited: false,
     };
     let path = dir.join(name);
-    let file = match std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-    {
+    let file = match open_lock_file(&path) {
         Ok(f) => f,
         // A folder this user may not write to: whatever happens next reports it; no lock to take.
         Err(e)

@@ -823,18 +823,5 @@ fn a_failed_metrics_write_ends_the_run_and_the_checkpoint_survives() {
     );
     std::fs::remove_file(&metrics).unwrap();
     std::fs::write(&metrics, kept).unwrap();
-    let out = run(&[
-        "train",
-        "--resume",
-        run_dir.to_str().unwrap(),
-        "--set",
-        "steps=20",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("\"resumed\":true") && stdout.contains("\"event\":\"done\""));
+    resume_to(&run_dir, 20, dir.path());
 }

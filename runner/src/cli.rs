@@ -642,18 +642,20 @@ async fn show(home: &Path, id: &str) -> Result<ExitCode> {
             );
             println!("\nconfig:\n{}", run.config.trim_end());
             println!("\nevents:");
-            for (time, kind, status, reason) in store.events(r).await? {
+            for e in store.events(r).await? {
                 println!(
-                    "  {time}  {kind:<7} {:<11} {}",
-                    status.unwrap_or_default(),
-                    reason.unwrap_or_default()
+                    "  {}  {:<7} {:<11} {}",
+                    e.time,
+                    e.kind,
+                    e.status.unwrap_or_default(),
+                    e.reason.unwrap_or_default()
                 );
             }
             println!("\ncheckpoints:");
-            for (step, path, bytes, _) in store.checkpoints(r).await? {
+            for c in store.checkpoints(r).await? {
                 // Rotated away by keep_checkpoints (or deleted by hand): not offered as usable.
-                if Path::new(&path).is_dir() {
-                    println!("  step {step:>6}  {bytes:>10} bytes  {path}");
+                if Path::new(&c.path).is_dir() {
+                    println!("  step {:>6}  {:>10} bytes  {}", c.step, c.bytes, c.path);
                 }
             }
         }

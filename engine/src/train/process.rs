@@ -10,21 +10,14 @@ use anyhow::{bail, Context, Result};
 /// Take the run directory's lock so two engines never write the same run.
 pub fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
     let path = run_dir.join(".lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            bail!(
-                "run dir {} is in use by another engine process",
-                run_dir.display()
-            )
-        }
-        Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the run dir"),
+    match data_prep::fsutil::try_lock_file(&path)
+        .with_context(|| format!("locking {}", path.display()))?
+    {
+        Some(f) => Ok(f),
+        None => bail!(
+            "run dir {} is in use by another engine process",
+            run_dir.display()
+        ),
     }
 }
 

@@ -74,22 +74,14 @@ impl DeviceSlots {
             crate::store::this_host(),
             device.replace(':', "-")
         );
-        let file = std::fs::create_dir_all(dir)
-            .and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(dir.join(name))
-            })
-            // An unusable lock dir must not stop the sweep: fall back to this process's own accounting.
-            .map_err(|e| tracing::warn!("device lock for {device}: {e}"));
-        let Ok(file) = file else { return Ok(None) };
-        match file.try_lock() {
-            Ok(()) => Ok(Some(file)),
-            Err(std::fs::TryLockError::WouldBlock) => Err(()),
-            // A filesystem without flock (some NFS/Lustre mounts): as an unusable lock dir above.
-            Err(std::fs::TryLockError::Error(e)) => {
+        match std::fs::create_dir_all(dir)
+            .and_then(|()| data_prep::fsutil::try_lock_file(&dir.join(name)))
+        {
+            Ok(Some(file)) => Ok(Some(file)),
+            Ok(None) => Err(()),
+            // An unusable lock dir, or a filesystem without flock (some NFS/Lustre mounts), must not stop
+            // the sweep: fall back to this process's own accounting.
+            Err(e) => {
                 tracing::warn!("device lock for {device}: {e}");
                 Ok(None)
             }
@@ -377,21 +369,10 @@ async fn wait_for_run_dir(run: &RunRow, ctx: &LaunchContext, limit: Duration) ->
     let started = tokio::time::Instant::now();
     let mut said = false;
     loop {
-        let file = match std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-        {
-            Ok(f) => f,
-            // The engine reports what is wrong with the folder itself.
-            Err(_) => return Ok(()),
-        };
-        match file.try_lock() {
-            Ok(()) | Err(std::fs::TryLockError::Error(_)) => return Ok(()),
-            Err(std::fs::TryLockError::WouldBlock) => {}
+        // Free, or not lockable here (the engine reports what is wrong with the folder itself): go on.
+        if !matches!(data_prep::fsutil::try_lock_file(&path), Ok(None)) {
+            return Ok(());
         }
-        drop(file);
         if !said {
             said = true;
             let by = run.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();

@@ -124,7 +124,26 @@ impl NewRun {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One entry of a run's event log.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct EventRow {
+    pub time: String,
+    /// `status` (a status change), `runner`, `slurm`, `engine` (notes).
+    pub kind: String,
+    pub status: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// A checkpoint an engine reported.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct CheckpointRow {
+    pub step: i64,
+    pub path: String,
+    pub bytes: i64,
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct SweepRow {
     pub id: i64,
     pub name: String,
@@ -212,15 +231,6 @@ pub fn this_host() -> String {
 
 const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started";
 
-fn sweep_from_row(r: &sqlx::sqlite::SqliteRow) -> SweepRow {
-    SweepRow {
-        id: r.get(0),
-        name: r.get(1),
-        file: r.get(2),
-        created_at: r.get(3),
-    }
-}
-
 fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
     RunRow {
         id: r.get(0),
@@ -262,11 +272,7 @@ impl RunStore {
         // serialise connecting and migrating with a file lock (sqlx records applied migrations, so the
         // second runner finds none left to do).
         let lock_path = home.join("runs.db.migrate-lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
+        let lock = data_prep::fsutil::open_lock_file(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
         let lock = tokio::task::spawn_blocking(move || lock.lock().map(|_| lock))
             .await?
@@ -648,21 +654,22 @@ impl RunStore {
     }
 
     pub async fn sweep(&self, id: i64) -> Result<SweepRow> {
-        let row = sqlx::query("SELECT id, name, file, created_at FROM sweeps WHERE id = ?")
+        let row = sqlx::query_as("SELECT id, name, file, created_at FROM sweeps WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
         match row {
-            Some(r) => Ok(sweep_from_row(&r)),
+            Some(r) => Ok(r),
             None => bail!("no sweep with id s{id}: see `runner ls` for the ids"),
         }
     }
 
     pub async fn sweeps(&self) -> Result<Vec<SweepRow>> {
-        let rows = sqlx::query("SELECT id, name, file, created_at FROM sweeps ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(sweep_from_row).collect())
+        Ok(
+            sqlx::query_as("SELECT id, name, file, created_at FROM sweeps ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Runs of one sweep (or all), in id order.
@@ -751,35 +758,24 @@ impl RunStore {
         Ok(out)
     }
 
-    /// Status events of a run: (time, kind, status, reason).
-    pub async fn events(
-        &self,
-        run: i64,
-    ) -> Result<Vec<(String, String, Option<String>, Option<String>)>> {
-        let rows = sqlx::query(
+    /// The event log of a run (status changes and notes), oldest first.
+    pub async fn events(&self, run: i64) -> Result<Vec<EventRow>> {
+        Ok(sqlx::query_as(
             "SELECT time, kind, status, reason FROM events WHERE run_id = ? ORDER BY id",
         )
         .bind(run)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect())
+        .await?)
     }
 
-    /// Checkpoints of a run: (step, path, bytes, sha256).
-    pub async fn checkpoints(&self, run: i64) -> Result<Vec<(i64, String, i64, Option<String>)>> {
-        let rows = sqlx::query(
+    /// The checkpoints recorded for a run, by step.
+    pub async fn checkpoints(&self, run: i64) -> Result<Vec<CheckpointRow>> {
+        Ok(sqlx::query_as(
             "SELECT step, path, bytes, sha256 FROM checkpoints WHERE run_id = ? ORDER BY step",
         )
         .bind(run)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect())
+        .await?)
     }
 }
 
