@@ -504,8 +504,11 @@ mod tests {
         let mut other = state(40);
         other.format_version = CHECKPOINT_FORMAT + 1;
         ck.save(other, &model, &opt, 5)?;
-        let err = ck.load_latest(&dev).err().expect("refused").to_string();
-        assert!(err.contains("checkpoint format"), "{err}");
+        let err = format!("{:#}", ck.load_latest(&dev).err().expect("refused"));
+        assert!(
+            err.contains("checkpoint format") && err.contains("step-00000040"),
+            "{err}"
+        );
         fs::remove_dir_all(ck.root().join("step-00000040"))?;
         // Every folder corrupt: an error, not a silent fresh start.
         fs::write(ck.root().join("step-00000020/state.json"), "{")?;
