@@ -43,6 +43,11 @@ enum Command {
         /// Override one setting, e.g. --set steps=500 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Stop once the run has used this budget (steps=N, tokens=N or seconds=N): an eval, a checkpoint,
+        /// a `paused` event and exit code 0; `--resume` continues it exactly (the runner's early stopping
+        /// pauses runs at its rungs this way).
+        #[arg(long, value_name = "UNIT=VALUE")]
+        pause_at: Option<crate::train::budget::PauseAt>,
     },
     /// List every run setting (the keys of run.toml, a sweep's [base]/[sweep], ENGINE_<KEY> and --set) with
     /// its default and meaning.
@@ -425,13 +430,15 @@ where
             out,
             resume,
             sets,
+            pause_at,
         } => match train(&TrainArgs {
             config,
             out,
             resume,
             sets,
+            pause_at,
         }) {
-            Ok(Outcome::Done) => ExitCode::SUCCESS,
+            Ok(Outcome::Done | Outcome::Paused) => ExitCode::SUCCESS,
             Ok(Outcome::Interrupted) => ExitCode::from(EXIT_INTERRUPTED as u8),
             Err(e) => {
                 crate::say!("error: {}", crate::error_line(&e));

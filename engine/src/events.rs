@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of the event protocol, sent in the `start` event.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Exit code of an engine that stopped on SIGINT/SIGTERM after writing a checkpoint.
 pub const EXIT_INTERRUPTED: i32 = 130;
@@ -60,6 +60,16 @@ pub enum Event {
         /// sha256 of all parameters (identical on every rank of a data-parallel run).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         params_sha256: Option<String>,
+    },
+    /// Stopped at the budget `--pause-at` named (an early-stopping rung) after an eval and a checkpoint;
+    /// exit code 0. A resume continues it exactly as if it had not stopped (the learning-rate schedule is
+    /// the full run's).
+    Paused {
+        step: u64,
+        tokens: u64,
+        elapsed_s: f64,
+        val_loss: f64,
+        val_bpb: f64,
     },
     /// Stopped by a signal after checkpointing; resume continues from `step`.
     Interrupted { step: u64, signal: String },

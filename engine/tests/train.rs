@@ -825,3 +825,52 @@ fn a_failed_metrics_write_ends_the_run_and_the_checkpoint_survives() {
     std::fs::write(&metrics, kept).unwrap();
     resume_to(&run_dir, 20, dir.path());
 }
+
+/// `--pause-at` stops a run at a budget with an eval, a checkpoint and a `paused` event (exit 0); resumed
+/// from rung to rung it ends bit-identical to the same run trained straight through (the learning-rate
+/// schedule is the full run's).
+#[test]
+fn a_paused_and_resumed_run_equals_a_straight_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let events = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let sha = |evs: &[serde_json::Value]| {
+        evs.iter()
+            .find(|v| v["event"] == "done")
+            .map(|v| v["params_sha256"].clone())
+            .unwrap()
+    };
+    let (_, straight) = first_run(dir.path(), &data, "steps = 20\n", &[]);
+    let straight = events(&straight);
+    let paused_dir = dir.path().join("paused");
+    std::fs::create_dir(&paused_dir).unwrap();
+    // Rung 1 at 7 steps; rung 2 at 8 × 4 × 32 = 1024 tokens (step 8); then to the end.
+    let (run_dir, out) = first_run(&paused_dir, &data, "steps = 20\n", &["--pause-at", "steps=7"]);
+    let first = events(&out);
+    let last = first.last().unwrap();
+    assert_eq!(last["event"], "paused", "{first:?}");
+    assert_eq!(last["step"], 7);
+    assert!(first.iter().any(|v| v["event"] == "eval" && v["step"] == 7));
+    assert!(has_checkpoint(&run_dir, 7));
+    let r = run_dir.to_str().unwrap();
+    let second = events(&run(&["train", "--resume", r, "--pause-at", "tokens=1024"]));
+    assert_eq!(second.last().unwrap()["event"], "paused");
+    assert_eq!(second.last().unwrap()["step"], 8);
+    let third = events(&run(&["train", "--resume", r]));
+    assert_eq!(sha(&third), sha(&straight));
+    // The step losses of the pieces are the straight run's.
+    let losses = |evs: &[serde_json::Value]| -> Vec<(u64, f64)> {
+        evs.iter()
+            .filter(|v| v["event"] == "step")
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let pieces: Vec<(u64, f64)> = [first, second, third].iter().flat_map(|e| losses(e)).collect();
+    assert_eq!(pieces, losses(&straight));
+}

@@ -10,17 +10,17 @@ use candle_core::{DType, Tensor, Var};
 use super::Communicator;
 
 /// Average gradients across ranks with one flat all-reduce per bucket; the same buffer carries the
-/// local loss sum and the stop/time-up flags. Returns the global loss sum, whether any rank set a flag,
+/// local loss sum and the stop, time-up and pause flags. Returns the global loss sum, whether any rank set a flag,
 /// and the all-reduce's milliseconds (the device is synchronised first, so backward is not counted).
 pub fn average_gradients(
     comm: &mut dyn Communicator,
     grads: &mut GradStore,
     vars: &[Var],
     loss_sum: f64,
-    flags: [bool; 2],
-) -> Result<(f64, [bool; 2], f64)> {
+    flags: [bool; 3],
+) -> Result<(f64, [bool; 3], f64)> {
     let world = comm.world_size() as f64;
-    // One flat f32 buffer on the training device: every gradient, then the loss and the two flags.
+    // One flat f32 buffer on the training device: every gradient, then the loss and the three flags.
     let mut parts = Vec::with_capacity(vars.len() + 1);
     let mut shapes = Vec::with_capacity(vars.len());
     for v in vars {
@@ -39,6 +39,7 @@ pub fn average_gradients(
         loss_sum as f32,
         f32::from(u8::from(flags[0])),
         f32::from(u8::from(flags[1])),
+        f32::from(u8::from(flags[2])),
     ];
     parts.push(Tensor::new(&tail, &device)?);
     let flat = Tensor::cat(&parts, 0)?;
@@ -58,6 +59,6 @@ pub fn average_gradients(
         offset += len;
         grads.insert(v.as_tensor(), avg.reshape(shape)?.to_dtype(dtype)?);
     }
-    let tail = summed.narrow(0, n_grads, 3)?.to_vec1::<f32>()?;
-    Ok((tail[0] as f64, [tail[1] > 0.0, tail[2] > 0.0], allreduce_ms))
+    let tail = summed.narrow(0, n_grads, 4)?.to_vec1::<f32>()?;
+    Ok((tail[0] as f64, [tail[1] > 0.0, tail[2] > 0.0, tail[3] > 0.0], allreduce_ms))
 }

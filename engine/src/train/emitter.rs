@@ -85,6 +85,9 @@ impl Emitter {
             Event::Interrupted { step, signal } => crate::say!(
                 "interrupted ({signal}) at step {step}; its checkpoint is saved: `engine train --resume RUN_DIR` continues"
             ),
+            Event::Paused { step, val_loss, .. } => crate::say!(
+                "paused at step {step} (val loss {val_loss:.4}); `engine train --resume RUN_DIR` continues"
+            ),
             Event::Done { step, val_loss, .. } => match val_loss {
                 Some(v) => crate::say!("done at step {step}: val loss {v:.4}"),
                 None => crate::say!("done at step {step}"),

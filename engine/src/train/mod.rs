@@ -1,6 +1,7 @@
 //! `engine train`: one training run with periodic evals, atomic checkpoints, exact resume and a JSON-lines
 //! event stream (see `engine/PROTOCOL.md`).
 
+pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -45,12 +46,16 @@ pub struct TrainArgs {
     pub out: Option<PathBuf>,
     pub resume: Option<PathBuf>,
     pub sets: Vec<String>,
+    /// Stop at this budget with a `paused` event (an early-stopping rung); the run resumes later.
+    pub pause_at: Option<budget::PauseAt>,
 }
 
 /// How a run ended (errors are `Err`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Done,
+    /// Stopped at `--pause-at` (eval and checkpoint written); exit code 0.
+    Paused,
     Interrupted,
 }
 
@@ -382,8 +387,13 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             None => stopped = true,
         }
     }
+    // Paused already (a resume whose rung was reached before): evaluate and stop without a step.
+    let mut paused = args
+        .pause_at
+        .is_some_and(|p| p.reached(step, tokens, elapsed_before));
+    let mut evaluated_at: Option<u64> = None;
     let mut patient = false;
-    while !stopped && !cfg.finished(step, tokens, 0.0) && !timed_out {
+    while !stopped && !paused && !cfg.finished(step, tokens, 0.0) && !timed_out {
         let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, horizon);
         let starts = data.sample_starts(&mut rng, cfg.batch_size, t);
         let mine = &starts[dist.rank * local..(dist.rank + 1) * local];
@@ -399,9 +409,13 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
             });
         }
         let mut grads = grads.expect("at least one micro-batch");
-        let flags = [stop.any.load(Ordering::SeqCst), time_up(&started)];
+        // The rung of `--pause-at`, judged on the counters after this step (seconds: now), agreed by all ranks.
+        let pause_due = args.pause_at.is_some_and(|p| {
+            p.reached(step + 1, tokens + (cfg.batch_size * t) as u64, elapsed(&started))
+        });
+        let flags = [stop.any.load(Ordering::SeqCst), time_up(&started), pause_due];
         // Through the communicator whenever it is a real one: also a one-rank NCCL check run exercises it.
-        let (loss, [any_stop, any_time_up], allreduce_ms) = if comm.is_collective() {
+        let (loss, [any_stop, any_time_up, any_pause], allreduce_ms) = if comm.is_collective() {
             let (loss, flags, ms) =
                 average_gradients(comm.as_mut(), &mut grads, &vars, loss_sum, flags)?;
             (loss, flags, Some(ms))
@@ -420,7 +434,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         opt.update_scaled(&grads, lr, clip_scale(grad_norm, cfg.grad_clip))?;
         step += 1;
         tokens += (cfg.batch_size * t) as u64;
-        (stopped, timed_out) = (any_stop, any_time_up);
+        (stopped, timed_out, paused) = (any_stop, any_time_up, any_pause);
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.4}"));
 
@@ -459,7 +473,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         // as due in the checkpoint below, and the resume runs it first.
         if step % cfg.eval_every == 0 && !finishing {
             match eval_at(step, comm.as_mut(), emitter)? {
-                Some(v) => last_val = Some(v),
+                Some(v) => (last_val, evaluated_at) = (Some(v), Some(step)),
                 None => (eval_due, stopped) = (true, true),
             }
         }
@@ -473,16 +487,21 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     bar.finish_and_clear();
 
     // 4. Interrupted: checkpoint and stop. Finished: final eval and checkpoint.
+    // Paused at a rung: eval (the one of this step when it ran), checkpoint, `paused`.
     let finished = cfg.finished(step, tokens, 0.0) || timed_out;
-    let final_val = if finished {
-        eval_at(step, comm.as_mut(), emitter)?
+    let paused = paused && !finished && !stopped;
+    let final_val = if finished || paused {
+        match (evaluated_at, last_val) {
+            (Some(at), Some(v)) if at == step && paused => Some(v),
+            _ => eval_at(step, comm.as_mut(), emitter)?,
+        }
     } else {
         None
     };
     let Some(final_val) = final_val else {
         // Stopped by a signal (mid-run, or during the final eval: then the resume only evaluates).
-        if saved_at != step || eval_due || finished {
-            let due = eval_due || finished;
+        if saved_at != step || eval_due || finished || paused {
+            let due = eval_due || finished || paused;
             if let Some(ev) = save(step, tokens, elapsed(&started), &rng, &opt, last_val, due)? {
                 emitter.emit(&ev)?;
             }
@@ -503,6 +522,16 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         false,
     )? {
         emitter.emit(&ev)?;
+    }
+    if paused {
+        emitter.emit(&Event::Paused {
+            step,
+            tokens,
+            elapsed_s: elapsed(&started),
+            val_loss: final_val,
+            val_bpb: data.bits_per_byte(final_val),
+        })?;
+        return Ok(Outcome::Paused);
     }
     emitter.emit(&Event::Done {
         step,

@@ -157,6 +157,22 @@ impl RunStore {
                         },
                     ));
                 }
+                Event::Paused {
+                    step,
+                    tokens,
+                    elapsed_s,
+                    val_loss,
+                    ..
+                } => {
+                    p.step = Some(*step as i64);
+                    p.tokens = Some(*tokens as i64);
+                    p.wall_s = Some(*elapsed_s);
+                    notes.push((
+                        *run,
+                        "engine",
+                        format!("paused at step {step} ({tokens} tokens): val loss {val_loss:.4}"),
+                    ));
+                }
                 Event::Error { message } => notes.push((*run, "error", message.clone())),
             }
         }
