@@ -834,7 +834,11 @@ fn a_paused_and_resumed_run_equals_a_straight_one() {
     let dir = tempfile::tempdir().unwrap();
     let data = data_dir(dir.path());
     let events = |out: &std::process::Output| -> Vec<serde_json::Value> {
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -851,7 +855,12 @@ fn a_paused_and_resumed_run_equals_a_straight_one() {
     let paused_dir = dir.path().join("paused");
     std::fs::create_dir(&paused_dir).unwrap();
     // Rung 1 at 7 steps; rung 2 at 8 × 4 × 32 = 1024 tokens (step 8); then to the end.
-    let (run_dir, out) = first_run(&paused_dir, &data, "steps = 20\n", &["--pause-at", "steps=7"]);
+    let (run_dir, out) = first_run(
+        &paused_dir,
+        &data,
+        "steps = 20\n",
+        &["--pause-at", "steps=7"],
+    );
     let first = events(&out);
     let last = first.last().unwrap();
     assert_eq!(last["event"], "paused", "{first:?}");
@@ -871,6 +880,9 @@ fn a_paused_and_resumed_run_equals_a_straight_one() {
             .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
             .collect()
     };
-    let pieces: Vec<(u64, f64)> = [first, second, third].iter().flat_map(|e| losses(e)).collect();
+    let pieces: Vec<(u64, f64)> = [first, second, third]
+        .iter()
+        .flat_map(|e| losses(e))
+        .collect();
     assert_eq!(pieces, losses(&straight));
 }

@@ -304,8 +304,28 @@ async fn report_runs(
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
+    // Which unit ranked runs that early stopping paused or pruned.
+    let mut notes = Vec::new();
+    for sweep in rows
+        .iter()
+        .map(|r| r.sweep_id.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let Ok(id) = sweep.trim_start_matches('s').parse::<i64>() else {
+            continue;
+        };
+        let spec: Option<SweepFile> = serde_json::from_str(&store.sweep_spec(id).await?).ok();
+        if let Some(es) = spec.map(|s| s.early_stop).filter(|e| e.enabled()) {
+            notes.push(format!("{sweep}: early stopping: {}", es.describe()));
+        }
+    }
     match format {
-        Format::Table => out(format_args!("{}", report::table(&rows))),
+        Format::Table => {
+            out(format_args!("{}", report::table(&rows)));
+            for n in &notes {
+                out(format_args!("{n}\n"));
+            }
+        }
         Format::Csv => out(format_args!("{}", report::csv(&rows))),
         Format::Json => out(format_args!("{}\n", serde_json::to_string_pretty(&rows)?)),
     }
@@ -353,8 +373,20 @@ fn exit_for(summary: &Summary) -> ExitCode {
 
 fn print_summary(s: &Summary) {
     eprintln!(
-        "{} completed, {} failed, {} interrupted, {} skipped (memory), {} not started",
-        s.completed, s.failed, s.interrupted, s.skipped_oom, s.left_queued
+        "{} completed, {} failed, {} interrupted, {} skipped (memory), {} not started{}",
+        s.completed,
+        s.failed,
+        s.interrupted,
+        s.skipped_oom,
+        s.left_queued,
+        if s.pruned + s.paused > 0 {
+            format!(
+                ", {} pruned by early stopping, {} paused (`runner resume` continues the search)",
+                s.pruned, s.paused
+            )
+        } else {
+            String::new()
+        }
     );
 }
 
@@ -430,6 +462,7 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     let store = RunStore::open(home).await?;
     report_recovered(&store).await?;
     let mut sweep_ids = Vec::new();
+    let mut early = std::collections::HashMap::new();
     for (s, rows) in sweeps.iter().zip(&planned) {
         let spec_json = serde_json::to_string(&s.spec)?;
         let id = store
@@ -444,13 +477,20 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
             s.runs.len(),
             home.display()
         );
+        if s.spec.early_stop.enabled() {
+            eprintln!(
+                "sweep s{id}: early stopping: {}",
+                s.spec.early_stop.describe()
+            );
+        }
+        early.insert(id, s.spec.early_stop.clone());
         sweep_ids.push(id);
     }
     let mut runs = Vec::new();
     for id in &sweep_ids {
         runs.extend(store.runs(Some(*id)).await?);
     }
-    let summary = exec::execute(&store, runs, resources, &engine).await?;
+    let summary = exec::execute(&store, runs, resources, &engine, early).await?;
     for id in &sweep_ids {
         out(format_args!("sweep s{id}:\n"));
         report_runs(&store, &[Id::Sweep(*id)], "id", Format::Table, None).await?;
@@ -485,7 +525,7 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
     let id: Id = id.parse()?;
     exec::check_engine_env()?;
     let store = open_existing(home).await?;
-    let (sweep_id, runs) = match id {
+    let (sweep_id, runs, search) = match id {
         Id::Run(r) => {
             let run = store.run(r).await?;
             match run.status {
@@ -504,7 +544,8 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
                 ),
                 _ => {}
             }
-            (run.sweep_id, vec![run])
+            // A run resumed on its own trains to its full length (also a paused or pruned one).
+            (run.sweep_id, vec![run], false)
         }
         Id::Sweep(s) => {
             store.sweep(s).await?;
@@ -512,7 +553,11 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
             let todo: Vec<_> = all
                 .into_iter()
                 .filter(|r| match r.status {
-                    RunStatus::Queued | RunStatus::Interrupted | RunStatus::Failed => true,
+                    // Paused runs take part in the search again: promoted if the rule lets them.
+                    RunStatus::Queued
+                    | RunStatus::Interrupted
+                    | RunStatus::Failed
+                    | RunStatus::Paused => true,
                     // A Slurm job that outlived its runner: followed again. A local engine a killed
                     // runner left checkpointing: waited for, then resumed.
                     RunStatus::Running => r.slurm_job.is_some() || store.abandoned(r),
@@ -525,7 +570,7 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
                 ));
                 return Ok(ExitCode::SUCCESS);
             }
-            (s, todo)
+            (s, todo, true)
         }
     };
     let sweep = store.sweep(sweep_id).await?;
@@ -554,7 +599,12 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
         todo.push(r);
     }
     let engine = EngineCommand::detect()?;
-    let summary = exec::execute(&store, todo, &spec.resources, &engine).await?;
+    let early = if search {
+        [(sweep_id, spec.early_stop.clone())].into()
+    } else {
+        Default::default()
+    };
+    let summary = exec::execute(&store, todo, &spec.resources, &engine, early).await?;
     report_runs(&store, &[Id::Sweep(sweep_id)], "id", Format::Table, None).await?;
     print_summary(&summary);
     Ok(exit_for(&summary))
@@ -583,8 +633,9 @@ async fn ls(home: &Path) -> Result<ExitCode> {
                 .as_object()
                 .map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect())
                 .unwrap_or_default();
+            let rung = r.rung.map_or(String::new(), |k| format!("  rung {k}"));
             println!(
-                "  {:>5}  {:<11}  step {:>6}  {}",
+                "  {:>5}  {:<11}  step {:>6}{rung}  {}",
                 r.id,
                 r.status,
                 r.step,
@@ -622,6 +673,9 @@ async fn show(home: &Path, id: &str) -> Result<ExitCode> {
             }
             if let Some(job) = &run.slurm_job {
                 println!("Slurm job: {job}");
+            }
+            if let Some(k) = run.rung {
+                println!("early-stopping rung reached: {k}");
             }
             if run.restarts > 0 {
                 println!("resubmitted {} time(s) by the Slurm backend", run.restarts);

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod display;
+pub mod early_stop;
 pub mod exec;
 pub mod ingest;
 pub mod pack_points;

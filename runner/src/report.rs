@@ -25,6 +25,8 @@ pub struct ReportRow {
     pub val_bpb: Option<f64>,
     pub tokens_per_s: Option<f64>,
     pub wall_s: f64,
+    /// The highest early-stopping rung the run reached (0 is the first); none without early stopping.
+    pub rung: Option<i64>,
     pub param_count: Option<i64>,
     pub checkpoint: Option<String>,
     pub error: Option<String>,
@@ -56,6 +58,7 @@ impl From<&RunRow> for ReportRow {
                 r.tokens_per_s
             },
             wall_s: r.wall_s,
+            rung: r.rung,
             param_count: r.param_count,
             checkpoint: r.checkpoint.clone(),
             error: r.error.clone(),
@@ -170,7 +173,11 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 fn columns(rows: &[ReportRow]) -> (Vec<String>, Vec<Vec<String>>) {
     let keys = param_keys(rows);
+    let rungs = rows.iter().any(|r| r.rung.is_some());
     let mut head: Vec<String> = vec!["id".into(), "sweep".into(), "status".into()];
+    if rungs {
+        head.push("rung".into());
+    }
     head.extend(keys.iter().cloned());
     head.extend(
         [
@@ -189,6 +196,9 @@ fn columns(rows: &[ReportRow]) -> (Vec<String>, Vec<Vec<String>>) {
         .iter()
         .map(|r| {
             let mut cells = vec![r.id.to_string(), r.sweep_id.clone(), r.status.clone()];
+            if rungs {
+                cells.push(r.rung.map_or("-".into(), |k| k.to_string()));
+            }
             cells.extend(keys.iter().map(|k| param_str(r, k)));
             cells.push(match r.total_steps {
                 Some(t) => format!("{}/{t}", r.step),
@@ -259,6 +269,7 @@ pub fn csv(rows: &[ReportRow]) -> String {
         "checkpoint",
         "error",
         "tokens",
+        "rung",
     ]);
     let _ = writeln!(out, "{}", head.join(","));
     let o = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
@@ -275,6 +286,7 @@ pub fn csv(rows: &[ReportRow]) -> String {
             r.checkpoint.clone().unwrap_or_default(),
             r.error.clone().unwrap_or_default(),
             r.tokens.to_string(),
+            r.rung.map(|k| k.to_string()).unwrap_or_default(),
         ]);
         let cells: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
         let _ = writeln!(out, "{}", cells.join(","));
@@ -539,6 +551,7 @@ mod tests {
             val_bpb: loss,
             tokens_per_s: Some(100.0),
             wall_s: 1.0,
+            rung: None,
             param_count: Some(5),
             checkpoint: Some("a,b".into()),
             error: None,

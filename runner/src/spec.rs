@@ -132,6 +132,9 @@ pub struct SweepFile {
     pub sweep: toml::Table,
     #[serde(default)]
     pub resources: Resources,
+    /// Early stopping (ASHA or median) with paused, resumable runs; off by default.
+    #[serde(default)]
+    pub early_stop: crate::early_stop::EarlyStop,
 }
 
 /// One run of an expanded sweep: its swept values and full engine config.
@@ -187,7 +190,7 @@ impl SweepFile {
             Env::prefixed("RUNNER_").split("__").filter(|key| {
                 // The key as `split` left it, before lowercasing: `RESOURCES.MAX_PARALLEL`.
                 key.as_str().split_once('.').is_some_and(|(section, _)| {
-                    ["base", "sweep", "resources", "data"]
+                    ["base", "sweep", "resources", "data", "early_stop"]
                         .iter()
                         .any(|s| section.eq_ignore_ascii_case(s))
                 })
@@ -450,6 +453,7 @@ impl Sweep {
                 );
             }
         }
+        spec.early_stop.validate(&f.to_string())?;
         let data_dir =
             std::path::absolute(&spec.data.dir).unwrap_or_else(|_| spec.data.dir.clone());
         let mut runs = Vec::with_capacity(combos.len());
@@ -485,6 +489,19 @@ impl Sweep {
                 config
                     .check_ranks(ranks, name)
                     .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+            }
+            if spec.early_stop.enabled() {
+                let rungs = spec
+                    .early_stop
+                    .rungs_of(&config)
+                    .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+                if rungs.is_empty() {
+                    bail!(
+                        "{f}: run ({}): [early_stop] min_budget = {} is not below the run's length: lower it or lengthen the runs",
+                        describe(),
+                        spec.early_stop.min_budget
+                    );
+                }
             }
             runs.push(PlannedRun { params, config });
         }

@@ -830,3 +830,126 @@ fn a_stopped_rank_fails_the_run_without_hanging_the_runner() {
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
+
+/// ASHA over 9 tiny configurations, eta = 3, one run at a time: runs pause at their rungs (192 and 576
+/// tokens of 1,728) and the rule promotes them from their checkpoints. The order in which rung results
+/// arrive is exactly what the rule implies for one worker; the runs never promoted end `pruned`; the
+/// winner's weights equal its configuration trained straight through; a pruned run resumes to the end.
+#[test]
+fn asha_pauses_and_promotes_runs_by_the_rule() {
+    use runner::early_stop::{next_promotion, Method};
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = sweep_file(
+        dir.path(),
+        "asha",
+        27,
+        "lr = [0.001, 0.003, 0.01]\nseed = [0, 1, 2]",
+    );
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[base]\n", "[base]\nbatch_size = 4\ncontext_len = 16\n")
+        .replace("max_parallel = 2", "max_parallel = 1")
+        + "[early_stop]\nmethod = \"asha\"\nmin_budget = 192\nreduction_factor = 3\n";
+    std::fs::write(&file, text).unwrap();
+    let out = runner(&home).arg("sweep").arg(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(&out);
+    assert!(stderr.contains("pruned by early stopping"), "{stderr}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let results = rt.block_on(async {
+        let store = runner::store::RunStore::open(&home).await.unwrap();
+        store.rung_results(1).await.unwrap()
+    });
+    // One worker: after each result, promote if the rule allows, else start the next configuration.
+    let value = |run: i64, rung: usize| {
+        results
+            .iter()
+            .find(|r| r.run == run && r.rung == rung)
+            .unwrap_or_else(|| panic!("run {run} has no result at rung {rung}: {results:?}"))
+            .value
+    };
+    let (mut seen, mut paused, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    let mut next_config = 1;
+    loop {
+        let (run, rung) = match next_promotion(Method::Asha, 3.0, &seen, &paused) {
+            Some(run) => {
+                let i = paused
+                    .iter()
+                    .position(|p: &(i64, usize)| p.0 == run)
+                    .unwrap();
+                (run, paused.remove(i).1 + 1)
+            }
+            None if next_config <= 9 => {
+                next_config += 1;
+                (next_config - 1, 0)
+            }
+            None => break,
+        };
+        order.push((run, rung));
+        seen.push(runner::early_stop::RungResult {
+            run,
+            rung,
+            value: value(run, rung),
+        });
+        if rung < 2 {
+            paused.push((run, rung));
+        }
+    }
+    let actual: Vec<(i64, usize)> = results.iter().map(|r| (r.run, r.rung)).collect();
+    assert_eq!(actual, order, "rung results in arrival order");
+    let at = |k: usize| results.iter().filter(|r| r.rung == k).count();
+    assert_eq!(at(0), 9);
+    assert!(at(1) >= 3 && at(2) >= 1 && at(2) < at(1), "{results:?}");
+    let rows = report_json(&home, "s1");
+    for r in &rows {
+        let id = r["id"].as_i64().unwrap();
+        let top = results.iter().filter(|x| x.run == id).map(|x| x.rung).max();
+        match top {
+            Some(2) => assert_eq!(r["status"], "completed", "{r}"),
+            _ => {
+                assert_eq!(r["status"], "pruned", "{r}");
+                assert!(r["checkpoint"]
+                    .as_str()
+                    .is_some_and(|c| Path::new(c).is_dir()));
+            }
+        }
+        assert_eq!(r["rung"].as_u64().map(|k| k as usize), top, "{r}");
+    }
+    // The completed (promoted, paused twice) run equals its configuration trained straight through.
+    let winner = rows.iter().find(|r| r["status"] == "completed").unwrap();
+    let run_dir = home.join(format!("run-{}", winner["id"]));
+    let done_sha = |metrics: &Path| -> serde_json::Value {
+        std::fs::read_to_string(metrics)
+            .unwrap()
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "done")
+            .unwrap()["params_sha256"]
+            .clone()
+    };
+    let straight = dir.path().join("straight");
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["engine", "train", "--config"])
+        .arg(run_dir.join("run.toml"))
+        .arg("--out")
+        .arg(&straight)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        done_sha(&run_dir.join("metrics.jsonl")),
+        done_sha(&straight.join("metrics.jsonl"))
+    );
+    // A pruned run trained to full length anyway.
+    let pruned = rows.iter().find(|r| r["status"] == "pruned").unwrap()["id"].to_string();
+    ok(&runner(&home).args(["resume", &pruned]).output().unwrap());
+    let row = report_json(&home, &pruned);
+    assert_eq!(row[0]["status"], "completed", "{}", row[0]);
+    assert_eq!(row[0]["step"], 27);
+}

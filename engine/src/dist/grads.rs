@@ -60,5 +60,9 @@ pub fn average_gradients(
         grads.insert(v.as_tensor(), avg.reshape(shape)?.to_dtype(dtype)?);
     }
     let tail = summed.narrow(0, n_grads, 4)?.to_vec1::<f32>()?;
-    Ok((tail[0] as f64, [tail[1] > 0.0, tail[2] > 0.0, tail[3] > 0.0], allreduce_ms))
+    Ok((
+        tail[0] as f64,
+        [tail[1] > 0.0, tail[2] > 0.0, tail[3] > 0.0],
+        allreduce_ms,
+    ))
 }

@@ -411,9 +411,17 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         let mut grads = grads.expect("at least one micro-batch");
         // The rung of `--pause-at`, judged on the counters after this step (seconds: now), agreed by all ranks.
         let pause_due = args.pause_at.is_some_and(|p| {
-            p.reached(step + 1, tokens + (cfg.batch_size * t) as u64, elapsed(&started))
+            p.reached(
+                step + 1,
+                tokens + (cfg.batch_size * t) as u64,
+                elapsed(&started),
+            )
         });
-        let flags = [stop.any.load(Ordering::SeqCst), time_up(&started), pause_due];
+        let flags = [
+            stop.any.load(Ordering::SeqCst),
+            time_up(&started),
+            pause_due,
+        ];
         // Through the communicator whenever it is a real one: also a one-rank NCCL check run exercises it.
         let (loss, [any_stop, any_time_up, any_pause], allreduce_ms) = if comm.is_collective() {
             let (loss, flags, ms) =

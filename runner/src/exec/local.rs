@@ -19,6 +19,7 @@ use crate::display::Display;
 use crate::ingest::Msg;
 use crate::spec::{Devices, Resources};
 use crate::store::{RunRow, RunStatus, RunStore};
+use engine::train::budget::PauseAt;
 
 /// Free devices, handed out `per_run` at a time, to at most `max_runs` runs at once. With a lock dir
 /// (GPUs), a device is also taken only under an exclusive lock on `DIR/HOST-DEVICE.lock`, held until the
@@ -292,7 +293,7 @@ impl Executor for Local {
         self.mem_limit_gib.map(|l| (l, limit_text(l)))
     }
 
-    async fn launch(&mut self, run: RunRow) -> Result<Launch> {
+    async fn launch(&mut self, run: RunRow, pause_at: Option<PauseAt>) -> Result<Launch> {
         let Some(devs) = self.slots.take() else {
             // Free here but held by another runner: try again after the next update or a pause.
             self.busy_retry = true;
@@ -308,7 +309,7 @@ impl Executor for Local {
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let id = run.id;
-            let (status, reason) = follow(run, devs, &ctx)
+            let (status, reason) = follow(run, devs, pause_at, &ctx)
                 .await
                 .unwrap_or_else(|e| (RunStatus::Failed, format!("{e:#}")));
             ctx.pids.lock().expect("pids lock").remove(&id);
@@ -406,6 +407,7 @@ async fn wait_for_run_dir(run: &RunRow, ctx: &LaunchContext, limit: Duration) ->
 async fn follow(
     run: RunRow,
     devices: Vec<String>,
+    pause_at: Option<PauseAt>,
     ctx: &LaunchContext,
 ) -> Result<(RunStatus, String)> {
     let id = run.id;
@@ -435,6 +437,9 @@ async fn follow(
         ]);
     }
     args.extend(["--set".into(), format!("device=\"{device}\"").into()]);
+    if let Some(p) = pause_at {
+        args.extend(["--pause-at".into(), p.to_string().into()]);
+    }
     let port = if world > 1 { free_port()? } else { 0 };
     let mut children = Vec::with_capacity(world);
     for rank in 0..world {
@@ -529,6 +534,7 @@ async fn follow(
         });
     }
     let (mut done, mut interrupted, mut error) = (false, false, None::<String>);
+    let mut paused: Option<(u64, f64)> = None;
     // Set when the engine said nothing for `stall`: it was stopped (SIGTERM + SIGCONT, then SIGKILL).
     let mut stalled = false;
     let mut lines = BufReader::new(rank0_stdout.expect("rank 0")).lines();
@@ -561,6 +567,7 @@ async fn follow(
         };
         match &ev {
             Event::Done { .. } => done = true,
+            Event::Paused { step, val_loss, .. } => paused = Some((*step, *val_loss)),
             Event::Interrupted { .. } => interrupted = true,
             Event::Error { message } => error = Some(message.clone()),
             _ => {}
@@ -624,6 +631,14 @@ async fn follow(
     }
     Ok(if done && all_ok {
         (RunStatus::Completed, String::new())
+    } else if let (Some((step, val_loss)), true) = (paused, all_ok) {
+        (
+            RunStatus::Paused,
+            format!(
+                "paused at {} (step {step}, val loss {val_loss:.4}): waiting for the early-stopping rule",
+                pause_at.map_or("its rung".to_string(), |p| p.to_string())
+            ),
+        )
     } else if failure.is_none() && (interrupted || any_interrupted) {
         (
             RunStatus::Interrupted,

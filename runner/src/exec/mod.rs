@@ -15,9 +15,12 @@ use engine::events::Event;
 use tokio::sync::mpsc;
 
 use crate::display::Display;
+use crate::early_stop::{next_promotion, EarlyStop};
 use crate::ingest::{self, Msg};
 use crate::spec::{Backend, Resources};
 use crate::store::{RunRow, RunStatus, RunStore};
+use engine::train::budget::PauseAt;
+use std::collections::HashMap;
 
 /// How to start an engine: a separate `engine` binary, or this runner's hidden `engine` subcommand.
 #[derive(Debug, Clone)]
@@ -78,6 +81,10 @@ pub struct Summary {
     pub interrupted: usize,
     pub skipped_oom: usize,
     pub left_queued: usize,
+    /// Paused at a rung and not promoted when the search ended (resumable).
+    pub pruned: usize,
+    /// Still paused (the search was stopped before it could decide).
+    pub paused: usize,
 }
 
 impl Summary {
@@ -86,7 +93,8 @@ impl Summary {
             RunStatus::Completed => self.completed += 1,
             RunStatus::Interrupted => self.interrupted += 1,
             RunStatus::SkippedOom => self.skipped_oom += 1,
-            RunStatus::Queued | RunStatus::Running => {}
+            RunStatus::Pruned => self.pruned += 1,
+            RunStatus::Queued | RunStatus::Running | RunStatus::Paused => {}
             RunStatus::Failed => self.failed += 1,
         }
     }
@@ -138,8 +146,9 @@ pub trait Executor {
     fn active(&self) -> usize;
     /// The memory one run may use, in GiB, and what that limit is (for the skip reason).
     fn memory_limit(&self) -> Option<(f64, String)>;
-    /// Start `run` (already `queued`/`interrupted`/`failed` in the store; the backend claims it).
-    async fn launch(&mut self, run: RunRow) -> Result<Launch>;
+    /// Start `run` (already `queued`/`interrupted`/`failed`/`paused`/`pruned` in the store; the backend
+    /// claims it), to stop at `pause_at` (an early-stopping rung) or run to its end.
+    async fn launch(&mut self, run: RunRow, pause_at: Option<PauseAt>) -> Result<Launch>;
     /// Wait until there may be updates. Must be cancel-safe: the driver races it against signals.
     async fn wait(&mut self);
     /// What happened since the last call.
@@ -172,22 +181,30 @@ pub async fn plan(res: &Resources) -> (usize, Option<(f64, String)>) {
 }
 
 /// Run `runs` (already `queued`/`interrupted`/`failed` in the store) with the backend of `res`.
+/// `early` maps a sweep id to its `[early_stop]` (sweeps without one, or a run resumed on its own to
+/// full length, have none).
 pub async fn execute(
     store: &RunStore,
     runs: Vec<RunRow>,
     res: &Resources,
     engine: &EngineCommand,
+    early: HashMap<i64, EarlyStop>,
 ) -> Result<Summary> {
     let (writer, writer_task) = ingest::spawn_writer(store.clone());
     let mut display = Display::new(runs.len());
+    let search = Search {
+        store: store.clone(),
+        early: early.into_iter().filter(|(_, e)| e.enabled()).collect(),
+        runs: HashMap::new(),
+    };
     let result = match res.backend {
         Backend::Local => {
             let exec = local::Local::new(store, res, engine.clone(), writer.clone())?;
-            drive(store, runs, exec, &writer, &mut display).await
+            drive(store, runs, exec, search, &writer, &mut display).await
         }
         Backend::Slurm => {
             let exec = slurm::Slurm::new(store, res, engine.clone(), writer.clone()).await?;
-            drive(store, runs, exec, &writer, &mut display).await
+            drive(store, runs, exec, search, &writer, &mut display).await
         }
     };
     ingest::flush(&writer).await;
@@ -197,23 +214,143 @@ pub async fn execute(
     result
 }
 
+/// The early-stopping state the driver keeps: which sweeps search, and for each launched run its sweep and
+/// the rung it was sent to (everything else is in the store, so a resumed runner continues the search).
+struct Search {
+    store: RunStore,
+    early: HashMap<i64, EarlyStop>,
+    /// run → (sweep, config, rung it will pause at when it pauses).
+    runs: HashMap<i64, (i64, engine::train::TrainConfig, usize)>,
+}
+
+impl Search {
+    /// Where `run` stops next: its next rung, or `None` for the end (or without early stopping).
+    fn pause_at(&mut self, run: &RunRow) -> Option<PauseAt> {
+        let es = self.early.get(&run.sweep_id)?;
+        let cfg = engine::train::TrainConfig::from_table(&run.config.parse().ok()?).ok()?;
+        let pause = es.pause_at(&cfg, run.rung);
+        let next = run.rung.map_or(0, |r| r as usize + 1);
+        self.runs.insert(run.id, (run.sweep_id, cfg, next));
+        pause
+    }
+
+    /// Record what a run's event says about its rung: a `paused` event is the result at the rung it was
+    /// sent to; a `done` one the result at the full length (the last rung).
+    async fn record(&self, run: i64, ev: &Event) -> Result<()> {
+        let Some((sweep, cfg, rung)) = self.runs.get(&run) else {
+            return Ok(());
+        };
+        let es = &self.early[sweep];
+        let value = |loss: f64, bpb: f64| match es.metric {
+            crate::early_stop::Metric::ValLoss => loss,
+            crate::early_stop::Metric::ValBpb => bpb,
+        };
+        match ev {
+            Event::Paused {
+                step,
+                tokens,
+                elapsed_s,
+                val_loss,
+                val_bpb,
+            } => {
+                let used = es.budget.used(*step, *tokens, *elapsed_s);
+                self.store
+                    .record_rung(run, *sweep, *rung, used, value(*val_loss, *val_bpb))
+                    .await
+            }
+            Event::Done {
+                step,
+                tokens,
+                elapsed_s,
+                val_loss: Some(loss),
+                val_bpb: Some(bpb),
+                ..
+            } => {
+                let top = es.rungs_of(cfg).map(|r| r.len()).unwrap_or(*rung);
+                let used = es.budget.used(*step, *tokens, *elapsed_s);
+                self.store
+                    .record_rung(run, *sweep, top, used, value(*loss, *bpb))
+                    .await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The paused run the rule promotes next, over every searching sweep (a run being launched is not
+    /// paused any more in the store).
+    async fn promotion(&self) -> Result<Option<RunRow>> {
+        for (sweep, es) in &self.early {
+            let results = self.store.rung_results(*sweep).await?;
+            let runs = self.store.runs(Some(*sweep)).await?;
+            let paused: Vec<(i64, usize)> = runs
+                .iter()
+                .filter(|r| r.status == RunStatus::Paused)
+                .filter_map(|r| Some((r.id, r.rung? as usize)))
+                .collect();
+            if let Some(id) = next_promotion(es.method, es.reduction_factor, &results, &paused) {
+                return Ok(runs.into_iter().find(|r| r.id == id));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The search is over: every run still paused can never be promoted; it becomes `pruned`.
+    async fn prune_rest(&self, display: &mut Display, summary: &mut Summary) -> Result<()> {
+        for (sweep, es) in &self.early {
+            for r in self.store.runs(Some(*sweep)).await? {
+                if r.status != RunStatus::Paused {
+                    continue;
+                }
+                let rung = r.rung.unwrap_or(0);
+                let at =
+                    engine::train::TrainConfig::from_table(&r.config.parse().unwrap_or_default())
+                        .ok()
+                        .and_then(|cfg| es.rungs_of(&cfg).ok())
+                        .and_then(|rungs| rungs.get(rung as usize).copied())
+                        .map_or(String::new(), |b| format!(" at {b} {}", es.budget.as_str()));
+                let why = format!(
+                    "{}: not promoted past rung {rung}{at}; checkpoint kept, `runner resume {}` trains it to full length",
+                    es.describe(),
+                    r.id
+                );
+                self.store.set_status(r.id, RunStatus::Pruned, &why).await?;
+                display.line(format!("run {}: pruned ({why})", r.id));
+                summary.count(RunStatus::Pruned);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The loop every backend shares.
 async fn drive<E: Executor>(
     store: &RunStore,
     runs: Vec<RunRow>,
     mut exec: E,
+    mut search: Search,
     writer: &mpsc::UnboundedSender<Msg>,
     display: &mut Display,
 ) -> Result<Summary> {
     let mut summary = Summary::default();
+    // Paused runs wait for the rule; everything else is launched in order.
+    let runs: Vec<RunRow> = runs
+        .into_iter()
+        .filter(|r| r.status != RunStatus::Paused || !search.early.contains_key(&r.sweep_id))
+        .collect();
     let mut queue: VecDeque<RunRow> = exec.adopt(runs, display).await?.into();
     let (mut stopping, mut detach) = (false, false);
     let mut busy = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        // Launch while there is room.
+        // Launch while there is room: a promotion first (ASHA starts new configurations only when nothing
+        // can be promoted), then the queue.
+        let mut promotable = false;
         while !stopping && exec.has_room() {
-            let Some(run) = queue.pop_front() else { break };
+            let promoted = search.promotion().await?;
+            promotable = promoted.is_some();
+            let Some(run) = promoted.or_else(|| queue.pop_front()) else {
+                break;
+            };
             if let (Some((limit, what)), Some(est)) = (exec.memory_limit(), run.mem_estimate) {
                 let need = est as f64 / (1u64 << 30) as f64;
                 if need > limit {
@@ -230,17 +367,29 @@ async fn drive<E: Executor>(
                 }
             }
             let id = run.id;
-            match exec.launch(run).await? {
+            let was_paused = run.status == RunStatus::Paused;
+            let pause_at = search.pause_at(&run);
+            match exec.launch(run, pause_at).await? {
                 Launch::Started(place) => {
                     busy = false;
-                    display.started(id, &place);
+                    promotable = false;
+                    let to = pause_at.map_or("to the end".to_string(), |p| format!("to {p}"));
+                    if was_paused {
+                        display.line(format!("run {id}: promoted, continues {to}"));
+                    }
+                    match pause_at {
+                        Some(p) => display.started(id, &format!("{place}, until {p}")),
+                        None => display.started(id, &place),
+                    }
                 }
                 Launch::Busy(run) => {
                     if !busy {
                         display.line("waiting for GPUs that another runner is using…".into());
                     }
                     busy = true;
-                    queue.push_front(*run);
+                    if !was_paused {
+                        queue.push_front(*run);
+                    }
                     break;
                 }
                 Launch::Taken => {
@@ -257,7 +406,11 @@ async fn drive<E: Executor>(
                 }
             }
         }
-        if detach || (exec.active() == 0 && (stopping || queue.is_empty() || !busy)) {
+        let work_left = !queue.is_empty() || promotable;
+        if detach || (exec.active() == 0 && (stopping || !work_left || !busy)) {
+            if exec.active() == 0 && !stopping && !detach && search.promotion().await?.is_some() {
+                continue;
+            }
             break;
         }
         let signal = tokio::select! {
@@ -274,6 +427,7 @@ async fn drive<E: Executor>(
         for update in exec.updates().await? {
             match update {
                 Update::Event(run, ev) => {
+                    search.record(run, &ev).await?;
                     display.event(run, &ev);
                     let _ = writer.send(Msg::Event(run, ev));
                 }
@@ -291,6 +445,17 @@ async fn drive<E: Executor>(
     }
     if detach && exec.active() > 0 {
         summary.interrupted += exec.active();
+    }
+    if !stopping && !detach && queue.is_empty() {
+        search.prune_rest(display, &mut summary).await?;
+    }
+    for sweep in search.early.keys() {
+        summary.paused += store
+            .runs(Some(*sweep))
+            .await?
+            .iter()
+            .filter(|r| r.status == RunStatus::Paused)
+            .count();
     }
     summary.left_queued = queue.len();
     Ok(summary)

@@ -18,6 +18,7 @@ use crate::display::Display;
 use crate::ingest::{self, Msg};
 use crate::spec::{Devices, Resources};
 use crate::store::{runner_alive, RunRow, RunStatus, RunStore};
+use engine::train::budget::PauseAt;
 
 /// Where a job stands, from its Slurm state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +103,13 @@ pub async fn uses_gpus(res: &Resources) -> bool {
 }
 
 /// The batch script of one submission of `run`.
-pub fn job_script(run: &RunRow, res: &Resources, engine: &EngineCommand, gpus: bool) -> String {
+pub fn job_script(
+    run: &RunRow,
+    res: &Resources,
+    engine: &EngineCommand,
+    gpus: bool,
+    pause_at: Option<PauseAt>,
+) -> String {
     let dir = &run.run_dir;
     let nodes = res.nodes_per_run;
     let ranks = if gpus {
@@ -153,10 +160,11 @@ if [ -f {q}/config.toml ]; then
 else
   set -- --config {q}/run.toml --out {q}
 fi
-exec srun --kill-on-bad-exit=1 {engine} train "$@" --set 'device="{device}"'
+exec srun --kill-on-bad-exit=1 {engine} train "$@" --set 'device="{device}"'{pause}
 "#,
         id = run.id,
         engine = engine_cmd.join(" "),
+        pause = pause_at.map_or(String::new(), |p| format!(" --pause-at {p}")),
     ));
     s
 }
@@ -324,6 +332,9 @@ struct Job {
     follower: MetricsFollower,
     running: bool,
     done_seen: bool,
+    /// The engine paused at `pause_at` (an early-stopping rung) and exited 0.
+    paused_seen: bool,
+    pause_at: Option<PauseAt>,
     restarts: u32,
     cancelled_by_us: bool,
 }
@@ -526,6 +537,8 @@ impl Executor for Slurm {
                     job,
                     follower,
                     done_seen,
+                    paused_seen: false,
+                    pause_at: None,
                     cancelled_by_us: false,
                     run,
                 },
@@ -546,11 +559,20 @@ impl Executor for Slurm {
         memory_limit(&self.res)
     }
 
-    async fn launch(&mut self, run: RunRow) -> Result<Launch> {
+    async fn launch(&mut self, run: RunRow, pause_at: Option<PauseAt>) -> Result<Launch> {
         if !self.store.claim_for_slurm(run.id).await? {
             return Ok(Launch::Taken);
         }
-        match submit_run(&self.store, &run, &self.res, &self.engine, self.gpus).await {
+        match submit_run(
+            &self.store,
+            &run,
+            &self.res,
+            &self.engine,
+            self.gpus,
+            pause_at,
+        )
+        .await
+        {
             Ok(job) => {
                 self.store.set_slurm_job(run.id, Some(&job), false).await?;
                 let follower =
@@ -564,6 +586,8 @@ impl Executor for Slurm {
                         follower,
                         running: false,
                         done_seen: false,
+                        paused_seen: false,
+                        pause_at,
                         restarts: 0,
                         cancelled_by_us: false,
                     },
@@ -623,10 +647,11 @@ async fn submit_run(
     res: &Resources,
     engine: &EngineCommand,
     gpus: bool,
+    pause_at: Option<PauseAt>,
 ) -> Result<String> {
     prepare_run_dir(store, run).await?;
     let script = Path::new(&run.run_dir).join("job.sh");
-    std::fs::write(&script, job_script(run, res, engine, gpus))
+    std::fs::write(&script, job_script(run, res, engine, gpus, pause_at))
         .with_context(|| format!("writing {}", script.display()))?;
     submit(&script).await
 }
@@ -646,8 +671,10 @@ async fn poll_jobs(
     for (run_id, j) in active.iter_mut() {
         // Read metrics after the state, so a job seen ended has had all its lines read.
         for ev in j.follower.poll() {
-            if matches!(ev, Event::Done { .. }) {
-                j.done_seen = true;
+            match ev {
+                Event::Done { .. } => j.done_seen = true,
+                Event::Paused { .. } => (j.done_seen, j.paused_seen) = (true, true),
+                _ => {}
             }
             updates.push(Update::Event(*run_id, ev));
         }
@@ -677,8 +704,10 @@ async fn poll_jobs(
         let mut j = active.remove(&run_id).expect("listed above");
         // The final lines, and the exit code and reason.
         for ev in j.follower.poll() {
-            if matches!(ev, Event::Done { .. }) {
-                j.done_seen = true;
+            match ev {
+                Event::Done { .. } => j.done_seen = true,
+                Event::Paused { .. } => (j.done_seen, j.paused_seen) = (true, true),
+                _ => {}
             }
             updates.push(Update::Event(run_id, ev));
         }
@@ -694,39 +723,52 @@ async fn poll_jobs(
             &tail,
         );
         let (status, why) = match v {
-            Verdict::Resubmit(state) => match submit_run(store, &j.run, res, engine, gpus).await {
-                Ok(job) => {
-                    updates.push(Update::Line(format!(
+            Verdict::Resubmit(state) => {
+                match submit_run(store, &j.run, res, engine, gpus, j.pause_at).await {
+                    Ok(job) => {
+                        updates.push(Update::Line(format!(
                         "run {run_id}: Slurm job {} {state}; resubmitted as job {job} (restart {}/{})",
                         j.job,
                         j.restarts + 1,
                         res.max_restarts
                     )));
-                    store
-                        .note(
+                        store
+                            .note(
+                                run_id,
+                                "slurm",
+                                &format!(
+                                    "Slurm job {} {state}: resuming from its checkpoint",
+                                    j.job
+                                ),
+                            )
+                            .await?;
+                        store.set_slurm_job(run_id, Some(&job), true).await?;
+                        updates.push(Update::Status(
                             run_id,
-                            "slurm",
-                            &format!("Slurm job {} {state}: resuming from its checkpoint", j.job),
-                        )
-                        .await?;
-                    store.set_slurm_job(run_id, Some(&job), true).await?;
-                    updates.push(Update::Status(
-                        run_id,
-                        RunStatus::Queued,
-                        format!("Slurm job {job} pending"),
-                    ));
-                    j.job = job;
-                    j.restarts += 1;
-                    j.running = false;
-                    j.done_seen = false;
-                    active.insert(run_id, j);
-                    continue;
+                            RunStatus::Queued,
+                            format!("Slurm job {job} pending"),
+                        ));
+                        j.job = job;
+                        j.restarts += 1;
+                        j.running = false;
+                        j.done_seen = false;
+                        j.paused_seen = false;
+                        active.insert(run_id, j);
+                        continue;
+                    }
+                    Err(e) => (
+                        RunStatus::Interrupted,
+                        format!("Slurm job {} {state}; resubmitting failed: {e:#}", j.job),
+                    ),
                 }
-                Err(e) => (
-                    RunStatus::Interrupted,
-                    format!("Slurm job {} {state}; resubmitting failed: {e:#}", j.job),
+            }
+            Verdict::Completed if j.paused_seen => (
+                RunStatus::Paused,
+                format!(
+                    "paused at {}: waiting for the early-stopping rule",
+                    j.pause_at.map_or("its rung".to_string(), |p| p.to_string())
                 ),
-            },
+            ),
             Verdict::Completed => (RunStatus::Completed, String::new()),
             Verdict::Interrupted(why) => (RunStatus::Interrupted, why),
             Verdict::Failed(why) => (RunStatus::Failed, why),
@@ -854,6 +896,7 @@ mod tests {
             runner_pid: None,
             runner_host: None,
             runner_started: None,
+            rung: None,
         };
         let res = Resources {
             gpus_per_run: 8,
@@ -867,7 +910,7 @@ mod tests {
             program: "/opt/bit llama/engine".into(),
             prefix: vec![],
         };
-        let s = job_script(&run, &res, &engine, true);
+        let s = job_script(&run, &res, &engine, true, None);
         for needle in [
             "#SBATCH --nodes=2\n",
             "#SBATCH --ntasks-per-node=4\n",
@@ -881,7 +924,14 @@ mod tests {
         ] {
             assert!(s.contains(needle), "{needle} missing from\n{s}");
         }
-        let cpu = job_script(&run, &Resources::default(), &engine, false);
+        let cpu = job_script(
+            &run,
+            &Resources::default(),
+            &engine,
+            false,
+            "tokens=512".parse().ok(),
+        );
+        assert!(cpu.contains("--pause-at tokens=512\n"), "{cpu}");
         assert!(!cpu.contains("--gres") && cpu.contains("device=\"cpu\""));
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Connection, Row, SqlitePool};
 
 mod apply;
 
@@ -25,6 +25,10 @@ pub enum RunStatus {
     Failed,
     Interrupted,
     SkippedOom,
+    /// Waiting at an early-stopping rung (checkpoint kept) for the rule to promote it.
+    Paused,
+    /// Paused at a rung the search ended without promoting; `runner resume ID` trains it to full length.
+    Pruned,
 }
 
 impl RunStatus {
@@ -36,6 +40,8 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
             RunStatus::SkippedOom => "skipped_oom",
+            RunStatus::Paused => "paused",
+            RunStatus::Pruned => "pruned",
         }
     }
 }
@@ -56,6 +62,8 @@ impl FromStr for RunStatus {
             "failed" => RunStatus::Failed,
             "interrupted" => RunStatus::Interrupted,
             "skipped_oom" => RunStatus::SkippedOom,
+            "paused" => RunStatus::Paused,
+            "pruned" => RunStatus::Pruned,
             other => bail!("unknown run status {other:?}"),
         })
     }
@@ -97,6 +105,8 @@ pub struct RunRow {
     pub runner_host: Option<String>,
     #[serde(skip)]
     pub runner_started: Option<i64>,
+    /// The highest early-stopping rung whose result the run recorded (0 is the first).
+    pub rung: Option<i64>,
 }
 
 /// A run of a new sweep, as [`RunStore::add_runs`] records it.
@@ -229,7 +239,7 @@ pub fn this_host() -> String {
         .unwrap_or_default()
 }
 
-const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started";
+const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started, rung";
 
 fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
     RunRow {
@@ -259,6 +269,7 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
         runner_pid: r.get(23),
         runner_host: r.get(24),
         runner_started: r.get(25),
+        rung: r.get(26),
     }
 }
 
@@ -290,6 +301,23 @@ impl RunStore {
             .pragma("cache_size", "-65536")
             .pragma("wal_autocheckpoint", "20000")
             .pragma("temp_store", "memory");
+        // Migrations run on a connection of their own with foreign keys off: rebuilding a table that other
+        // tables reference (SQLite's way to change a constraint) needs it, and it cannot be switched off
+        // inside the migration's transaction.
+        let migrated = async {
+            let mut conn = opts.clone().foreign_keys(false).connect().await?;
+            sqlx::migrate!("../migrations").run(&mut conn).await?;
+            let broken: Vec<(String,)> =
+                sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+                    .fetch_all(&mut conn)
+                    .await?;
+            conn.close().await?;
+            if let Some((table,)) = broken.first() {
+                bail!("table {table} references rows that do not exist");
+            }
+            anyhow::Ok(())
+        }
+        .await;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .after_connect(|conn, _| {
@@ -302,7 +330,6 @@ impl RunStore {
             .connect_with(opts)
             .await
             .with_context(|| format!("opening {}", db.display()))?;
-        let migrated = sqlx::migrate!("../migrations").run(&pool).await;
         drop(lock);
         migrated.with_context(|| format!("migrating {}", db.display()))?;
         Ok(Self {
@@ -398,7 +425,7 @@ impl RunStore {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, runner_host = ?, runner_started = ?, pid = NULL, \
-             error = NULL, started_at = ? WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
+             error = NULL, started_at = ? WHERE id = ? AND status IN ('queued', 'interrupted', 'failed', 'paused', 'pruned') AND slurm_job IS NULL",
         )
         .bind(device)
         .bind(std::process::id() as i64)
@@ -427,7 +454,7 @@ impl RunStore {
         let n = sqlx::query(
             "UPDATE runs SET status = 'queued', slurm_job = 'submitting', device = 'slurm', runner_pid = ?, runner_host = ?, \
              runner_started = ?, pid = NULL, error = NULL, restarts = 0 \
-             WHERE id = ? AND status IN ('queued', 'interrupted', 'failed') AND slurm_job IS NULL",
+             WHERE id = ? AND status IN ('queued', 'interrupted', 'failed', 'paused', 'pruned') AND slurm_job IS NULL",
         )
         .bind(std::process::id() as i64)
         .bind(this_host())
@@ -511,6 +538,8 @@ impl RunStore {
                 | RunStatus::Failed
                 | RunStatus::Interrupted
                 | RunStatus::SkippedOom
+                | RunStatus::Paused
+                | RunStatus::Pruned
         );
         let error = matches!(status, RunStatus::Failed | RunStatus::SkippedOom).then_some(reason);
         sqlx::query(
@@ -576,6 +605,53 @@ impl RunStore {
         }
         tx.commit().await?;
         Ok(n == 1)
+    }
+
+    /// Record a run's result at early-stopping rung `rung` (idempotent: a rung is recorded once).
+    pub async fn record_rung(
+        &self,
+        run: i64,
+        sweep: i64,
+        rung: usize,
+        budget: f64,
+        value: f64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO rungs (run_id, sweep_id, rung, budget, value, time) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(run)
+        .bind(sweep)
+        .bind(rung as i64)
+        .bind(budget)
+        .bind(value)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE runs SET rung = MAX(COALESCE(rung, -1), ?) WHERE id = ?")
+            .bind(rung as i64)
+            .bind(run)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every rung result of a sweep, in the order they arrived.
+    pub async fn rung_results(&self, sweep: i64) -> Result<Vec<crate::early_stop::RungResult>> {
+        let rows =
+            sqlx::query("SELECT run_id, rung, value FROM rungs WHERE sweep_id = ? ORDER BY seq")
+                .bind(sweep)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::early_stop::RungResult {
+                run: r.get(0),
+                rung: r.get::<i64, _>(1) as usize,
+                value: r.get(2),
+            })
+            .collect())
     }
 
     /// SQLite's own check of the database file ("ok" when intact).
