@@ -953,3 +953,72 @@ fn asha_pauses_and_promotes_runs_by_the_rule() {
     assert_eq!(row[0]["status"], "completed", "{}", row[0]);
     assert_eq!(row[0]["step"], 27);
 }
+
+/// A runner SIGKILLed in the middle of an ASHA search: `runner resume` continues the same search from
+/// SQLite — every configuration gets its rung-0 result exactly once, no paused run is trained past its
+/// rung unpromoted, and the search ends with every run completed or pruned.
+#[test]
+fn a_killed_asha_search_resumes_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = sweep_file(
+        dir.path(),
+        "asha",
+        270,
+        "lr = [0.001, 0.003, 0.01]\nseed = [0, 1, 2]",
+    );
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[base]\n", "[base]\nbatch_size = 4\ncontext_len = 16\n")
+        .replace("eval_every = 5", "eval_every = 50")
+        + "[early_stop]\nmethod = \"asha\"\nmin_budget = 1920\nreduction_factor = 3\n";
+    std::fs::write(&file, text).unwrap();
+    let mut child = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let results = |home: &Path| {
+        rt.block_on(async {
+            let store = runner::store::RunStore::open(home).await.unwrap();
+            store.rung_results(1).await.unwrap()
+        })
+    };
+    let t0 = Instant::now();
+    while !home.join("runs.db").exists() || results(&home).len() < 4 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no rung results");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = runner(&home).args(["resume", "s1"]).output().unwrap();
+    ok(&out);
+    let results = results(&home);
+    let rows = report_json(&home, "s1");
+    let at = |run: i64, k: usize| {
+        results
+            .iter()
+            .filter(|r| r.run == run && r.rung == k)
+            .count()
+    };
+    for r in &rows {
+        let id = r["id"].as_i64().unwrap();
+        assert_eq!(at(id, 0), 1, "run {id}: {results:?}");
+        let top = r["rung"].as_u64().unwrap() as usize;
+        // A result at every rung up to the one it reached, once each.
+        assert!((0..=top).all(|k| at(id, k) == 1), "run {id}: {results:?}");
+        match r["status"].as_str().unwrap() {
+            "completed" => assert_eq!((top, r["step"].as_i64()), (2, Some(270)), "{r}"),
+            "pruned" => {
+                // Stopped at its rung: 30 or 90 steps, never beyond.
+                let rung_steps = [30, 90][top];
+                assert_eq!(r["step"].as_i64(), Some(rung_steps), "{r}");
+            }
+            other => panic!("run {id} ended {other}: {r}"),
+        }
+    }
+    assert!(rows.iter().any(|r| r["status"] == "completed"));
+}

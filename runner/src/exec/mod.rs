@@ -196,6 +196,7 @@ pub async fn execute(
         store: store.clone(),
         early: early.into_iter().filter(|(_, e)| e.enabled()).collect(),
         runs: HashMap::new(),
+        active: Default::default(),
     };
     let result = match res.backend {
         Backend::Local => {
@@ -221,6 +222,8 @@ struct Search {
     early: HashMap<i64, EarlyStop>,
     /// run → (sweep, config, rung it will pause at when it pauses).
     runs: HashMap<i64, (i64, engine::train::TrainConfig, usize)>,
+    /// Runs whose engine has not ended yet (a paused one may still be exiting): not promotable.
+    active: std::collections::HashSet<i64>,
 }
 
 impl Search {
@@ -255,7 +258,7 @@ impl Search {
             } => {
                 let used = es.budget.used(*step, *tokens, *elapsed_s);
                 self.store
-                    .record_rung(run, *sweep, *rung, used, value(*val_loss, *val_bpb))
+                    .record_rung(run, *sweep, *rung, (used, value(*val_loss, *val_bpb)), true)
                     .await
             }
             Event::Done {
@@ -269,7 +272,7 @@ impl Search {
                 let top = es.rungs_of(cfg).map(|r| r.len()).unwrap_or(*rung);
                 let used = es.budget.used(*step, *tokens, *elapsed_s);
                 self.store
-                    .record_rung(run, *sweep, top, used, value(*loss, *bpb))
+                    .record_rung(run, *sweep, top, (used, value(*loss, *bpb)), false)
                     .await
             }
             _ => Ok(()),
@@ -284,7 +287,7 @@ impl Search {
             let runs = self.store.runs(Some(*sweep)).await?;
             let paused: Vec<(i64, usize)> = runs
                 .iter()
-                .filter(|r| r.status == RunStatus::Paused)
+                .filter(|r| r.status == RunStatus::Paused && !self.active.contains(&r.id))
                 .filter_map(|r| Some((r.id, r.rung? as usize)))
                 .collect();
             if let Some(id) = next_promotion(es.method, es.reduction_factor, &results, &paused) {
@@ -371,6 +374,7 @@ async fn drive<E: Executor>(
             let pause_at = search.pause_at(&run);
             match exec.launch(run, pause_at).await? {
                 Launch::Started(place) => {
+                    search.active.insert(id);
                     busy = false;
                     promotable = false;
                     let to = pause_at.map_or("to the end".to_string(), |p| format!("to {p}"));
@@ -433,6 +437,7 @@ async fn drive<E: Executor>(
                 }
                 Update::Status(run, status, why) => store.set_status(run, status, &why).await?,
                 Update::Ended(run, status, why) => {
+                    search.active.remove(&run);
                     // The run's last events are in the DB before its final status.
                     ingest::flush(writer).await;
                     store.set_status(run, status, &why).await?;

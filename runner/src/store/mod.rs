@@ -607,14 +607,15 @@ impl RunStore {
         Ok(n == 1)
     }
 
-    /// Record a run's result at early-stopping rung `rung` (idempotent: a rung is recorded once).
+    /// Record a run's result at early-stopping rung `rung` (idempotent: a rung is recorded once);
+    /// `paused`: the run stopped there and waits for the rule.
     pub async fn record_rung(
         &self,
         run: i64,
         sweep: i64,
         rung: usize,
-        budget: f64,
-        value: f64,
+        (budget, value): (f64, f64),
+        paused: bool,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -628,11 +629,17 @@ impl RunStore {
         .bind(now())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE runs SET rung = MAX(COALESCE(rung, -1), ?) WHERE id = ?")
-            .bind(rung as i64)
-            .bind(run)
-            .execute(&mut *tx)
-            .await?;
+        // A pause is recorded with its status in one transaction: a runner killed right after cannot leave
+        // the result without the `paused` that keeps the run from training past the rung unpromoted.
+        sqlx::query(
+            "UPDATE runs SET rung = MAX(COALESCE(rung, -1), ?), \
+             status = CASE WHEN ? THEN 'paused' ELSE status END WHERE id = ?",
+        )
+        .bind(rung as i64)
+        .bind(paused)
+        .bind(run)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
