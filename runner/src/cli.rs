@@ -440,6 +440,21 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 s.file.display(),
                 rows.len()
             ));
+            let es = &s.spec.early_stop;
+            if let (true, Some(first)) = (es.enabled(), s.runs.first()) {
+                let full = es.budget.full_length(&first.config).unwrap_or(0.0);
+                let rungs: Vec<String> = es
+                    .rungs_of(&first.config)?
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect();
+                out(format_args!(
+                    "  early stopping: {}; run 0 pauses at {} of {full} {}\n",
+                    es.describe(),
+                    rungs.join(", "),
+                    es.budget.as_str()
+                ));
+            }
             for (i, r) in rows.iter().enumerate() {
                 let p: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let need = r.mem_estimate as f64 / (1u64 << 30) as f64;
