@@ -37,7 +37,7 @@ fn trains_and_streams_the_protocol() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let ev = events(&stdout);
     assert_eq!(ev.first().unwrap()["event"], "start");
-    assert_eq!(ev.first().unwrap()["protocol"], 1);
+    assert_eq!(ev.first().unwrap()["protocol"], 2);
     assert_eq!(ev.last().unwrap()["event"], "done");
     assert!(ev
         .iter()

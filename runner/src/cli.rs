@@ -605,6 +605,7 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
         if r.status == RunStatus::SkippedOom {
             continue;
         }
+        store.release_paused(&r).await?;
         if r.status == RunStatus::Running && r.slurm_job.is_none() {
             if !store.release_abandoned(&r).await? {
                 continue;

@@ -118,7 +118,10 @@ impl Display {
                 m.remove(&b);
             }
         }
-        self.overall.inc(1);
+        // A paused run comes back (promoted) or ends pruned: it is not done yet.
+        if status != RunStatus::Paused {
+            self.overall.inc(1);
+        }
         self.line(format!("run {run}: {} {reason}", status.as_str()));
     }
 }

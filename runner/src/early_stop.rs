@@ -174,10 +174,10 @@ pub fn next_promotion(
                 let keep = (at_k.len() as f64 / eta).floor() as usize;
                 at_k.iter().take(keep).find(|r| waiting(r.run))
             }
-            Method::Median => {
-                let median = median(&at_k.iter().map(|r| r.value).collect::<Vec<_>>())?;
-                at_k.iter().find(|r| r.value <= median && waiting(r.run))
-            }
+            Method::Median => match median(&at_k.iter().map(|r| r.value).collect::<Vec<_>>()) {
+                Some(median) => at_k.iter().find(|r| r.value <= median && waiting(r.run)),
+                None => None,
+            },
         };
         if let Some(r) = pick {
             return Some(r.run);

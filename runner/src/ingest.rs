@@ -112,22 +112,25 @@ pub fn spawn_writer(
 /// Send the step, eval and checkpoint events of an existing `metrics.jsonl` of run `run` (none when the
 /// file is missing), of its final timeline only: a `start` at step s in the file discards the events after
 /// s that came before it. Their rows are upserts, so events ingested before are not doubled; start, done
-/// and interruption notes are not repeated. Returns whether that timeline ended with the engine's `done`.
-pub fn backfill(tx: &mpsc::UnboundedSender<Msg>, run: i64, metrics: &std::path::Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(metrics) else {
-        return false;
-    };
+/// and interruption notes are not repeated. Returns the `done` or `paused` event that ended that timeline
+/// (a run that paused while no runner followed it must still be judged by the early-stopping rule).
+pub fn backfill(
+    tx: &mpsc::UnboundedSender<Msg>,
+    run: i64,
+    metrics: &std::path::Path,
+) -> Option<Event> {
+    let text = std::fs::read_to_string(metrics).ok()?;
     let mut timeline: Vec<(u64, Event)> = Vec::new();
-    let mut done = false;
+    let mut ended = None;
     for ev in text.lines().filter_map(Event::parse) {
         let step = match &ev {
             Event::Start { step, .. } => {
                 timeline.retain(|(s, _)| s <= step);
-                done = false;
+                ended = None;
                 continue;
             }
-            Event::Done { .. } => {
-                done = true;
+            Event::Done { .. } | Event::Paused { .. } => {
+                ended = Some(ev);
                 continue;
             }
             Event::Step { step, .. } | Event::Eval { step, .. } => *step,
@@ -140,7 +143,7 @@ pub fn backfill(tx: &mpsc::UnboundedSender<Msg>, run: i64, metrics: &std::path::
     for (_, ev) in timeline {
         let _ = tx.send(Msg::Event(run, ev));
     }
-    done
+    ended
 }
 
 /// Wait until everything sent so far is committed.
@@ -208,9 +211,12 @@ mod tests {
         let done = r#"{"event":"done","step":2,"tokens":16,"elapsed_s":0.3,"val_loss":null,"val_bpb":null}"#;
         let (tx, _rx) = mpsc::unbounded_channel();
         std::fs::write(&metrics, [resumed.join("\n"), done.to_string()].join("\n")).unwrap();
-        assert!(backfill(&tx, 7, &metrics));
+        assert!(matches!(
+            backfill(&tx, 7, &metrics),
+            Some(Event::Done { .. })
+        ));
         std::fs::write(&metrics, [done.to_string(), resumed[3].clone()].join("\n")).unwrap();
-        assert!(!backfill(&tx, 7, &metrics));
+        assert!(backfill(&tx, 7, &metrics).is_none());
     }
 
     fn start(step: u64, resumed: bool) -> Event {

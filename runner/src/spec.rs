@@ -416,9 +416,9 @@ impl Sweep {
                 bail!("{f}: [resources] memory_gb = {m}: give the memory one run may use in GiB, a number above 0 (or leave it out to use the device's)");
             }
         }
-        if r.stall_seconds.is_nan() || r.stall_seconds <= 0.0 {
+        if !r.stall_seconds.is_finite() || r.stall_seconds <= 0.0 || r.stall_seconds > 1e9 {
             bail!(
-                "{f}: [resources] stall_seconds = {}: must be above 0 (seconds without an event before a run counts as stalled)",
+                "{f}: [resources] stall_seconds = {}: must be a number of seconds above 0 (without an event that long a run counts as stalled)",
                 r.stall_seconds
             );
         }

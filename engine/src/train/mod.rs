@@ -380,10 +380,12 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     // after its max_seconds were spent takes no further step.
     let (mut stopped, mut timed_out) =
         (false, cfg.max_seconds.is_some_and(|s| elapsed_before >= s));
+    // The step of the last eval that ran (a rung reuses it instead of evaluating twice).
+    let mut evaluated_at: Option<u64> = None;
     // An eval a signal cut short before the checkpoint: run it now (the final eval covers a finished run).
     if eval_due && !(cfg.finished(step, tokens, 0.0) || timed_out) {
         match eval_at(step, comm.as_mut(), emitter)? {
-            Some(v) => (last_val, eval_due) = (Some(v), false),
+            Some(v) => (last_val, eval_due, evaluated_at) = (Some(v), false, Some(step)),
             None => stopped = true,
         }
     }
@@ -391,7 +393,6 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     let mut paused = args
         .pause_at
         .is_some_and(|p| p.reached(step, tokens, elapsed_before));
-    let mut evaluated_at: Option<u64> = None;
     let mut patient = false;
     while !stopped && !paused && !cfg.finished(step, tokens, 0.0) && !timed_out {
         let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, horizon);

@@ -216,6 +216,8 @@ struct LaunchContext {
     pids: Pids,
     threads_per_run: usize,
     stall: Duration,
+    /// Set by Ctrl-C/SIGTERM: a launch still waiting for its run dir starts no engine.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Engine processes on this machine's devices.
@@ -265,6 +267,7 @@ impl Local {
                 pids: Arc::default(),
                 threads_per_run,
                 stall: Duration::from_secs_f64(res.stall_seconds),
+                stopping: Arc::default(),
             },
             rx,
             pending: Vec::new(),
@@ -275,7 +278,12 @@ impl Local {
 }
 
 impl Executor for Local {
-    async fn adopt(&mut self, runs: Vec<RunRow>, _display: &mut Display) -> Result<Vec<RunRow>> {
+    async fn adopt(
+        &mut self,
+        runs: Vec<RunRow>,
+        _pause_of: &mut dyn FnMut(&RunRow) -> Option<PauseAt>,
+        _display: &mut Display,
+    ) -> Result<Vec<RunRow>> {
         // Local engines never outlive their runner by much (the parent-death signal): nothing to adopt.
         // A run dir such an engine still holds is waited for at launch.
         Ok(runs)
@@ -356,6 +364,9 @@ impl Executor for Local {
             });
         }
         // As Ctrl-C: the first asks the engines to checkpoint and stop, a second makes them exit now.
+        self.ctx
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for pid in self.ctx.pids.lock().expect("pids lock").values().flatten() {
             send(*pid, libc::SIGTERM);
         }
@@ -372,6 +383,9 @@ async fn wait_for_run_dir(run: &RunRow, ctx: &LaunchContext, limit: Duration) ->
     loop {
         // Free, or not lockable here (the engine reports what is wrong with the folder itself): go on.
         if !matches!(data_prep::fsutil::try_lock_file(&path), Ok(None)) {
+            return Ok(());
+        }
+        if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
         if !said {
@@ -413,6 +427,12 @@ async fn follow(
     let id = run.id;
     let run_dir = PathBuf::from(&run.run_dir);
     wait_for_run_dir(&run, ctx, ctx.stall).await?;
+    if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok((
+            RunStatus::Interrupted,
+            "the runner was stopped before its engine started; `runner resume` continues it".into(),
+        ));
+    }
     let resume = prepare_run_dir(&ctx.store, &run).await?;
     // A runner killed outright may not have committed the engine's last lines: take the metrics and
     // checkpoints the engine already wrote to its run dir again (upserts, so nothing doubles).

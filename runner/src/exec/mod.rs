@@ -137,9 +137,14 @@ pub enum Interrupt {
 /// A place runs execute. The driver ([`execute`]) calls these from one task, never concurrently.
 #[allow(async_fn_in_trait)]
 pub trait Executor {
-    /// Runs of `runs` still live elsewhere (a Slurm job whose runner is gone) are followed again; the rest
-    /// are returned, to be launched.
-    async fn adopt(&mut self, runs: Vec<RunRow>, display: &mut Display) -> Result<Vec<RunRow>>;
+    /// Runs of `runs` still live elsewhere (a Slurm job whose runner is gone) are followed again, with the
+    /// rung each was sent to (`pause_of`); the rest are returned, to be launched.
+    async fn adopt(
+        &mut self,
+        runs: Vec<RunRow>,
+        pause_of: &mut dyn FnMut(&RunRow) -> Option<PauseAt>,
+        display: &mut Display,
+    ) -> Result<Vec<RunRow>>;
     /// Whether one more run could start now.
     fn has_room(&self) -> bool;
     /// Runs being followed.
@@ -197,6 +202,7 @@ pub async fn execute(
         early: early.into_iter().filter(|(_, e)| e.enabled()).collect(),
         runs: HashMap::new(),
         active: Default::default(),
+        taken: Default::default(),
     };
     let result = match res.backend {
         Backend::Local => {
@@ -224,6 +230,8 @@ struct Search {
     runs: HashMap<i64, (i64, engine::train::TrainConfig, usize)>,
     /// Runs whose engine has not ended yet (a paused one may still be exiting): not promotable.
     active: std::collections::HashSet<i64>,
+    /// Runs another runner claimed first: not offered again in this loop.
+    taken: std::collections::HashSet<i64>,
 }
 
 impl Search {
@@ -261,36 +269,40 @@ impl Search {
                     .record_rung(run, *sweep, *rung, (used, value(*val_loss, *val_bpb)), true)
                     .await
             }
-            Event::Done {
-                step,
-                tokens,
-                elapsed_s,
-                val_loss: Some(loss),
-                val_bpb: Some(bpb),
-                ..
-            } => {
+            // The end of the run: its rung column says so; no rung result (a full length is not the same
+            // budget across configurations, so it is not compared).
+            Event::Done { .. } => {
                 let top = es.rungs_of(cfg).map(|r| r.len()).unwrap_or(*rung);
-                let used = es.budget.used(*step, *tokens, *elapsed_s);
-                self.store
-                    .record_rung(run, *sweep, top, (used, value(*loss, *bpb)), false)
-                    .await
+                self.store.set_rung(run, top).await
             }
             _ => Ok(()),
         }
     }
 
     /// The paused run the rule promotes next, over every searching sweep (a run being launched is not
-    /// paused any more in the store).
-    async fn promotion(&self) -> Result<Option<RunRow>> {
+    /// paused any more in the store). `end`: nothing runs or waits to start, so the search would end here;
+    /// a sweep none of whose runs completed then continues its best run at the highest rung reached (with
+    /// fewer than eta runs at a rung, the rule alone would keep none of them).
+    async fn promotion(&self, end: bool) -> Result<Option<RunRow>> {
         for (sweep, es) in &self.early {
             let results = self.store.rung_results(*sweep).await?;
             let runs = self.store.runs(Some(*sweep)).await?;
             let paused: Vec<(i64, usize)> = runs
                 .iter()
-                .filter(|r| r.status == RunStatus::Paused && !self.active.contains(&r.id))
+                .filter(|r| r.status == RunStatus::Paused)
+                .filter(|r| !self.active.contains(&r.id) && !self.taken.contains(&r.id))
                 .filter_map(|r| Some((r.id, r.rung? as usize)))
                 .collect();
-            if let Some(id) = next_promotion(es.method, es.reduction_factor, &results, &paused) {
+            let mut id = next_promotion(es.method, es.reduction_factor, &results, &paused);
+            if id.is_none() && end && !runs.iter().any(|r| r.status == RunStatus::Completed) {
+                let top = paused.iter().map(|p| p.1).max();
+                id = results
+                    .iter()
+                    .filter(|r| Some(r.rung) == top && paused.contains(&(r.run, r.rung)))
+                    .min_by(|a, b| a.value.total_cmp(&b.value).then(a.run.cmp(&b.run)))
+                    .map(|r| r.run);
+            }
+            if let Some(id) = id {
                 return Ok(runs.into_iter().find(|r| r.id == id));
             }
         }
@@ -340,7 +352,19 @@ async fn drive<E: Executor>(
         .into_iter()
         .filter(|r| r.status != RunStatus::Paused || !search.early.contains_key(&r.sweep_id))
         .collect();
-    let mut queue: VecDeque<RunRow> = exec.adopt(runs, display).await?.into();
+    // A run adopted in a live job is registered with the search as it was launched (its next rung), and
+    // counts as active until it ends.
+    let queue: Vec<RunRow> = {
+        let mut pause_of = |r: &RunRow| {
+            search.active.insert(r.id);
+            search.pause_at(r)
+        };
+        exec.adopt(runs, &mut pause_of, display).await?
+    };
+    for r in &queue {
+        search.active.remove(&r.id);
+    }
+    let mut queue: VecDeque<RunRow> = queue.into();
     let (mut stopping, mut detach) = (false, false);
     let mut busy = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -349,7 +373,9 @@ async fn drive<E: Executor>(
         // can be promoted), then the queue.
         let mut promotable = false;
         while !stopping && exec.has_room() {
-            let promoted = search.promotion().await?;
+            let promoted = search
+                .promotion(exec.active() == 0 && queue.is_empty())
+                .await?;
             promotable = promoted.is_some();
             let Some(run) = promoted.or_else(|| queue.pop_front()) else {
                 break;
@@ -397,6 +423,7 @@ async fn drive<E: Executor>(
                     break;
                 }
                 Launch::Taken => {
+                    search.taken.insert(id);
                     display.line(format!("run {id}: taken by another runner, skipping"));
                 }
                 Launch::Failed { reason, stop_all } => {
@@ -412,7 +439,8 @@ async fn drive<E: Executor>(
         }
         let work_left = !queue.is_empty() || promotable;
         if detach || (exec.active() == 0 && (stopping || !work_left || !busy)) {
-            if exec.active() == 0 && !stopping && !detach && search.promotion().await?.is_some() {
+            if exec.active() == 0 && !stopping && !detach && search.promotion(true).await?.is_some()
+            {
                 continue;
             }
             break;

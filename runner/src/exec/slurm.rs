@@ -425,6 +425,8 @@ pub struct Slurm {
     gpus: bool,
     active: HashMap<i64, Job>,
     ticker: tokio::time::Interval,
+    /// Updates found outside a poll (a pause read back at adoption), handed out by the next one.
+    pending: Vec<Update>,
 }
 
 impl Slurm {
@@ -447,6 +449,7 @@ impl Slurm {
             gpus: uses_gpus(res).await,
             active: HashMap::new(),
             ticker,
+            pending: Vec::new(),
         })
     }
 
@@ -481,7 +484,12 @@ impl Slurm {
 }
 
 impl Executor for Slurm {
-    async fn adopt(&mut self, runs: Vec<RunRow>, display: &mut Display) -> Result<Vec<RunRow>> {
+    async fn adopt(
+        &mut self,
+        runs: Vec<RunRow>,
+        pause_of: &mut dyn FnMut(&RunRow) -> Option<PauseAt>,
+        display: &mut Display,
+    ) -> Result<Vec<RunRow>> {
         let store = &self.store;
         let mut queue = Vec::new();
         for mut run in runs {
@@ -528,7 +536,13 @@ impl Executor for Slurm {
             // repeated notes in the event log), then everything appended from here on.
             let metrics = Path::new(&run.run_dir).join("metrics.jsonl");
             let follower = MetricsFollower::from_end(metrics.clone());
-            let done_seen = ingest::backfill(&self.writer, run.id, &metrics);
+            let ended = ingest::backfill(&self.writer, run.id, &metrics);
+            let paused_seen = matches!(ended, Some(Event::Paused { .. }));
+            let done_seen = ended.is_some();
+            if let Some(ev @ Event::Paused { .. }) = ended {
+                // Paused while nobody followed it: the rule still has to hear of it.
+                self.pending.push(Update::Event(run.id, ev));
+            }
             self.active.insert(
                 run.id,
                 Job {
@@ -537,8 +551,9 @@ impl Executor for Slurm {
                     job,
                     follower,
                     done_seen,
-                    paused_seen: false,
-                    pause_at: None,
+                    paused_seen,
+                    // The rung it was sent to, kept across resubmissions.
+                    pause_at: pause_of(&run),
                     cancelled_by_us: false,
                     run,
                 },
@@ -603,18 +618,24 @@ impl Executor for Slurm {
     }
 
     async fn wait(&mut self) {
-        self.ticker.tick().await;
+        if self.pending.is_empty() {
+            self.ticker.tick().await;
+        }
     }
 
     async fn updates(&mut self) -> Result<Vec<Update>> {
-        poll_jobs(
-            &self.store,
-            &self.res,
-            &self.engine,
-            self.gpus,
-            &mut self.active,
-        )
-        .await
+        let mut updates = std::mem::take(&mut self.pending);
+        updates.extend(
+            poll_jobs(
+                &self.store,
+                &self.res,
+                &self.engine,
+                self.gpus,
+                &mut self.active,
+            )
+            .await?,
+        );
+        Ok(updates)
     }
 
     async fn interrupt(

@@ -425,7 +425,8 @@ impl RunStore {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, runner_host = ?, runner_started = ?, pid = NULL, \
-             error = NULL, started_at = ? WHERE id = ? AND status IN ('queued', 'interrupted', 'failed', 'paused', 'pruned') AND slurm_job IS NULL",
+             error = NULL, started_at = ? WHERE id = ? AND (status IN ('queued', 'interrupted', 'failed', 'pruned') OR (status = 'paused' AND pid IS NULL)) \
+             AND slurm_job IS NULL",
         )
         .bind(device)
         .bind(std::process::id() as i64)
@@ -454,7 +455,8 @@ impl RunStore {
         let n = sqlx::query(
             "UPDATE runs SET status = 'queued', slurm_job = 'submitting', device = 'slurm', runner_pid = ?, runner_host = ?, \
              runner_started = ?, pid = NULL, error = NULL, restarts = 0 \
-             WHERE id = ? AND status IN ('queued', 'interrupted', 'failed', 'paused', 'pruned') AND slurm_job IS NULL",
+             WHERE id = ? AND (status IN ('queued', 'interrupted', 'failed', 'pruned') OR (status = 'paused' AND pid IS NULL)) \
+             AND slurm_job IS NULL",
         )
         .bind(std::process::id() as i64)
         .bind(this_host())
@@ -631,9 +633,11 @@ impl RunStore {
         .await?;
         // A pause is recorded with its status in one transaction: a runner killed right after cannot leave
         // the result without the `paused` that keeps the run from training past the rung unpromoted.
+        // (A Slurm run's job is still live then: its status follows the job's end, as the adoption of a
+        // job whose runner died reads the pause from its metrics.jsonl.)
         sqlx::query(
             "UPDATE runs SET rung = MAX(COALESCE(rung, -1), ?), \
-             status = CASE WHEN ? THEN 'paused' ELSE status END WHERE id = ?",
+             status = CASE WHEN ? AND slurm_job IS NULL THEN 'paused' ELSE status END WHERE id = ?",
         )
         .bind(rung as i64)
         .bind(paused)
@@ -641,6 +645,33 @@ impl RunStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// The rung column alone (a run that completed: the rung past its last pause).
+    pub async fn set_rung(&self, run: i64, rung: usize) -> Result<()> {
+        sqlx::query("UPDATE runs SET rung = ? WHERE id = ?")
+            .bind(rung as i64)
+            .bind(run)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A paused run whose runner was killed before the engine's end was recorded still names that engine
+    /// (`pid`): clear it, so that the run can be claimed (a live runner's paused run stays unclaimable until
+    /// its engine has exited).
+    pub async fn release_paused(&self, run: &RunRow) -> Result<()> {
+        let gone = run.runner_pid.is_none_or(|p| {
+            p as u32 != std::process::id()
+                && !runner_alive(p, run.runner_host.as_deref(), run.runner_started)
+        });
+        if run.status == RunStatus::Paused && run.pid.is_some() && gone {
+            sqlx::query("UPDATE runs SET pid = NULL WHERE id = ? AND status = 'paused'")
+                .bind(run.id)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(())
     }
 
