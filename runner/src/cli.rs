@@ -11,7 +11,7 @@ use engine::events::Event;
 use crate::exec::{self, EngineCommand, Summary};
 use crate::ingest;
 use crate::report::{self, ReportRow};
-use crate::spec::{self, Sweep, SweepFile};
+use crate::spec::{self, Strategy, Sweep, SweepFile};
 use crate::store::{Id, NewRun, RunStatus, RunStore};
 
 #[derive(Parser)]
@@ -427,6 +427,13 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                     config: r.config.to_toml()?,
                     param_count: model.param_count() as u64,
                     mem_estimate: r.config.training_memory_estimate(&model, ranks),
+                    sampler: Some(
+                        match s.strategy {
+                            Strategy::Grid => "grid",
+                            _ => "random",
+                        }
+                        .into(),
+                    ),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -440,6 +447,16 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 s.file.display(),
                 rows.len()
             ));
+            if s.strategy == Strategy::Tpe {
+                let axes: Vec<String> = s.space.iter().map(|(k, a)| format!("{k} {a:?}")).collect();
+                out(format_args!(
+                    "  tpe: {} trials (the first {} random), seed {}, sampled as results arrive over: {}\n",
+                    s.trials,
+                    runner_tpe_startup(),
+                    s.seed,
+                    axes.join("; ")
+                ));
+            }
             let es = &s.spec.early_stop;
             if let (true, Some(first)) = (es.enabled(), s.runs.first()) {
                 let full = es.budget.full_length(&first.config).unwrap_or(0.0);
@@ -477,7 +494,7 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     let store = RunStore::open(home).await?;
     report_recovered(&store).await?;
     let mut sweep_ids = Vec::new();
-    let mut early = std::collections::HashMap::new();
+    let mut search = exec::SearchPlan::default();
     for (s, rows) in sweeps.iter().zip(&planned) {
         let spec_json = serde_json::to_string(&s.spec)?;
         let id = store
@@ -498,20 +515,46 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 s.spec.early_stop.describe()
             );
         }
-        early.insert(id, s.spec.early_stop.clone());
+        search.early.insert(id, s.spec.early_stop.clone());
+        if s.strategy == Strategy::Tpe {
+            eprintln!(
+                "sweep s{id}: tpe over {} trials, sampled as results arrive",
+                s.trials
+            );
+            search
+                .samplers
+                .insert(id, sampler_of(s, vocab_of(s)?, ranks));
+        }
         sweep_ids.push(id);
     }
     let mut runs = Vec::new();
     for id in &sweep_ids {
         runs.extend(store.runs(Some(*id)).await?);
     }
-    let summary = exec::execute(&store, runs, resources, &engine, early).await?;
+    let summary = exec::execute(&store, runs, resources, &engine, search).await?;
     for id in &sweep_ids {
         out(format_args!("sweep s{id}:\n"));
         report_runs(&store, &[Id::Sweep(*id)], "id", Format::Table, None).await?;
     }
     print_summary(&summary);
     Ok(exit_for(&summary))
+}
+
+/// What the driver needs to sample the trials of a TPE sweep.
+fn sampler_of(s: &Sweep, vocab: usize, ranks: usize) -> exec::Sampler {
+    exec::Sampler {
+        file: s.file.clone(),
+        spec: s.spec.clone(),
+        space: s.space.clone(),
+        trials: s.trials,
+        seed: s.seed,
+        vocab,
+        ranks,
+    }
+}
+
+fn runner_tpe_startup() -> usize {
+    crate::tpe::STARTUP_TRIALS
 }
 
 /// Write to stdout; a reader that went away (`runner sweep … | head`) ends the output, not the process:
@@ -615,12 +658,22 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
         todo.push(r);
     }
     let engine = EngineCommand::detect()?;
-    let early = if search {
-        [(sweep_id, spec.early_stop.clone())].into()
-    } else {
-        Default::default()
-    };
-    let summary = exec::execute(&store, todo, &spec.resources, &engine, early).await?;
+    let mut plan = exec::SearchPlan::default();
+    if search {
+        plan.early.insert(sweep_id, spec.early_stop.clone());
+        // A TPE sweep samples its remaining trials from everything recorded so far (the trial number fixes
+        // the random stream, so the search continues as it would have).
+        let file = PathBuf::from(&sweep.file);
+        let vocab = data_prep::Meta::load(&spec.data.dir)
+            .map_err(|e| anyhow::anyhow!("[data] dir {}: {e}", spec.data.dir.display()))?
+            .vocab_size;
+        let s = Sweep::from_spec(&file, spec.clone(), vocab)?;
+        if s.strategy == Strategy::Tpe {
+            let (ranks, _) = exec::plan(&spec.resources).await;
+            plan.samplers.insert(sweep_id, sampler_of(&s, vocab, ranks));
+        }
+    }
+    let summary = exec::execute(&store, todo, &spec.resources, &engine, plan).await?;
     report_runs(&store, &[Id::Sweep(sweep_id)], "id", Format::Table, None).await?;
     print_summary(&summary);
     Ok(exit_for(&summary))
@@ -757,6 +810,7 @@ async fn bench_ingest(
                 config: String::new(),
                 param_count: 0,
                 mem_estimate: 0,
+                sampler: None,
             }
         })
         .collect();

@@ -14,3 +14,4 @@ pub mod pack_points;
 pub mod report;
 pub mod spec;
 pub mod store;
+pub mod tpe;

@@ -27,6 +27,8 @@ pub struct ReportRow {
     pub wall_s: f64,
     /// The highest early-stopping rung the run reached (0 is the first); none without early stopping.
     pub rung: Option<i64>,
+    /// Which sampler chose the run's values: `grid`, `random` or `tpe`.
+    pub sampler: Option<String>,
     pub param_count: Option<i64>,
     pub checkpoint: Option<String>,
     pub error: Option<String>,
@@ -59,6 +61,7 @@ impl From<&RunRow> for ReportRow {
             },
             wall_s: r.wall_s,
             rung: r.rung,
+            sampler: r.sampler.clone(),
             param_count: r.param_count,
             checkpoint: r.checkpoint.clone(),
             error: r.error.clone(),
@@ -174,7 +177,11 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 fn columns(rows: &[ReportRow]) -> (Vec<String>, Vec<Vec<String>>) {
     let keys = param_keys(rows);
     let rungs = rows.iter().any(|r| r.rung.is_some());
+    let samplers = rows.iter().any(|r| r.sampler.as_deref() == Some("tpe"));
     let mut head: Vec<String> = vec!["id".into(), "sweep".into(), "status".into()];
+    if samplers {
+        head.push("sampler".into());
+    }
     if rungs {
         head.push("rung".into());
     }
@@ -196,6 +203,9 @@ fn columns(rows: &[ReportRow]) -> (Vec<String>, Vec<Vec<String>>) {
         .iter()
         .map(|r| {
             let mut cells = vec![r.id.to_string(), r.sweep_id.clone(), r.status.clone()];
+            if samplers {
+                cells.push(r.sampler.clone().unwrap_or_else(|| "-".into()));
+            }
             if rungs {
                 cells.push(r.rung.map_or("-".into(), |k| k.to_string()));
             }
@@ -270,6 +280,7 @@ pub fn csv(rows: &[ReportRow]) -> String {
         "error",
         "tokens",
         "rung",
+        "sampler",
     ]);
     let _ = writeln!(out, "{}", head.join(","));
     let o = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
@@ -287,6 +298,7 @@ pub fn csv(rows: &[ReportRow]) -> String {
             r.error.clone().unwrap_or_default(),
             r.tokens.to_string(),
             r.rung.map(|k| k.to_string()).unwrap_or_default(),
+            r.sampler.clone().unwrap_or_default(),
         ]);
         let cells: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
         let _ = writeln!(out, "{}", cells.join(","));
@@ -552,6 +564,7 @@ mod tests {
             tokens_per_s: Some(100.0),
             wall_s: 1.0,
             rung: None,
+            sampler: None,
             param_count: Some(5),
             checkpoint: Some("a,b".into()),
             error: None,

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use engine::train::TrainConfig;
+
+pub use crate::tpe::Axis;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use rand::SeedableRng;
@@ -30,6 +32,8 @@ pub enum Strategy {
     #[default]
     Grid,
     Random,
+    /// Tree-structured Parzen Estimator: trials are sampled one by one from the results so far.
+    Tpe,
 }
 
 /// `[resources]`.
@@ -150,7 +154,12 @@ pub struct Sweep {
     pub file: PathBuf,
     pub spec: SweepFile,
     pub strategy: Strategy,
+    /// The runs planned up front (grid, random); empty for TPE, whose trials are sampled as results come.
     pub runs: Vec<PlannedRun>,
+    /// The search space, the trial budget and the sampler's seed (random and TPE).
+    pub space: Vec<(String, Axis)>,
+    pub trials: usize,
+    pub seed: u64,
 }
 
 /// Keys of `[sweep]` that steer the expansion rather than name a swept setting.
@@ -286,6 +295,80 @@ fn sample_combos(
     }
 }
 
+/// A range of `[sweep]`: `{ uniform = [lo, hi] }`, `{ log_uniform = [lo, hi] }` or
+/// `{ int_uniform = [lo, hi] }`, on a key that takes numbers of that kind.
+fn parse_range(key: &str, t: &toml::Table) -> Result<Axis> {
+    let (kind, bounds) = match t.iter().collect::<Vec<_>>()[..] {
+        [(k, v)] => (k.as_str(), v),
+        _ => bail!("a range is one of {{ uniform = [lo, hi] }}, {{ log_uniform = [lo, hi] }}, {{ int_uniform = [lo, hi] }}"),
+    };
+    let nums: Vec<f64> = match bounds.as_array().map(|a| a.as_slice()) {
+        Some([lo, hi]) => [lo, hi]
+            .iter()
+            .map(|v| v.as_float().or(v.as_integer().map(|i| i as f64)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow!("{kind}: the bounds must be numbers"))?,
+        _ => bail!("{kind}: give two bounds, e.g. {kind} = [lo, hi]"),
+    };
+    let (lo, hi) = (nums[0], nums[1]);
+    if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+        bail!("{kind} = [{lo}, {hi}]: need finite bounds with lo < hi");
+    }
+    // What the key takes: a range on `mixer` or `device` is refused, a fractional range on an integer key
+    // too.
+    let takes = engine::train::config::key_kind(key);
+    let axis = match (kind, takes) {
+        (_, KeyKind::Text) => {
+            bail!("{key} takes a name, not a number: list the values, e.g. {key} = [\"a\", \"b\"]")
+        }
+        ("int_uniform", _) => {
+            if lo.fract() != 0.0 || hi.fract() != 0.0 {
+                bail!("int_uniform = [{lo}, {hi}]: the bounds must be whole numbers");
+            }
+            Axis::IntUniform {
+                lo: lo as i64,
+                hi: hi as i64,
+            }
+        }
+        ("uniform" | "log_uniform", KeyKind::Integer) => {
+            bail!("{key} takes whole numbers: use {{ int_uniform = [{lo}, {hi}] }}")
+        }
+        ("uniform", _) => Axis::Uniform { lo, hi },
+        ("log_uniform", _) if lo > 0.0 => Axis::LogUniform { lo, hi },
+        ("log_uniform", _) => bail!("log_uniform = [{lo}, {hi}]: the bounds must be above 0"),
+        (other, _) => {
+            bail!("{other:?} is not a range: use uniform, log_uniform or int_uniform")
+        }
+    };
+    Ok(axis)
+}
+
+use engine::train::config::KeyKind;
+
+/// `trials` points drawn from the axes' priors (ranges: uniform or log-uniform; lists: uniform), an exact
+/// repeat drawn again.
+fn sample_points(
+    axes: &[(String, Axis)],
+    trials: usize,
+    seed: u64,
+) -> Vec<BTreeMap<String, toml::Value>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out: Vec<BTreeMap<String, toml::Value>> = Vec::with_capacity(trials);
+    for _ in 0..trials {
+        for _attempt in 0..100 {
+            let p: BTreeMap<String, toml::Value> = axes
+                .iter()
+                .map(|(k, a)| (k.clone(), a.sample(&mut rng)))
+                .collect();
+            if !out.contains(&p) {
+                out.push(p);
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// Cartesian product of the swept lists, in key order.
 fn grid(axes: &[(String, Vec<toml::Value>)]) -> Vec<BTreeMap<String, toml::Value>> {
     let mut out = vec![BTreeMap::new()];
@@ -331,7 +414,10 @@ impl Sweep {
             None => Strategy::Grid,
             Some(toml::Value::String(s)) if s == "grid" => Strategy::Grid,
             Some(toml::Value::String(s)) if s == "random" => Strategy::Random,
-            Some(other) => bail!("{f}: [sweep] strategy: {other} is not \"grid\" or \"random\""),
+            Some(toml::Value::String(s)) if s == "tpe" => Strategy::Tpe,
+            Some(other) => {
+                bail!("{f}: [sweep] strategy: {other} is not \"grid\", \"random\" or \"tpe\"")
+            }
         };
         let mut axes = Vec::new();
         for (key, value) in &spec.sweep {
@@ -345,8 +431,16 @@ impl Sweep {
             if key == "data_dir" {
                 bail!("{f}: [sweep] data_dir: sweeping the data dir is not supported; make one sweep per data dir");
             }
+            if let toml::Value::Table(t) = value {
+                let axis = parse_range(key, t).map_err(|e| anyhow!("{f}: [sweep] {key}: {e}"))?;
+                if strategy == Strategy::Grid {
+                    bail!("{f}: [sweep] {key}: a range needs strategy = \"random\" or \"tpe\"; for a grid, list the values, e.g. {key} = [a, b, c]");
+                }
+                axes.push((key.clone(), axis));
+                continue;
+            }
             let toml::Value::Array(values) = value else {
-                bail!("{f}: [sweep] {key}: must be a list of values, e.g. {key} = [{value}]");
+                bail!("{f}: [sweep] {key}: must be a list of values, e.g. {key} = [{value}], or a range, e.g. {key} = {{ uniform = [lo, hi] }}");
             };
             if values.is_empty() {
                 bail!("{f}: [sweep] {key}: the list is empty: give at least one value");
@@ -358,43 +452,59 @@ impl Sweep {
             {
                 bail!("{f}: [sweep] {key}: {v} is listed twice (item {}): each value once, or the same run is made twice", i + 1);
             }
-            axes.push((key.clone(), values.clone()));
+            axes.push((key.clone(), Axis::Choice(values.clone())));
         }
         // Combinations, without building them: a random search may span far more than it samples.
-        let total = axes
+        let choices: Option<Vec<(String, Vec<toml::Value>)>> = axes
             .iter()
-            .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()));
+            .map(|(k, a)| match a {
+                Axis::Choice(v) => Some((k.clone(), v.clone())),
+                _ => None,
+            })
+            .collect();
+        let total = match &choices {
+            Some(c) => c
+                .iter()
+                .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len())),
+            None => None,
+        };
         if strategy == Strategy::Grid {
             for key in ["trials", "seed"] {
                 if spec.sweep.get(key).is_some_and(|v| !v.is_array()) {
-                    bail!("{f}: [sweep] {key}: only strategy = \"random\" takes {key} (to sweep the engine's seed, give a list: seed = [0, 1, 2])");
+                    bail!("{f}: [sweep] {key}: only strategy = \"random\" or \"tpe\" takes {key} (to sweep the engine's seed, give a list: seed = [0, 1, 2])");
                 }
             }
             if total.is_none_or(|n| n > MAX_GRID_RUNS) {
                 bail!("{f}: [sweep] the grid has more than {MAX_GRID_RUNS} combinations: use strategy = \"random\" with trials = N, or fewer values");
             }
         }
-        let mut combos = if strategy == Strategy::Grid {
-            grid(&axes)
-        } else {
-            Vec::new()
+        let mut combos = match (&choices, strategy) {
+            (Some(c), Strategy::Grid) => grid(c),
+            _ => Vec::new(),
         };
-        if strategy == Strategy::Random {
-            let trials = match spec.sweep.get("trials") {
+        let (mut trials, mut seed) = (0, 0);
+        if strategy != Strategy::Grid {
+            trials = match spec.sweep.get("trials") {
                 Some(toml::Value::Integer(n)) if *n as u64 > MAX_GRID_RUNS as u64 => bail!(
                     "{f}: [sweep] trials = {n}: at most {MAX_GRID_RUNS} runs per sweep (as for a grid); split the search into several sweeps"
                 ),
                 Some(toml::Value::Integer(n)) if *n > 0 => *n as usize,
                 Some(other) => bail!("{f}: [sweep] trials: {other} is not a positive integer"),
-                None => bail!("{f}: [sweep] trials: strategy = \"random\" needs trials = N"),
+                None => bail!("{f}: [sweep] trials: strategy = \"random\" or \"tpe\" needs trials = N"),
             };
-            let seed = match spec.sweep.get("seed") {
+            seed = match spec.sweep.get("seed") {
                 Some(toml::Value::Integer(n)) => *n as u64,
                 None | Some(toml::Value::Array(_)) => 0,
                 Some(other) => bail!("{f}: [sweep] seed: {other} is not an integer"),
             };
-            combos = sample_combos(&axes, total, trials, seed);
-            if total.is_some_and(|n| trials > n) {
+            combos = match (&choices, strategy) {
+                (Some(c), Strategy::Random) => sample_combos(c, total, trials, seed),
+                (None, Strategy::Random) => sample_points(&axes, trials, seed),
+                // TPE: the first points come from the prior and are checked here; the trials themselves
+                // are sampled as results arrive.
+                _ => sample_points(&axes, trials.min(16), seed),
+            };
+            if total.is_some_and(|n| trials > n) && strategy == Strategy::Random {
                 tracing::warn!(
                     "{f}: trials = {trials} but the space has only {} combinations: all of them run",
                     combos.len()
@@ -454,64 +564,84 @@ impl Sweep {
             }
         }
         spec.early_stop.validate(&f.to_string())?;
-        let data_dir =
-            std::path::absolute(&spec.data.dir).unwrap_or_else(|_| spec.data.dir.clone());
         let mut runs = Vec::with_capacity(combos.len());
         for params in combos {
-            let mut table = spec.base.clone();
-            for (k, v) in &params {
-                table.insert(k.clone(), v.clone());
-            }
-            table.insert(
-                "data_dir".into(),
-                toml::Value::String(data_dir.display().to_string()),
-            );
-            let describe = || {
-                params
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let config = TrainConfig::from_table(&table)
-                .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
-            config
-                .validate()
-                .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
-            config
-                .model_config(vocab_size)
-                .validate()
-                .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
-            // Each rank takes an equal slice of every batch: check it for every rank count the run may
-            // get (CPU ranks, GPU ranks, or both with devices = "auto"), so that --dry-run fails what the
-            // launch would.
-            for (ranks, name) in rank_counts(r) {
-                config
-                    .check_ranks(ranks, name)
-                    .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
-            }
-            if spec.early_stop.enabled() {
-                let rungs = spec
-                    .early_stop
-                    .rungs_of(&config)
-                    .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
-                if rungs.is_empty() {
-                    bail!(
-                        "{f}: run ({}): [early_stop] min_budget = {} is not below the run's length: lower it or lengthen the runs",
-                        describe(),
-                        spec.early_stop.min_budget
-                    );
-                }
-            }
+            let config = plan_config(&spec, path, vocab_size, &params)?;
             runs.push(PlannedRun { params, config });
+        }
+        if strategy == Strategy::Tpe {
+            runs.clear();
         }
         Ok(Self {
             file: path.to_path_buf(),
             spec,
             strategy,
             runs,
+            space: axes,
+            trials,
+            seed,
         })
     }
+}
+
+/// The engine config of one run of `spec` with the swept `params`, checked as the launch would check it:
+/// the config, the model at the data's vocab, the split of the batch over the ranks, and the rungs of
+/// early stopping. The error names the file and the run's values.
+pub fn plan_config(
+    spec: &SweepFile,
+    path: &Path,
+    vocab_size: usize,
+    params: &BTreeMap<String, toml::Value>,
+) -> Result<TrainConfig> {
+    let f = path.display();
+    let r = &spec.resources;
+    let data_dir = std::path::absolute(&spec.data.dir).unwrap_or_else(|_| spec.data.dir.clone());
+    let mut table = spec.base.clone();
+    for (k, v) in params {
+        table.insert(k.clone(), v.clone());
+    }
+    table.insert(
+        "data_dir".into(),
+        toml::Value::String(data_dir.display().to_string()),
+    );
+    let describe = || {
+        params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let config =
+        TrainConfig::from_table(&table).map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+    config
+        .validate()
+        .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+    config
+        .model_config(vocab_size)
+        .validate()
+        .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+    // Each rank takes an equal slice of every batch: check it for every rank count the run may
+    // get (CPU ranks, GPU ranks, or both with devices = "auto"), so that --dry-run fails what the
+    // launch would.
+    for (ranks, name) in rank_counts(r) {
+        config
+            .check_ranks(ranks, name)
+            .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+    }
+    if spec.early_stop.enabled() {
+        let rungs = spec
+            .early_stop
+            .rungs_of(&config)
+            .map_err(|e| anyhow!("{f}: run ({}): {e}", describe()))?;
+        if rungs.is_empty() {
+            bail!(
+                "{f}: run ({}): [early_stop] min_budget = {} is not below the run's length: lower it or lengthen the runs",
+                describe(),
+                spec.early_stop.min_budget
+            );
+        }
+    }
+    Ok(config)
 }
 
 /// The rank counts a run of `r` may be launched with, each named by its key.

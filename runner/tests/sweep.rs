@@ -175,7 +175,7 @@ fn grid_sweep_runs_all_and_reports() {
             .lines()
             .next()
             .unwrap()
-            .ends_with(",error,tokens,rung"),
+            .ends_with(",error,tokens,rung,sampler"),
         "{picked}"
     );
     let missing = runner(&home).args(["report", "s1", "99"]).output().unwrap();
@@ -1054,4 +1054,84 @@ fn a_search_smaller_than_eta_still_completes_its_best_run() {
         status.contains(&"completed") && status.contains(&"pruned"),
         "{status:?}"
     );
+}
+
+/// TPE and ASHA together: 14 trials over a log-uniform lr, an integer warm-up and a choice of depth; the
+/// first 10 drawn at random, the rest suggested by TPE from the results so far (pruned trials by their last
+/// rung), every value inside its range, and `runner resume` after the search has nothing left to do.
+#[test]
+fn tpe_with_early_stopping_samples_trials_as_results_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = sweep_file(
+        dir.path(),
+        "tpe",
+        27,
+        "strategy = \"tpe\"\ntrials = 14\nseed = 3\nlr = { log_uniform = [1e-4, 3e-2] }\n\
+         warmup_steps = { int_uniform = [0, 10] }\nn_layers = [1, 2]",
+    );
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(
+            "[base]\n",
+            "[base]\nbatch_size = 4\ncontext_len = 16\nmin_lr = 1e-5\n",
+        )
+        .replace("warmup_steps = 2\n", "")
+        + "[early_stop]\nmethod = \"asha\"\nmin_budget = 192\n";
+    std::fs::write(&file, text).unwrap();
+    // A range on a key that takes a name, and a range in a grid, are refused.
+    for (bad, needle) in [
+        (
+            "strategy = \"tpe\"\ntrials = 3\nmixer = { uniform = [0, 1] }",
+            "mixer takes a name",
+        ),
+        (
+            "lr = { log_uniform = [1e-4, 3e-2] }",
+            "a range needs strategy",
+        ),
+        (
+            "strategy = \"random\"\ntrials = 3\nn_layers = { uniform = [1, 3] }",
+            "int_uniform",
+        ),
+    ] {
+        let f = sweep_file(dir.path(), "bad", 5, bad);
+        let out = runner(&home)
+            .args(["sweep", "--dry-run"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{bad}: {err}"
+        );
+    }
+    ok(&runner(&home).arg("sweep").arg(&file).output().unwrap());
+    let rows = report_json(&home, "s1");
+    assert_eq!(rows.len(), 14, "{rows:?}");
+    let samplers: Vec<&str> = rows
+        .iter()
+        .map(|r| r["sampler"].as_str().unwrap())
+        .collect();
+    for (i, r) in rows.iter().enumerate() {
+        let lr = r["params"]["lr"].as_f64().unwrap();
+        let w = r["params"]["warmup_steps"].as_i64().unwrap();
+        assert!((1e-4..=3e-2).contains(&lr) && (0..=10).contains(&w), "{r}");
+        let status = r["status"].as_str().unwrap();
+        assert!(status == "completed" || status == "pruned", "{r}");
+        // Random until 10 trials have a result (two run at once, so maybe a little longer), then TPE.
+        if i < 10 {
+            assert_eq!(samplers[i], "random", "{samplers:?}");
+        }
+    }
+    let first_tpe = samplers
+        .iter()
+        .position(|s| *s == "tpe")
+        .expect("TPE chose trials");
+    assert!(
+        samplers[first_tpe..].iter().all(|s| *s == "tpe"),
+        "{samplers:?}"
+    );
+    let again = ok(&runner(&home).args(["resume", "s1"]).output().unwrap());
+    assert!(again.contains("nothing to do"), "{again}");
 }

@@ -159,6 +159,32 @@ pub fn known_keys() -> Vec<String> {
     }
 }
 
+/// What a key takes, for sweeps that sample it from a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Integer,
+    Float,
+    /// A name, a path or a flag: only listed values make sense.
+    Text,
+}
+
+/// The kind of value `key` takes (`Text` for unknown keys).
+pub fn key_kind(key: &str) -> KeyKind {
+    let full = toml::Value::try_from(TrainConfig {
+        data_dir: Some(PathBuf::new()),
+        steps: Some(0),
+        max_tokens: Some(0),
+        max_seconds: Some(0.0),
+        mlp_hidden: Some(0),
+        ..TrainConfig::default()
+    });
+    match full.ok().as_ref().and_then(|t| t.get(key)) {
+        Some(toml::Value::Integer(_)) => KeyKind::Integer,
+        Some(toml::Value::Float(_)) => KeyKind::Float,
+        _ => KeyKind::Text,
+    }
+}
+
 /// Parse `key=value`; the value is read as a TOML value (`8`, `0.5`, `true`, `"x"`) or else as a string.
 pub fn parse_set(kv: &str) -> Result<(String, toml::Value)> {
     let Some((key, value)) = kv.split_once('=') else {

@@ -186,20 +186,49 @@ pub async fn plan(res: &Resources) -> (usize, Option<(f64, String)>) {
 }
 
 /// Run `runs` (already `queued`/`interrupted`/`failed` in the store) with the backend of `res`.
-/// `early` maps a sweep id to its `[early_stop]` (sweeps without one, or a run resumed on its own to
-/// full length, have none).
+/// A sweep whose trials are sampled as results arrive (`strategy = "tpe"`): its space, budget and what a
+/// new trial's run needs (the sweep file, the data's vocab, the ranks of a run for its memory estimate).
+pub struct Sampler {
+    pub file: std::path::PathBuf,
+    pub spec: crate::spec::SweepFile,
+    pub space: Vec<(String, crate::tpe::Axis)>,
+    pub trials: usize,
+    pub seed: u64,
+    pub vocab: usize,
+    pub ranks: usize,
+}
+
+/// How the sweeps being run search: `early` maps a sweep id to its `[early_stop]` (sweeps without one, or
+/// a run resumed on its own to full length, have none); `samplers` the sweeps that sample their trials.
+#[derive(Default)]
+pub struct SearchPlan {
+    pub early: HashMap<i64, EarlyStop>,
+    pub samplers: HashMap<i64, Sampler>,
+}
+
 pub async fn execute(
     store: &RunStore,
     runs: Vec<RunRow>,
     res: &Resources,
     engine: &EngineCommand,
-    early: HashMap<i64, EarlyStop>,
+    plan: SearchPlan,
 ) -> Result<Summary> {
     let (writer, writer_task) = ingest::spawn_writer(store.clone());
-    let mut display = Display::new(runs.len());
+    let mut total = runs.len();
+    for (sweep, s) in &plan.samplers {
+        total += s
+            .trials
+            .saturating_sub(store.runs(Some(*sweep)).await?.len());
+    }
+    let mut display = Display::new(total);
     let search = Search {
         store: store.clone(),
-        early: early.into_iter().filter(|(_, e)| e.enabled()).collect(),
+        samplers: plan.samplers,
+        early: plan
+            .early
+            .into_iter()
+            .filter(|(_, e)| e.enabled())
+            .collect(),
         runs: HashMap::new(),
         active: Default::default(),
         taken: Default::default(),
@@ -226,6 +255,7 @@ pub async fn execute(
 struct Search {
     store: RunStore,
     early: HashMap<i64, EarlyStop>,
+    samplers: HashMap<i64, Sampler>,
     /// run → (sweep, config, rung it will pause at when it pauses).
     runs: HashMap<i64, (i64, engine::train::TrainConfig, usize)>,
     /// Runs whose engine has not ended yet (a paused one may still be exiting): not promotable.
@@ -309,6 +339,93 @@ impl Search {
         Ok(None)
     }
 
+    /// A new trial of a sampling sweep, recorded `queued` (with the sampler that chose it), while its budget
+    /// lasts: the point TPE suggests from the trials so far — completed ones by their final metric,
+    /// paused and pruned ones by their last rung's, running ones as pending.
+    async fn new_trial(&self) -> Result<Option<RunRow>> {
+        for (sweep, sm) in &self.samplers {
+            loop {
+                let runs = self.store.runs(Some(*sweep)).await?;
+                if runs.len() >= sm.trials {
+                    break;
+                }
+                let metric = self.early.get(sweep).map(|e| e.metric);
+                let rung_values = self.store.rung_results(*sweep).await?;
+                let point_of = |r: &RunRow| -> crate::tpe::Point {
+                    serde_json::from_value(r.params.clone()).unwrap_or_default()
+                };
+                let (mut history, mut pending) = (Vec::new(), Vec::new());
+                for r in &runs {
+                    let value = match r.status {
+                        RunStatus::Completed => match metric {
+                            Some(crate::early_stop::Metric::ValBpb) => r.val_bpb,
+                            _ => r.val_loss,
+                        },
+                        // Stopped at a rung (for now, or for good): judged by its last rung's value,
+                        // as Optuna judges pruned trials by their intermediate values.
+                        RunStatus::Pruned | RunStatus::Paused => rung_values
+                            .iter()
+                            .filter(|x| x.run == r.id)
+                            .max_by_key(|x| x.rung)
+                            .map(|x| x.value),
+                        RunStatus::Queued | RunStatus::Running | RunStatus::Interrupted => {
+                            pending.push(point_of(r));
+                            continue;
+                        }
+                        RunStatus::Failed | RunStatus::SkippedOom => None,
+                    };
+                    if let Some(value) = value.filter(|v| v.is_finite()) {
+                        history.push(crate::tpe::Trial {
+                            point: point_of(r),
+                            value,
+                        });
+                    }
+                }
+                let trial = runs.len() as u64;
+                let point = crate::tpe::suggest(&sm.space, &history, &pending, sm.seed, trial);
+                let sampler = if history.len() < crate::tpe::STARTUP_TRIALS {
+                    "random"
+                } else {
+                    "tpe"
+                };
+                let planned = crate::spec::plan_config(&sm.spec, &sm.file, sm.vocab, &point);
+                let row = match &planned {
+                    Ok(cfg) => {
+                        let model = cfg.model_config(sm.vocab);
+                        crate::store::NewRun {
+                            params: point.clone(),
+                            config: cfg.to_toml()?,
+                            param_count: model.param_count() as u64,
+                            mem_estimate: cfg.training_memory_estimate(&model, sm.ranks),
+                            sampler: Some(sampler.into()),
+                        }
+                    }
+                    Err(_) => crate::store::NewRun {
+                        params: point.clone(),
+                        config: String::new(),
+                        param_count: 0,
+                        mem_estimate: 0,
+                        sampler: Some(sampler.into()),
+                    },
+                };
+                let ids = self
+                    .store
+                    .add_runs(*sweep, &[row], sm.spec.resources.runs_dir.as_deref())
+                    .await?;
+                match planned {
+                    Ok(_) => return Ok(Some(self.store.run(ids[0]).await?)),
+                    // A point the engine would refuse (a dim n_heads does not divide): a failed trial.
+                    Err(e) => {
+                        self.store
+                            .set_status(ids[0], RunStatus::Failed, &engine::error_line(&e))
+                            .await?
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The search is over: every run still paused can never be promoted; it becomes `pruned`.
     async fn prune_rest(&self, display: &mut Display, summary: &mut Summary) -> Result<()> {
         for (sweep, es) in &self.early {
@@ -377,7 +494,11 @@ async fn drive<E: Executor>(
                 .promotion(exec.active() == 0 && queue.is_empty())
                 .await?;
             promotable = promoted.is_some();
-            let Some(run) = promoted.or_else(|| queue.pop_front()) else {
+            let next = match promoted.or_else(|| queue.pop_front()) {
+                Some(run) => Some(run),
+                None => search.new_trial().await?,
+            };
+            let Some(run) = next else {
                 break;
             };
             if let (Some((limit, what)), Some(est)) = (exec.memory_limit(), run.mem_estimate) {

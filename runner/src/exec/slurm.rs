@@ -918,6 +918,7 @@ mod tests {
             runner_host: None,
             runner_started: None,
             rung: None,
+            sampler: None,
         };
         let res = Resources {
             gpus_per_run: 8,

@@ -107,6 +107,8 @@ pub struct RunRow {
     pub runner_started: Option<i64>,
     /// The highest early-stopping rung whose result the run recorded (0 is the first).
     pub rung: Option<i64>,
+    /// Which sampler chose its values (`grid`, `random`, `tpe`).
+    pub sampler: Option<String>,
 }
 
 /// A run of a new sweep, as [`RunStore::add_runs`] records it.
@@ -119,6 +121,8 @@ pub struct NewRun {
     pub param_count: u64,
     /// Estimated peak bytes of one rank's training step.
     pub mem_estimate: u64,
+    /// Which sampler chose the values (`grid`, `random`, `tpe`).
+    pub sampler: Option<String>,
 }
 
 #[cfg(test)]
@@ -130,6 +134,7 @@ impl NewRun {
             config: config.into(),
             param_count: 10,
             mem_estimate: 20,
+            sampler: None,
         }
     }
 }
@@ -239,7 +244,7 @@ pub fn this_host() -> String {
         .unwrap_or_default()
 }
 
-const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started, rung";
+const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started, rung, sampler";
 
 fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
     RunRow {
@@ -270,6 +275,7 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
         runner_host: r.get(24),
         runner_started: r.get(25),
         rung: r.get(26),
+        sampler: r.get(27),
     }
 }
 
@@ -363,25 +369,33 @@ impl RunStore {
             .context("resolving the runs folder")?;
         let mut tx = self.pool.begin().await?;
         let mut ids = Vec::with_capacity(runs.len());
-        for (idx, run) in runs.iter().enumerate() {
+        // Positions continue after the sweep's runs so far (a TPE sweep adds its trials one by one).
+        let first: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE sweep_id = ?")
+            .bind(sweep_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        for (i, run) in runs.iter().enumerate() {
+            let idx = first + i as i64;
             let NewRun {
                 params,
                 config,
                 param_count,
                 mem_estimate: mem,
+                sampler,
             } = run;
             let params_json = serde_json::to_string(params)?;
             let id = sqlx::query(
-                "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at) \
-                 VALUES (?, ?, 'queued', ?, ?, '', ?, ?, ?)",
+                "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at, sampler) \
+                 VALUES (?, ?, 'queued', ?, ?, '', ?, ?, ?, ?)",
             )
             .bind(sweep_id)
-            .bind(idx as i64)
+            .bind(idx)
             .bind(&params_json)
             .bind(config)
             .bind(*param_count as i64)
             .bind(*mem as i64)
             .bind(now())
+            .bind(sampler)
             .execute(&mut *tx)
             .await?
             .last_insert_rowid();
