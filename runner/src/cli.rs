@@ -104,6 +104,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark the sweep samplers on synthetic objectives (log-lr bowl, Branin, Hartmann-6), no training:
+    /// prints one JSON line per objective and sampler with the best value found after each budget, per
+    /// seed (runner/bench/tpe_vs_optuna.sh sets them beside Optuna's).
+    BenchSampler {
+        /// Samplers to run: tpe, random.
+        #[arg(long, value_delimiter = ',', default_value = "tpe,random")]
+        samplers: Vec<String>,
+        /// Trial budgets to report.
+        #[arg(long, value_delimiter = ',', default_value = "20,40,80")]
+        budgets: Vec<usize>,
+        /// Seeds per objective and sampler.
+        #[arg(long, default_value_t = 30)]
+        seeds: u64,
+    },
     /// The embedded engine (`runner engine train ...`), used to launch runs when RUNNER_ENGINE is not set.
     #[command(hide = true, disable_help_flag = true)]
     Engine {
@@ -235,6 +249,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             metrics,
             json,
         } => bench_ingest(&cli.home, runs, steps, metrics, json).await,
+        Command::BenchSampler {
+            samplers,
+            budgets,
+            seeds,
+        } => {
+            let trials = budgets.iter().copied().max().unwrap_or(0);
+            for obj in crate::bench_sampler::objectives() {
+                for sampler in &samplers {
+                    let best: Vec<Vec<f64>> = (0..seeds)
+                        .map(|seed| {
+                            let curve =
+                                crate::bench_sampler::best_curve(&obj, sampler, trials, seed);
+                            budgets.iter().map(|b| curve[b - 1]).collect()
+                        })
+                        .collect();
+                    out(format_args!(
+                        "{}\n",
+                        serde_json::json!({"who": "ours", "objective": obj.name, "sampler": sampler,
+                            "budgets": budgets, "best": best})
+                    ));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Engine { .. } => unreachable!("handled before parsing"),
     }
 }

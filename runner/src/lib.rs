@@ -5,6 +5,7 @@
 //! backends behind it), [`display`] (the live view), [`report`] (tables and HTML), [`cli`] (argument
 //! parsing).
 
+pub mod bench_sampler;
 pub mod cli;
 pub mod display;
 pub mod early_stop;

@@ -369,13 +369,7 @@ impl RunStore {
             .context("resolving the runs folder")?;
         let mut tx = self.pool.begin().await?;
         let mut ids = Vec::with_capacity(runs.len());
-        // Positions continue after the sweep's runs so far (a TPE sweep adds its trials one by one).
-        let first: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE sweep_id = ?")
-            .bind(sweep_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        for (i, run) in runs.iter().enumerate() {
-            let idx = first + i as i64;
+        for run in runs {
             let NewRun {
                 params,
                 config,
@@ -385,11 +379,14 @@ impl RunStore {
             } = run;
             let params_json = serde_json::to_string(params)?;
             let id = sqlx::query(
+                // Positions continue after the sweep's runs so far (a TPE sweep adds its trials one by one),
+                // counted in the INSERT itself: a transaction that read first and then wrote could fail at
+                // once ("database is locked") when another runner wrote in between.
                 "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at, sampler) \
-                 VALUES (?, ?, 'queued', ?, ?, '', ?, ?, ?, ?)",
+                 VALUES (?, (SELECT COUNT(*) FROM runs WHERE sweep_id = ?), 'queued', ?, ?, '', ?, ?, ?, ?)",
             )
             .bind(sweep_id)
-            .bind(idx)
+            .bind(sweep_id)
             .bind(&params_json)
             .bind(config)
             .bind(*param_count as i64)
