@@ -480,13 +480,13 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     if dry_run {
         for (s, rows) in sweeps.iter().zip(&planned) {
             out(format_args!(
-                "sweep {} ({}): {} runs\n",
+                "sweep {} ({}): {} runs planned\n",
                 display_name(&s.spec.name),
                 s.file.display(),
                 rows.len()
             ));
             if s.strategy == Strategy::Tpe {
-                let axes: Vec<String> = s.space.iter().map(|(k, a)| format!("{k} {a:?}")).collect();
+                let axes: Vec<String> = s.space.iter().map(|(k, a)| format!("{k} {a}")).collect();
                 out(format_args!(
                     "  tpe: {} trials (the first {} random), seed {}, sampled as results arrive over: {}\n",
                     s.trials,

@@ -1,9 +1,10 @@
 //! The search space of a sweep (lists are choices; `uniform`, `log_uniform`, `int_uniform` ranges) and the
 //! Tree-structured Parzen Estimator (Bergstra et al., "Algorithms for Hyper-Parameter Optimization", NeurIPS
 //! 2011), with Optuna's `TPESampler` defaults: 10 random start-up trials, γ(n) = min(⌈0.1·n⌉, 25) trials in
-//! the "good" group, a prior of weight 1, kernels in log space for log ranges, 24 candidates drawn from the
-//! good density and the one maximising l(x)/g(x) kept, each parameter on its own (univariate). Running trials
-//! count as bad ones (a constant liar), so parallel workers do not all sample the same point.
+//! the "good" group, a prior of weight 1, kernels in log space for log ranges, and — as Optuna does by
+//! default for one objective — multivariate: each trial is a product kernel over all parameters, 24
+//! candidates are drawn jointly from the good density and the one maximising l(x)/g(x) is kept. Running
+//! trials count as bad ones (a constant liar), so parallel workers do not all sample the same point.
 //!
 //! [`suggest`] is a plain function — history in, next point out — deterministic for a seed and a trial
 //! number, so a resumed sweep replays the same search.
@@ -79,6 +80,20 @@ impl Axis {
     }
 }
 
+impl std::fmt::Display for Axis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Axis::Choice(v) => {
+                let items: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+                write!(f, "[{}]", items.join(", "))
+            }
+            Axis::Uniform { lo, hi } => write!(f, "uniform [{lo}, {hi}]"),
+            Axis::LogUniform { lo, hi } => write!(f, "log_uniform [{lo}, {hi}]"),
+            Axis::IntUniform { lo, hi } => write!(f, "int_uniform [{lo}, {hi}]"),
+        }
+    }
+}
+
 /// A point of the space: a value per axis name.
 pub type Point = BTreeMap<String, toml::Value>;
 
@@ -104,95 +119,197 @@ fn weights(n: usize) -> Vec<f64> {
     if n < 25 {
         return vec![1.0; n];
     }
+    // numpy's linspace(1/n, 1, n - 25): both ends included.
     let ramp = n - 25;
+    let step = |i: usize| {
+        if ramp > 1 {
+            i as f64 / (ramp - 1) as f64
+        } else {
+            0.0
+        }
+    };
     (0..ramp)
-        .map(|i| 1.0 / n as f64 + (1.0 - 1.0 / n as f64) * i as f64 / ramp.max(1) as f64)
+        .map(|i| 1.0 / n as f64 + (1.0 - 1.0 / n as f64) * step(i))
         .chain(std::iter::repeat_n(1.0, 25))
         .collect()
 }
 
-/// A mixture of normals truncated to [lo, hi]: the observations plus the prior (centre, width hi − lo).
-struct Parzen {
-    mus: Vec<f64>,
-    sigmas: Vec<f64>,
-    weights: Vec<f64>,
-    lo: f64,
-    hi: f64,
+/// One axis's kernels in a mixture: per component, a normal truncated to [lo, hi] (ranges, in kernel
+/// space) or a distribution over the choices.
+enum Kernels {
+    Numeric {
+        mus: Vec<f64>,
+        sigmas: Vec<f64>,
+        lo: f64,
+        hi: f64,
+    },
+    Choice(Vec<Vec<f64>>),
 }
 
-impl Parzen {
-    fn new(obs: &[f64], obs_weights: &[f64], lo: f64, hi: f64) -> Self {
+impl Kernels {
+    /// As Optuna: an observation's kernel is as wide as its larger gap to a neighbour (the outer ones:
+    /// their one inner gap; a lone one: its distance to the farther end), clipped to
+    /// [width / min(100, n + 2), width] ("magic clip"); the prior at the centre spans the interval.
+    fn numeric(obs: &[f64], lo: f64, hi: f64) -> Self {
         let width = hi - lo;
-        let mut pts: Vec<(f64, f64, bool)> = obs
-            .iter()
-            .zip(obs_weights)
-            .map(|(m, w)| (*m, *w, false))
-            .collect();
-        pts.push(((lo + hi) / 2.0, PRIOR_WEIGHT, true));
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let n = pts.len();
-        // Each kernel as wide as its larger gap to a neighbour (the interval's ends for the outer ones),
-        // clipped to [width / min(100, 1 + n), width] ("magic clip"); the prior spans the whole interval.
-        let min_sigma = width / (100.0f64).min(1.0 + n as f64);
-        let mut sigmas = Vec::with_capacity(n);
-        for i in 0..n {
-            if pts[i].2 {
-                sigmas.push(width);
-                continue;
-            }
-            let left = if i == 0 {
-                pts[i].0 - lo
+        let n = obs.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|a, b| obs[*a].total_cmp(&obs[*b]));
+        let min_sigma = width / (100.0f64).min(n as f64 + 2.0);
+        let mut sigmas = vec![width; n];
+        for (rank, &i) in order.iter().enumerate() {
+            let at = |r: usize| obs[order[r]];
+            let left = if rank == 0 {
+                at(0) - lo
             } else {
-                pts[i].0 - pts[i - 1].0
+                at(rank) - at(rank - 1)
             };
-            let right = if i + 1 == n {
-                hi - pts[i].0
+            let right = if rank + 1 == n {
+                hi - at(rank)
             } else {
-                pts[i + 1].0 - pts[i].0
+                at(rank + 1) - at(rank)
             };
-            sigmas.push(left.max(right).clamp(min_sigma, width));
+            let sigma = match (n, rank) {
+                (1, _) => left.max(right),
+                (_, 0) => right,
+                (_, r) if r + 1 == n => left,
+                _ => left.max(right),
+            };
+            sigmas[i] = sigma.clamp(min_sigma, width);
         }
-        let total: f64 = pts.iter().map(|p| p.1).sum();
-        Self {
-            mus: pts.iter().map(|p| p.0).collect(),
+        let mut mus = obs.to_vec();
+        mus.push((lo + hi) / 2.0);
+        sigmas.push(width);
+        Kernels::Numeric {
+            mus,
             sigmas,
-            weights: pts.iter().map(|p| p.1 / total).collect(),
             lo,
             hi,
         }
     }
 
-    fn sample(&self, rng: &mut ChaCha8Rng) -> f64 {
-        let mut u: f64 = rng.gen();
-        let mut k = self.weights.len() - 1;
-        for (i, w) in self.weights.iter().enumerate() {
-            if u < *w {
-                k = i;
-                break;
-            }
-            u -= w;
-        }
-        // Rejection sampling of the truncated normal (every kernel keeps a fair share of its mass inside).
-        for _ in 0..100 {
-            let z: f64 = standard_normal(rng);
-            let x = self.mus[k] + self.sigmas[k] * z;
-            if (self.lo..=self.hi).contains(&x) {
-                return x;
-            }
-        }
-        self.mus[k].clamp(self.lo, self.hi)
+    /// As Optuna: each observation puts weight 1 on its choice over a floor of prior_weight / k; the prior
+    /// component is uniform.
+    fn choice(obs: &[usize], k: usize) -> Self {
+        let floor = PRIOR_WEIGHT / k as f64;
+        let mut rows: Vec<Vec<f64>> = obs
+            .iter()
+            .map(|&c| {
+                let mut r = vec![floor; k];
+                r[c] += 1.0;
+                let t: f64 = r.iter().sum();
+                r.iter().map(|x| x / t).collect()
+            })
+            .collect();
+        rows.push(vec![1.0 / k as f64; k]);
+        Kernels::Choice(rows)
     }
 
-    fn log_pdf(&self, x: f64) -> f64 {
-        let mut p = 0.0;
-        for ((m, s), w) in self.mus.iter().zip(&self.sigmas).zip(&self.weights) {
-            let mass = normal_cdf((self.hi - m) / s) - normal_cdf((self.lo - m) / s);
-            let z = (x - m) / s;
-            p += w * (-0.5 * z * z).exp()
-                / (s * (2.0 * std::f64::consts::PI).sqrt() * mass.max(1e-12));
+    fn sample(&self, j: usize, rng: &mut ChaCha8Rng) -> f64 {
+        match self {
+            Kernels::Numeric {
+                mus,
+                sigmas,
+                lo,
+                hi,
+            } => {
+                // Rejection sampling of the truncated normal.
+                for _ in 0..100 {
+                    let x = mus[j] + sigmas[j] * standard_normal(rng);
+                    if (*lo..=*hi).contains(&x) {
+                        return x;
+                    }
+                }
+                mus[j].clamp(*lo, *hi)
+            }
+            Kernels::Choice(rows) => pick(&rows[j], rng) as f64,
         }
-        p.max(1e-300).ln()
     }
+
+    fn log_pdf(&self, j: usize, x: f64) -> f64 {
+        match self {
+            Kernels::Numeric {
+                mus,
+                sigmas,
+                lo,
+                hi,
+            } => {
+                let (m, s) = (mus[j], sigmas[j]);
+                let mass = (normal_cdf((hi - m) / s) - normal_cdf((lo - m) / s)).max(1e-12);
+                let z = (x - m) / s;
+                -0.5 * z * z - (s * (2.0 * std::f64::consts::PI).sqrt() * mass).ln()
+            }
+            Kernels::Choice(rows) => rows[j][x as usize].max(1e-300).ln(),
+        }
+    }
+}
+
+/// A mixture of product kernels over all axes (Optuna's multivariate TPE, its single-objective default):
+/// one component per observation plus the prior.
+struct Mixture {
+    weights: Vec<f64>,
+    axes: Vec<Kernels>,
+}
+
+impl Mixture {
+    /// `obs[j][d]`: observation j's value on axis d (kernel space; a choice's index).
+    fn new(space: &[(String, Axis)], obs: &[Vec<f64>]) -> Self {
+        let mut weights = weights(obs.len());
+        weights.push(PRIOR_WEIGHT);
+        let total: f64 = weights.iter().sum();
+        let axes = space
+            .iter()
+            .enumerate()
+            .map(|(d, (_, axis))| match (axis, axis.interval()) {
+                (Axis::Choice(values), _) => {
+                    let idx: Vec<usize> = obs.iter().map(|o| o[d] as usize).collect();
+                    Kernels::choice(&idx, values.len())
+                }
+                (_, Some((lo, hi))) => {
+                    let xs: Vec<f64> = obs.iter().map(|o| o[d]).collect();
+                    Kernels::numeric(&xs, lo, hi)
+                }
+                _ => unreachable!("every range has an interval"),
+            })
+            .collect();
+        Self {
+            weights: weights.iter().map(|w| w / total).collect(),
+            axes,
+        }
+    }
+
+    fn sample(&self, rng: &mut ChaCha8Rng) -> Vec<f64> {
+        let j = pick(&self.weights, rng);
+        self.axes.iter().map(|k| k.sample(j, rng)).collect()
+    }
+
+    fn log_pdf(&self, x: &[f64]) -> f64 {
+        let terms: Vec<f64> = (0..self.weights.len())
+            .map(|j| {
+                self.weights[j].ln()
+                    + self
+                        .axes
+                        .iter()
+                        .zip(x)
+                        .map(|(k, v)| k.log_pdf(j, *v))
+                        .sum::<f64>()
+            })
+            .collect();
+        let max = terms.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        max + terms.iter().map(|t| (t - max).exp()).sum::<f64>().ln()
+    }
+}
+
+/// An index drawn with probabilities `p` (summing to 1).
+fn pick(p: &[f64], rng: &mut ChaCha8Rng) -> usize {
+    let mut u: f64 = rng.gen();
+    for (i, w) in p.iter().enumerate() {
+        if u < *w {
+            return i;
+        }
+        u -= w;
+    }
+    p.len() - 1
 }
 
 fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
@@ -249,64 +366,38 @@ pub fn suggest(
     below.sort_by_key(order);
     above.sort_by_key(order);
     above.extend(pending.iter());
+    // Every point in kernel space: log for log ranges, a choice as its index.
+    let encode = |p: &Point| -> Option<Vec<f64>> {
+        axes.iter()
+            .map(|(k, a)| match a {
+                Axis::Choice(values) => values
+                    .iter()
+                    .position(|v| Some(v) == p.get(k))
+                    .map(|i| i as f64),
+                _ => a.internal(p.get(k)?),
+            })
+            .collect()
+    };
+    let obs =
+        |group: &[&Point]| -> Vec<Vec<f64>> { group.iter().filter_map(|p| encode(p)).collect() };
+    let (l, g) = (
+        Mixture::new(axes, &obs(&below)),
+        Mixture::new(axes, &obs(&above)),
+    );
+    let best = (0..CANDIDATES)
+        .map(|_| l.sample(&mut rng))
+        .map(|x| (l.log_pdf(&x) - g.log_pdf(&x), x))
+        .max_by(|p, q| p.0.total_cmp(&q.0))
+        .map(|p| p.1)
+        .expect("candidates");
     axes.iter()
-        .map(|(key, axis)| {
-            let value = match axis.interval() {
-                Some((lo, hi)) => {
-                    let obs = |group: &[&Point]| -> Vec<f64> {
-                        group
-                            .iter()
-                            .filter_map(|p| axis.internal(p.get(key)?))
-                            .collect()
-                    };
-                    let (b, a) = (obs(&below), obs(&above));
-                    let l = Parzen::new(&b, &weights(b.len()), lo, hi);
-                    let g = Parzen::new(&a, &weights(a.len()), lo, hi);
-                    let best = (0..CANDIDATES)
-                        .map(|_| l.sample(&mut rng))
-                        .map(|x| (l.log_pdf(x) - g.log_pdf(x), x))
-                        .max_by(|p, q| p.0.total_cmp(&q.0))
-                        .map(|p| p.1)
-                        .unwrap_or((lo + hi) / 2.0);
-                    axis.value_at(best)
-                }
-                None => {
-                    let Axis::Choice(values) = axis else {
-                        unreachable!()
-                    };
-                    let dist = |group: &[&Point]| -> Vec<f64> {
-                        let w = weights(group.len());
-                        let mut d = vec![PRIOR_WEIGHT / values.len() as f64; values.len()];
-                        for (p, w) in group.iter().zip(w) {
-                            if let Some(i) =
-                                p.get(key).and_then(|v| values.iter().position(|x| x == v))
-                            {
-                                d[i] += w;
-                            }
-                        }
-                        let total: f64 = d.iter().sum();
-                        d.iter().map(|x| x / total).collect()
-                    };
-                    let (l, g) = (dist(&below), dist(&above));
-                    let best = (0..CANDIDATES)
-                        .map(|_| {
-                            let mut u: f64 = rng.gen();
-                            let mut i = values.len() - 1;
-                            for (j, p) in l.iter().enumerate() {
-                                if u < *p {
-                                    i = j;
-                                    break;
-                                }
-                                u -= p;
-                            }
-                            i
-                        })
-                        .max_by(|a, b| (l[*a] / g[*a]).total_cmp(&(l[*b] / g[*b])))
-                        .unwrap_or(0);
-                    values[best].clone()
-                }
+        .zip(best)
+        .map(|((k, a), x)| {
+            let v = match a {
+                Axis::Choice(values) => values[x as usize].clone(),
+                _ => a.value_at(x),
             };
-            (key.clone(), value)
+            (k.clone(), v)
         })
         .collect()
 }
