@@ -835,6 +835,27 @@ extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
+/// A sweep file of tiny runs (batch 4 × context 16, `steps`) over `sweep`, with `extra` appended (an
+/// `[early_stop]` section) and `replace` pairs applied.
+fn search_file(
+    dir: &Path,
+    name: &str,
+    steps: u64,
+    sweep: &str,
+    replace: &[(&str, &str)],
+    extra: &str,
+) -> PathBuf {
+    let file = sweep_file(dir, name, steps, sweep);
+    let mut text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[base]\n", "[base]\nbatch_size = 4\ncontext_len = 16\n");
+    for (from, to) in replace {
+        text = text.replace(from, to);
+    }
+    std::fs::write(&file, text + extra).unwrap();
+    file
+}
+
 /// ASHA over 9 tiny configurations, eta = 3, one run at a time: runs pause at their rungs (192 and 576
 /// tokens of 1,728) and the rule promotes them from their checkpoints. The order in which rung results
 /// arrive is exactly what the rule implies for one worker; the runs never promoted end `pruned`; the
@@ -844,18 +865,14 @@ fn asha_pauses_and_promotes_runs_by_the_rule() {
     use runner::early_stop::{next_promotion, Method};
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let file = sweep_file(
+    let file = search_file(
         dir.path(),
         "asha",
         27,
         "lr = [0.001, 0.003, 0.01]\nseed = [0, 1, 2]",
+        &[("max_parallel = 2", "max_parallel = 1")],
+        "[early_stop]\nmethod = \"asha\"\nmin_budget = 192\nreduction_factor = 3\n",
     );
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("[base]\n", "[base]\nbatch_size = 4\ncontext_len = 16\n")
-        .replace("max_parallel = 2", "max_parallel = 1")
-        + "[early_stop]\nmethod = \"asha\"\nmin_budget = 192\nreduction_factor = 3\n";
-    std::fs::write(&file, text).unwrap();
     let out = runner(&home).arg("sweep").arg(&file).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(&out);
@@ -968,18 +985,14 @@ fn asha_pauses_and_promotes_runs_by_the_rule() {
 fn a_killed_asha_search_resumes_where_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let file = sweep_file(
+    let file = search_file(
         dir.path(),
         "asha",
         270,
         "lr = [0.001, 0.003, 0.01]\nseed = [0, 1, 2]",
+        &[("eval_every = 5", "eval_every = 50")],
+        "[early_stop]\nmethod = \"asha\"\nmin_budget = 1920\nreduction_factor = 3\n",
     );
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("[base]\n", "[base]\nbatch_size = 4\ncontext_len = 16\n")
-        .replace("eval_every = 5", "eval_every = 50")
-        + "[early_stop]\nmethod = \"asha\"\nmin_budget = 1920\nreduction_factor = 3\n";
-    std::fs::write(&file, text).unwrap();
     let mut child = runner(&home)
         .arg("sweep")
         .arg(&file)
@@ -1039,12 +1052,14 @@ fn a_killed_asha_search_resumes_where_it_was() {
 fn a_search_smaller_than_eta_still_completes_its_best_run() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let file = sweep_file(dir.path(), "small", 27, "lr = [0.001, 0.01]");
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("[base]\n", "[base]\nbatch_size = 4\ncontext_len = 16\n")
-        + "[early_stop]\nmethod = \"asha\"\nbudget = \"steps\"\nmin_budget = 9\n";
-    std::fs::write(&file, text).unwrap();
+    let file = search_file(
+        dir.path(),
+        "small",
+        27,
+        "lr = [0.001, 0.01]",
+        &[],
+        "[early_stop]\nmethod = \"asha\"\nbudget = \"steps\"\nmin_budget = 9\n",
+    );
     ok(&runner(&home).arg("sweep").arg(&file).output().unwrap());
     let rows = report_json(&home, "s1");
     let status: Vec<&str> = rows.iter().map(|r| r["status"].as_str().unwrap()).collect();
@@ -1063,22 +1078,15 @@ fn a_search_smaller_than_eta_still_completes_its_best_run() {
 fn tpe_with_early_stopping_samples_trials_as_results_arrive() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let file = sweep_file(
+    let file = search_file(
         dir.path(),
         "tpe",
         27,
         "strategy = \"tpe\"\ntrials = 14\nseed = 3\nlr = { log_uniform = [1e-4, 3e-2] }\n\
          warmup_steps = { int_uniform = [0, 10] }\nn_layers = [1, 2]",
+        &[("warmup_steps = 2\n", "min_lr = 1e-5\n")],
+        "[early_stop]\nmethod = \"asha\"\nmin_budget = 192\n",
     );
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace(
-            "[base]\n",
-            "[base]\nbatch_size = 4\ncontext_len = 16\nmin_lr = 1e-5\n",
-        )
-        .replace("warmup_steps = 2\n", "")
-        + "[early_stop]\nmethod = \"asha\"\nmin_budget = 192\n";
-    std::fs::write(&file, text).unwrap();
     // A range on a key that takes a name, and a range in a grid, are refused.
     for (bad, needle) in [
         (

@@ -144,8 +144,8 @@ pub fn keys_table() -> String {
 /// Default run length when none of `steps`, `max_tokens`, `max_seconds` is set.
 pub const DEFAULT_STEPS: u64 = 1000;
 
-/// The key names of the flat config (for validating sweep files and filtering the environment).
-pub fn known_keys() -> Vec<String> {
+/// Every key with a value of its type (the optional keys set): the schema of the flat config.
+fn full_table() -> toml::Table {
     match toml::Value::try_from(TrainConfig {
         data_dir: Some(PathBuf::new()),
         steps: Some(0),
@@ -154,9 +154,14 @@ pub fn known_keys() -> Vec<String> {
         mlp_hidden: Some(0),
         ..TrainConfig::default()
     }) {
-        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
-        _ => Vec::new(),
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
     }
+}
+
+/// The key names of the flat config (for validating sweep files and filtering the environment).
+pub fn known_keys() -> Vec<String> {
+    full_table().keys().cloned().collect()
 }
 
 /// What a key takes, for sweeps that sample it from a range.
@@ -170,15 +175,7 @@ pub enum KeyKind {
 
 /// The kind of value `key` takes (`Text` for unknown keys).
 pub fn key_kind(key: &str) -> KeyKind {
-    let full = toml::Value::try_from(TrainConfig {
-        data_dir: Some(PathBuf::new()),
-        steps: Some(0),
-        max_tokens: Some(0),
-        max_seconds: Some(0.0),
-        mlp_hidden: Some(0),
-        ..TrainConfig::default()
-    });
-    match full.ok().as_ref().and_then(|t| t.get(key)) {
+    match full_table().get(key) {
         Some(toml::Value::Integer(_)) => KeyKind::Integer,
         Some(toml::Value::Float(_)) => KeyKind::Float,
         _ => KeyKind::Text,
