@@ -349,4 +349,41 @@ fn a_sweep_runs_on_slurm_and_a_cancelled_job_is_resubmitted() {
     )
     .unwrap();
     assert_eq!(state["world_size"], 2, "{state}");
+
+    // Sweep s4 (runs 6–8): early stopping on Slurm — jobs pause at their rung (the job script passes
+    // --pause-at) and the promoted run is resubmitted from its checkpoint to the end.
+    let file4 = sweep_file("asha-on-slurm", 27);
+    let text = std::fs::read_to_string(&file4)
+        .unwrap()
+        .replace("n_layers = [1, 2]", "lr = [0.001, 0.003, 0.01]")
+        + "[early_stop]\nmethod = \"asha\"\nbudget = \"steps\"\nmin_budget = 9\n";
+    std::fs::write(&file4, text).unwrap();
+    let mut fourth = runner(&["sweep", file4.to_str().unwrap()], "s4.log");
+    let out = fourth.0.take().unwrap().wait_with_output().unwrap();
+    let log4 = std::fs::read_to_string(dir.path().join("s4.log")).unwrap_or_default();
+    assert!(out.status.success(), "{log4}");
+    rt.block_on(async {
+        let store = runner::store::RunStore::open(&home).await.unwrap();
+        let runs = store.runs(Some(4)).await.unwrap();
+        let results = store.rung_results(4).await.unwrap();
+        assert_eq!(
+            results.iter().filter(|r| r.rung == 0).count(),
+            3,
+            "{results:?}"
+        );
+        let done: Vec<_> = runs
+            .iter()
+            .filter(|r| r.status.as_str() == "completed")
+            .collect();
+        assert_eq!(done.len(), 1, "{runs:?}\n{log4}");
+        assert_eq!(done[0].step, 27);
+        for r in runs.iter().filter(|r| r.status.as_str() != "completed") {
+            assert_eq!((r.status.as_str(), r.step), ("pruned", 9), "{r:?}");
+        }
+        let script = std::fs::read_to_string(Path::new(&done[0].run_dir).join("job.sh")).unwrap();
+        assert!(
+            !script.contains("--pause-at"),
+            "the promoted job runs to the end:\n{script}"
+        );
+    });
 }
