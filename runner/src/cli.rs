@@ -57,7 +57,10 @@ enum Command {
         sets: Vec<String>,
     },
     /// Continue a run (ID like 7) from its latest checkpoint, or a sweep (ID like s3): its interrupted and
-    /// failed runs resume and never-started ones launch. Completed runs are not rerun.
+    /// failed runs resume and never-started ones launch; with early stopping the search continues (paused
+    /// runs promoted by the rule), and a TPE sweep samples its remaining trials. Right after a killed
+    /// runner it waits for that runner's engines to finish their checkpoints. Completed runs are not rerun;
+    /// a paused or pruned run resumed on its own (ID like 7) trains to its full length.
     Resume {
         /// A run id (7) or a sweep id (s3), as `runner ls` shows them.
         #[arg(value_name = "ID")]
