@@ -970,6 +970,25 @@ fn asha_pauses_and_promotes_runs_by_the_rule() {
         done_sha(&run_dir.join("metrics.jsonl")),
         done_sha(&straight.join("metrics.jsonl"))
     );
+    // A run that recorded its rung and then failed (say, in its teardown) is not resumed past the rung
+    // without a decision: `runner resume s1` leaves it pruned where it was.
+    let stuck = rows.iter().find(|r| r["status"] == "pruned").unwrap();
+    let stuck_id = stuck["id"].as_i64().unwrap();
+    rt.block_on(async {
+        let store = runner::store::RunStore::open(&home).await.unwrap();
+        store
+            .set_status(stuck_id, runner::store::RunStatus::Failed, "teardown")
+            .await
+            .unwrap();
+    });
+    ok(&runner(&home).args(["resume", "s1"]).output().unwrap());
+    let again = report_json(&home, &stuck_id.to_string());
+    assert_eq!(
+        (again[0]["status"].as_str(), again[0]["step"].as_i64()),
+        (Some("pruned"), stuck["step"].as_i64()),
+        "{}",
+        again[0]
+    );
     // A pruned run trained to full length anyway.
     let pruned = rows.iter().find(|r| r["status"] == "pruned").unwrap()["id"].to_string();
     ok(&runner(&home).args(["resume", &pruned]).output().unwrap());

@@ -426,6 +426,30 @@ impl Search {
         Ok(None)
     }
 
+    /// A run that recorded its result at a rung and then ended `interrupted` or `failed` (its engine's
+    /// teardown, its job's end) without going past that rung: it is paused there, waiting for the rule —
+    /// resuming it towards its next rung would skip the decision.
+    async fn still_at_rung(&self, run: &RunRow) -> Result<bool> {
+        let (Some(es), Some(rung)) = (self.early.get(&run.sweep_id), run.rung) else {
+            return Ok(false);
+        };
+        if !matches!(run.status, RunStatus::Interrupted | RunStatus::Failed) {
+            return Ok(false);
+        }
+        let results = self.store.rung_results(run.sweep_id).await?;
+        let Some(at) = results
+            .iter()
+            .find(|r| r.run == run.id && r.rung == rung as usize)
+        else {
+            return Ok(false);
+        };
+        let recorded = self.store.rung_budget(run.id, at.rung).await?;
+        let used = es
+            .budget
+            .used(run.step as u64, run.tokens as u64, run.wall_s);
+        Ok(recorded.is_some_and(|b| used <= b * (1.0 + 1e-9)))
+    }
+
     /// The search is over: every run still paused can never be promoted; it becomes `pruned`.
     async fn prune_rest(&self, display: &mut Display, summary: &mut Summary) -> Result<()> {
         for (sweep, es) in &self.early {
@@ -464,11 +488,20 @@ async fn drive<E: Executor>(
     display: &mut Display,
 ) -> Result<Summary> {
     let mut summary = Summary::default();
-    // Paused runs wait for the rule; everything else is launched in order.
-    let runs: Vec<RunRow> = runs
-        .into_iter()
-        .filter(|r| r.status != RunStatus::Paused || !search.early.contains_key(&r.sweep_id))
-        .collect();
+    // Paused runs wait for the rule (also one that ended badly right after its rung result was
+    // recorded); everything else is launched in order.
+    let mut waiting = Vec::new();
+    for r in runs {
+        if search.still_at_rung(&r).await? {
+            let why = "its rung result was recorded before it stopped: waiting for the early-stopping rule";
+            store.set_status(r.id, RunStatus::Paused, why).await?;
+            continue;
+        }
+        if r.status != RunStatus::Paused || !search.early.contains_key(&r.sweep_id) {
+            waiting.push(r);
+        }
+    }
+    let runs = waiting;
     // A run adopted in a live job is registered with the search as it was launched (its next rung), and
     // counts as active until it ends.
     let queue: Vec<RunRow> = {

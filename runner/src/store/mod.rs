@@ -659,6 +659,17 @@ impl RunStore {
         Ok(())
     }
 
+    /// The budget a run had used when it recorded rung `rung`.
+    pub async fn rung_budget(&self, run: i64, rung: usize) -> Result<Option<f64>> {
+        Ok(
+            sqlx::query_scalar("SELECT budget FROM rungs WHERE run_id = ? AND rung = ?")
+                .bind(run)
+                .bind(rung as i64)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     /// The rung column alone (a run that completed: the rung past its last pause).
     pub async fn set_rung(&self, run: i64, rung: usize) -> Result<()> {
         sqlx::query("UPDATE runs SET rung = ? WHERE id = ?")
