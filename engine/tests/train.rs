@@ -518,6 +518,17 @@ fn a_checkpoint_from_another_model_is_refused() {
 }
 
 /// Resume `run_dir` (from folder `cwd`) up to `steps`; it must succeed and log that last step.
+/// `engine train --resume RUN_DIR --set steps=N`, whatever its outcome.
+fn resume_output(run_dir: &Path, steps: u64) -> std::process::Output {
+    run(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        &format!("steps={steps}"),
+    ])
+}
+
 fn resume_to(run_dir: &Path, steps: u64, cwd: &Path) {
     let out = engine()
         .args(["train", "--resume", run_dir.to_str().unwrap()])
@@ -618,13 +629,7 @@ fn unusable_checkpoints_are_set_aside_or_refused() {
     };
     // The newest is corrupt: resume from step 5, move step-10 aside, and keep the new checkpoints.
     truncate(10);
-    let out = run(&[
-        "train",
-        "--resume",
-        run_dir.to_str().unwrap(),
-        "--set",
-        "steps=20",
-    ]);
+    let out = resume_output(&run_dir, 20);
     assert!(
         out.status.success(),
         "{}",
@@ -643,13 +648,7 @@ fn unusable_checkpoints_are_set_aside_or_refused() {
     // Every checkpoint corrupt: refuse, naming what to do, and touch nothing.
     truncate(15);
     truncate(20);
-    let out = run(&[
-        "train",
-        "--resume",
-        run_dir.to_str().unwrap(),
-        "--set",
-        "steps=30",
-    ]);
+    let out = resume_output(&run_dir, 30);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -808,13 +807,7 @@ fn a_failed_metrics_write_ends_the_run_and_the_checkpoint_survives() {
     let kept = std::fs::read(&metrics).unwrap();
     std::fs::remove_file(&metrics).unwrap();
     std::os::unix::fs::symlink("/dev/full", &metrics).unwrap();
-    let out = run(&[
-        "train",
-        "--resume",
-        run_dir.to_str().unwrap(),
-        "--set",
-        "steps=20",
-    ]);
+    let out = resume_output(&run_dir, 20);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -454,10 +454,9 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     // The ranks of a run and the memory one run may use, as the backend will see them: each run's
     // estimate is for its per-rank micro-batch (the engine's own figure).
     let (ranks, limit) = exec::plan(resources).await;
-    let vocab_of = |s: &Sweep| data_prep::Meta::load(&s.spec.data.dir).map(|m| m.vocab_size);
     let mut planned = Vec::new();
     for s in &sweeps {
-        let vocab = vocab_of(s)?;
+        let vocab = s.vocab;
         let rows = s
             .runs
             .iter()
@@ -493,7 +492,7 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 out(format_args!(
                     "  tpe: {} trials (the first {} random), seed {}, sampled as results arrive over: {}\n",
                     s.trials,
-                    runner_tpe_startup(),
+                    crate::tpe::STARTUP_TRIALS,
                     s.seed,
                     axes.join("; ")
                 ));
@@ -562,9 +561,13 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 "sweep s{id}: tpe over {} trials, sampled as results arrive",
                 s.trials
             );
-            search
-                .samplers
-                .insert(id, sampler_of(s, vocab_of(s)?, ranks));
+            search.samplers.insert(
+                id,
+                exec::Sampler {
+                    sweep: s.clone(),
+                    ranks,
+                },
+            );
         }
         sweep_ids.push(id);
     }
@@ -579,23 +582,6 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     }
     print_summary(&summary);
     Ok(exit_for(&summary))
-}
-
-/// What the driver needs to sample the trials of a TPE sweep.
-fn sampler_of(s: &Sweep, vocab: usize, ranks: usize) -> exec::Sampler {
-    exec::Sampler {
-        file: s.file.clone(),
-        spec: s.spec.clone(),
-        space: s.space.clone(),
-        trials: s.trials,
-        seed: s.seed,
-        vocab,
-        ranks,
-    }
-}
-
-fn runner_tpe_startup() -> usize {
-    crate::tpe::STARTUP_TRIALS
 }
 
 /// Write to stdout; a reader that went away (`runner sweep … | head`) ends the output, not the process:
@@ -711,7 +697,8 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
         let s = Sweep::from_spec(&file, spec.clone(), vocab)?;
         if s.strategy == Strategy::Tpe {
             let (ranks, _) = exec::plan(&spec.resources).await;
-            plan.samplers.insert(sweep_id, sampler_of(&s, vocab, ranks));
+            plan.samplers
+                .insert(sweep_id, exec::Sampler { sweep: s, ranks });
         }
     }
     let summary = exec::execute(&store, todo, &spec.resources, &engine, plan).await?;

@@ -186,6 +186,17 @@ pub fn next_promotion(
     None
 }
 
+/// The best run waiting at the highest rung any run waits at (ties by id): what a search that would end
+/// with nothing completed continues, since with fewer than eta runs at a rung the rule keeps none.
+pub fn best_waiting(results: &[RungResult], paused: &[(i64, usize)]) -> Option<i64> {
+    let top = paused.iter().map(|p| p.1).max()?;
+    results
+        .iter()
+        .filter(|r| r.rung == top && paused.contains(&(r.run, r.rung)))
+        .min_by(|a, b| a.value.total_cmp(&b.value).then(a.run.cmp(&b.run)))
+        .map(|r| r.run)
+}
+
 fn median(sorted: &[f64]) -> Option<f64> {
     let n = sorted.len();
     match n {
@@ -214,13 +225,9 @@ mod tests {
         promoted
     }
 
-    #[test]
-    fn asha_promotes_the_top_third_as_results_arrive() {
-        // Hand-worked, eta = 3, nine configs at rung 0 with values v(run) arriving in this order:
-        // run:   1    2    3    4    5    6    7    8    9
-        // value: 5.0  4.0  6.0  3.0  7.0  2.0  8.0  1.0  9.0
-        let values = [5.0, 4.0, 6.0, 3.0, 7.0, 2.0, 8.0, 1.0, 9.0];
-        let arrivals: Vec<RungResult> = values
+    /// Results at rung 0 of runs 1, 2, … in arrival order.
+    fn at_rung_0(values: &[f64]) -> Vec<RungResult> {
+        values
             .iter()
             .enumerate()
             .map(|(i, v)| RungResult {
@@ -228,7 +235,16 @@ mod tests {
                 rung: 0,
                 value: *v,
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn asha_promotes_the_top_third_as_results_arrive() {
+        // Hand-worked, eta = 3, nine configs at rung 0 with values v(run) arriving in this order:
+        // run:   1    2    3    4    5    6    7    8    9
+        // value: 5.0  4.0  6.0  3.0  7.0  2.0  8.0  1.0  9.0
+        let values = [5.0, 4.0, 6.0, 3.0, 7.0, 2.0, 8.0, 1.0, 9.0];
+        let arrivals = at_rung_0(&values);
         // n = 3 (5, 4, 6): keep ⌊3/3⌋ = 1 → run 2 (4.0). n = 4 (+3): keep 1 → run 4 (3.0). n = 5 (+7):
         // keep 1, run 4 already promoted. n = 6 (+2): keep 2 → run 6 (2.0). n = 7 (+8): nothing new. n = 8
         // (+1): keep 2 → run 8 (1.0). n = 9 (+9): keep 3 = runs 8, 6, 4, all promoted. Asynchronous: run 2,
@@ -280,15 +296,7 @@ mod tests {
 
     #[test]
     fn median_continues_runs_no_worse_than_the_median() {
-        let arrivals: Vec<RungResult> = [3.0, 1.0, 2.0, 5.0]
-            .iter()
-            .enumerate()
-            .map(|(i, v)| RungResult {
-                run: i as i64 + 1,
-                rung: 0,
-                value: *v,
-            })
-            .collect();
+        let arrivals = at_rung_0(&[3.0, 1.0, 2.0, 5.0]);
         // 3.0 alone is its own median; 1.0 < 2.0; 2.0 = median(1, 2, 3); 5.0 > 2.5.
         assert_eq!(
             replay(Method::Median, &arrivals),

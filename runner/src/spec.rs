@@ -160,6 +160,8 @@ pub struct Sweep {
     pub space: Vec<(String, Axis)>,
     pub trials: usize,
     pub seed: u64,
+    /// The vocab of the data dir the runs were planned for.
+    pub vocab: usize,
 }
 
 /// Keys of `[sweep]` that steer the expansion rather than name a swept setting.
@@ -580,6 +582,7 @@ impl Sweep {
             space: axes,
             trials,
             seed,
+            vocab: vocab_size,
         })
     }
 }

@@ -234,11 +234,18 @@ impl TokenData {
         (self.val_tokens() / ((t + 1) * b)).max(1)
     }
 
-    /// Window starts of the fixed validation set: `n_batches` × `b` windows spread evenly over the val split.
-    fn val_starts(&self, n_batches: usize, b: usize, t: usize) -> Vec<usize> {
+    /// Window starts `windows` of the fixed validation set: `n_batches` × `b` windows spread evenly over
+    /// the val split.
+    fn val_starts(
+        &self,
+        windows: std::ops::Range<usize>,
+        n_batches: usize,
+        b: usize,
+        t: usize,
+    ) -> Vec<usize> {
         let n = n_batches * b;
         let span = self.val_tokens() - (t + 1);
-        (0..n)
+        windows
             .map(|i| if n > 1 { i * span / (n - 1) } else { 0 })
             .collect()
     }
@@ -253,11 +260,7 @@ impl TokenData {
         t: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let n = n_batches * b;
-        let span = self.val_tokens() - (t + 1);
-        let starts: Vec<usize> = (index * b..(index + 1) * b)
-            .map(|i| if n > 1 { i * span / (n - 1) } else { 0 })
-            .collect();
+        let starts = self.val_starts(index * b..(index + 1) * b, n_batches, b, t);
         Self::batch(&self.val, &starts, t, device)
     }
 
@@ -269,7 +272,7 @@ impl TokenData {
         t: usize,
         device: &Device,
     ) -> Result<Vec<(Tensor, Tensor)>> {
-        self.val_starts(n_batches, b, t)
+        self.val_starts(0..n_batches * b, n_batches, b, t)
             .chunks(b)
             .map(|chunk| Self::batch(&self.val, chunk, t, device))
             .collect()

@@ -186,15 +186,10 @@ pub async fn plan(res: &Resources) -> (usize, Option<(f64, String)>) {
 }
 
 /// Run `runs` (already `queued`/`interrupted`/`failed` in the store) with the backend of `res`.
-/// A sweep whose trials are sampled as results arrive (`strategy = "tpe"`): its space, budget and what a
-/// new trial's run needs (the sweep file, the data's vocab, the ranks of a run for its memory estimate).
+/// A sweep whose trials are sampled as results arrive (`strategy = "tpe"`), and the ranks of a run (for
+/// a new trial's memory estimate).
 pub struct Sampler {
-    pub file: std::path::PathBuf,
-    pub spec: crate::spec::SweepFile,
-    pub space: Vec<(String, crate::tpe::Axis)>,
-    pub trials: usize,
-    pub seed: u64,
-    pub vocab: usize,
+    pub sweep: crate::spec::Sweep,
     pub ranks: usize,
 }
 
@@ -217,6 +212,7 @@ pub async fn execute(
     let mut total = runs.len();
     for (sweep, s) in &plan.samplers {
         total += s
+            .sweep
             .trials
             .saturating_sub(store.runs(Some(*sweep)).await?.len());
     }
@@ -325,12 +321,7 @@ impl Search {
                 .collect();
             let mut id = next_promotion(es.method, es.reduction_factor, &results, &paused);
             if id.is_none() && end && !runs.iter().any(|r| r.status == RunStatus::Completed) {
-                let top = paused.iter().map(|p| p.1).max();
-                id = results
-                    .iter()
-                    .filter(|r| Some(r.rung) == top && paused.contains(&(r.run, r.rung)))
-                    .min_by(|a, b| a.value.total_cmp(&b.value).then(a.run.cmp(&b.run)))
-                    .map(|r| r.run);
+                id = crate::early_stop::best_waiting(&results, &paused);
             }
             if let Some(id) = id {
                 return Ok(runs.into_iter().find(|r| r.id == id));
@@ -346,7 +337,7 @@ impl Search {
         for (sweep, sm) in &self.samplers {
             loop {
                 let runs = self.store.runs(Some(*sweep)).await?;
-                if runs.len() >= sm.trials {
+                if runs.len() >= sm.sweep.trials {
                     break;
                 }
                 let metric = self.early.get(sweep).map(|e| e.metric);
@@ -382,16 +373,22 @@ impl Search {
                     }
                 }
                 let trial = runs.len() as u64;
-                let point = crate::tpe::suggest(&sm.space, &history, &pending, sm.seed, trial);
+                let point =
+                    crate::tpe::suggest(&sm.sweep.space, &history, &pending, sm.sweep.seed, trial);
                 let sampler = if history.len() < crate::tpe::STARTUP_TRIALS {
                     "random"
                 } else {
                     "tpe"
                 };
-                let planned = crate::spec::plan_config(&sm.spec, &sm.file, sm.vocab, &point);
+                let planned = crate::spec::plan_config(
+                    &sm.sweep.spec,
+                    &sm.sweep.file,
+                    sm.sweep.vocab,
+                    &point,
+                );
                 let row = match &planned {
                     Ok(cfg) => {
-                        let model = cfg.model_config(sm.vocab);
+                        let model = cfg.model_config(sm.sweep.vocab);
                         crate::store::NewRun {
                             params: point.clone(),
                             config: cfg.to_toml()?,
@@ -410,7 +407,7 @@ impl Search {
                 };
                 let ids = self
                     .store
-                    .add_runs(*sweep, &[row], sm.spec.resources.runs_dir.as_deref())
+                    .add_runs(*sweep, &[row], sm.sweep.spec.resources.runs_dir.as_deref())
                     .await?;
                 match planned {
                     Ok(_) => return Ok(Some(self.store.run(ids[0]).await?)),
@@ -436,14 +433,7 @@ impl Search {
         if !matches!(run.status, RunStatus::Interrupted | RunStatus::Failed) {
             return Ok(false);
         }
-        let results = self.store.rung_results(run.sweep_id).await?;
-        let Some(at) = results
-            .iter()
-            .find(|r| r.run == run.id && r.rung == rung as usize)
-        else {
-            return Ok(false);
-        };
-        let recorded = self.store.rung_budget(run.id, at.rung).await?;
+        let recorded = self.store.rung_budget(run.id, rung as usize).await?;
         let used = es
             .budget
             .used(run.step as u64, run.tokens as u64, run.wall_s);
@@ -517,21 +507,26 @@ async fn drive<E: Executor>(
     let mut queue: VecDeque<RunRow> = queue.into();
     let (mut stopping, mut detach) = (false, false);
     let mut busy = false;
+    // Whether the search (promotions, new trials) may have something to launch: its answer changes only
+    // when a run ends or a launch did not happen, so it is asked then, not on every step event.
+    let mut search_due = true;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         // Launch while there is room: a promotion first (ASHA starts new configurations only when nothing
-        // can be promoted), then the queue.
-        let mut promotable = false;
+        // can be promoted), then the queue, then a new trial of a sampling sweep.
         while !stopping && exec.has_room() {
-            let promoted = search
-                .promotion(exec.active() == 0 && queue.is_empty())
-                .await?;
-            promotable = promoted.is_some();
+            let end = exec.active() == 0 && queue.is_empty();
+            let promoted = match search_due {
+                true => search.promotion(end).await?,
+                false => None,
+            };
             let next = match promoted.or_else(|| queue.pop_front()) {
                 Some(run) => Some(run),
-                None => search.new_trial().await?,
+                None if search_due => search.new_trial().await?,
+                None => None,
             };
             let Some(run) = next else {
+                search_due = false;
                 break;
             };
             if let (Some((limit, what)), Some(est)) = (exec.memory_limit(), run.mem_estimate) {
@@ -556,7 +551,6 @@ async fn drive<E: Executor>(
                 Launch::Started(place) => {
                     search.active.insert(id);
                     busy = false;
-                    promotable = false;
                     let to = pause_at.map_or("to the end".to_string(), |p| format!("to {p}"));
                     if was_paused {
                         display.line(format!("run {id}: promoted, continues {to}"));
@@ -571,16 +565,20 @@ async fn drive<E: Executor>(
                         display.line("waiting for GPUs that another runner is using…".into());
                     }
                     busy = true;
+                    // A promoted run is asked for again (it is still paused in the store).
+                    search_due = true;
                     if !was_paused {
                         queue.push_front(*run);
                     }
                     break;
                 }
                 Launch::Taken => {
+                    search_due = true;
                     search.taken.insert(id);
                     display.line(format!("run {id}: taken by another runner, skipping"));
                 }
                 Launch::Failed { reason, stop_all } => {
+                    search_due = true;
                     store.set_status(id, RunStatus::Failed, &reason).await?;
                     display.finished(id, RunStatus::Failed, &reason);
                     summary.count(RunStatus::Failed);
@@ -591,12 +589,8 @@ async fn drive<E: Executor>(
                 }
             }
         }
-        let work_left = !queue.is_empty() || promotable;
-        if detach || (exec.active() == 0 && (stopping || !work_left || !busy)) {
-            if exec.active() == 0 && !stopping && !detach && search.promotion(true).await?.is_some()
-            {
-                continue;
-            }
+        // Nothing running: done, unless a launch waits for devices another runner holds.
+        if detach || (exec.active() == 0 && (stopping || !busy)) {
             break;
         }
         let signal = tokio::select! {
@@ -620,6 +614,7 @@ async fn drive<E: Executor>(
                 Update::Status(run, status, why) => store.set_status(run, status, &why).await?,
                 Update::Ended(run, status, why) => {
                     search.active.remove(&run);
+                    search_due = true;
                     // The run's last events are in the DB before its final status.
                     ingest::flush(writer).await;
                     store.set_status(run, status, &why).await?;

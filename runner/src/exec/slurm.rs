@@ -17,7 +17,7 @@ use super::{prepare_run_dir, EngineCommand, Executor, Interrupt, Launch, Update}
 use crate::display::Display;
 use crate::ingest::{self, Msg};
 use crate::spec::{Devices, Resources};
-use crate::store::{runner_alive, RunRow, RunStatus, RunStore};
+use crate::store::{RunRow, RunStatus, RunStore};
 use engine::train::budget::PauseAt;
 
 /// Where a job stands, from its Slurm state.
@@ -217,14 +217,6 @@ async fn squeue_states(jobs: &[String]) -> Result<HashMap<String, String>> {
             Some((id.to_string(), st.trim().to_string()))
         })
         .collect())
-}
-
-/// The pid of another runner that holds `run` and is still there (see [`runner_alive`]).
-fn other_live_runner(run: &RunRow) -> Option<i64> {
-    run.runner_pid.filter(|p| {
-        *p as u32 != std::process::id()
-            && runner_alive(*p, run.runner_host.as_deref(), run.runner_started)
-    })
 }
 
 /// A pending or running job whose script is this run's `job.sh` (found by its job name and script path,
@@ -497,7 +489,7 @@ impl Executor for Slurm {
                 // Claimed by a runner that was about to run sbatch. Still alive: it is that runner's. Gone:
                 // it may have died before sbatch (no job) or after it but before recording the id (a live
                 // job runs this run's script): adopt such a job rather than submit a second one.
-                if let Some(p) = other_live_runner(&run) {
+                if let Some(p) = run.other_live_runner() {
                     display.line(format!(
                         "run {}: runner pid {p} is submitting it; skipping",
                         run.id
@@ -521,7 +513,7 @@ impl Executor for Slurm {
                 queue.push(run);
                 continue;
             };
-            if let Some(p) = other_live_runner(&run) {
+            if let Some(p) = run.other_live_runner() {
                 display.line(format!(
                     "run {}: Slurm job {job} is followed by runner pid {p}; skipping",
                     run.id

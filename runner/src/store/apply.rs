@@ -216,11 +216,8 @@ impl RunStore {
             }
             query.execute(&mut *tx).await?;
         }
-        let with_checkpoint: Vec<i64> = {
-            let mut runs: Vec<i64> = checkpoints.iter().map(|c| c.0).collect();
-            runs.dedup();
-            runs
-        };
+        let with_checkpoint: std::collections::BTreeSet<i64> =
+            checkpoints.iter().map(|c| c.0).collect();
         for (run, step, path, bytes, sha) in checkpoints {
             sqlx::query("INSERT OR REPLACE INTO checkpoints (run_id, step, path, bytes, sha256, time) VALUES (?, ?, ?, ?, ?, ?)")
             .bind(run)

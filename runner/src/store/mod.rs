@@ -158,6 +158,17 @@ pub struct CheckpointRow {
     pub sha256: Option<String>,
 }
 
+impl RunRow {
+    /// The pid of the runner that claimed this run, when that is another runner and it is still there
+    /// (see [`runner_alive`]).
+    pub fn other_live_runner(&self) -> Option<i64> {
+        self.runner_pid.filter(|p| {
+            *p as u32 != std::process::id()
+                && runner_alive(*p, self.runner_host.as_deref(), self.runner_started)
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct SweepRow {
     pub id: i64,
@@ -588,10 +599,10 @@ impl RunStore {
         run.status == RunStatus::Running
             && run.slurm_job.is_none()
             && run.runner_host.as_deref().is_none_or(|h| h == this_host())
-            && run.runner_pid.is_none_or(|p| {
-                p as u32 != std::process::id()
-                    && !runner_alive(p, run.runner_host.as_deref(), run.runner_started)
-            })
+            && run
+                .runner_pid
+                .is_none_or(|p| p as u32 != std::process::id())
+            && run.other_live_runner().is_none()
     }
 
     /// Mark an [`Self::abandoned`] run `interrupted` so that it can be claimed again; `false` when another
@@ -684,10 +695,10 @@ impl RunStore {
     /// (`pid`): clear it, so that the run can be claimed (a live runner's paused run stays unclaimable until
     /// its engine has exited).
     pub async fn release_paused(&self, run: &RunRow) -> Result<()> {
-        let gone = run.runner_pid.is_none_or(|p| {
-            p as u32 != std::process::id()
-                && !runner_alive(p, run.runner_host.as_deref(), run.runner_started)
-        });
+        let gone = run
+            .runner_pid
+            .is_none_or(|p| p as u32 != std::process::id())
+            && run.other_live_runner().is_none();
         if run.status == RunStatus::Paused && run.pid.is_some() && gone {
             sqlx::query("UPDATE runs SET pid = NULL WHERE id = ? AND status = 'paused'")
                 .bind(run.id)
