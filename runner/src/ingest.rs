@@ -111,22 +111,33 @@ pub fn spawn_writer(
 
 /// Send the step, eval and checkpoint events of an existing `metrics.jsonl` of run `run` (none when the
 /// file is missing), of its final timeline only: a `start` at step s in the file discards the events after
-/// s that came before it. Their rows are upserts, so events ingested before are not doubled; start, done
-/// and interruption notes are not repeated. Returns the `done` or `paused` event that ended that timeline
-/// (a run that paused while no runner followed it must still be judged by the early-stopping rule).
+/// s that came before it. Their rows are upserts, so events ingested before are not doubled; done and
+/// interruption notes are not repeated, and of the file's `start` events only those past the first
+/// `starts_recorded` (the store's count) are sent: a runner killed before it ingested a start leaves no
+/// hole in the event log, and one that did is not repeated. Returns the `done` or `paused` event that
+/// ended that timeline (a run that paused while no runner followed it must still be judged by the
+/// early-stopping rule).
 pub fn backfill(
     tx: &mpsc::UnboundedSender<Msg>,
     run: i64,
     metrics: &std::path::Path,
+    starts_recorded: usize,
 ) -> Option<Event> {
     let text = std::fs::read_to_string(metrics).ok()?;
     let mut timeline: Vec<(u64, Event)> = Vec::new();
     let mut ended = None;
+    let mut starts = 0;
     for ev in text.lines().filter_map(Event::parse) {
         let step = match &ev {
             Event::Start { step, .. } => {
-                timeline.retain(|(s, _)| s <= step);
+                // Every start is kept (its note belongs to the log), with what its timeline kept.
+                timeline.retain(|(s, e)| s <= step || matches!(e, Event::Start { .. }));
                 ended = None;
+                starts += 1;
+                if starts > starts_recorded {
+                    // In file order: it truncates what came after its step, as when it was first read.
+                    timeline.push((*step, ev));
+                }
                 continue;
             }
             Event::Done { .. } | Event::Paused { .. } => {
@@ -175,8 +186,8 @@ mod tests {
         ];
         std::fs::write(&metrics, lines.join("\n")).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        backfill(&tx, 7, &metrics);
-        backfill(&tx, 7, &dir.path().join("missing.jsonl"));
+        backfill(&tx, 7, &metrics, 9);
+        backfill(&tx, 7, &dir.path().join("missing.jsonl"), 0);
         drop(tx);
         let mut got = Vec::new();
         while let Ok(Msg::Event(run, ev)) = rx.try_recv() {
@@ -198,7 +209,7 @@ mod tests {
         ];
         std::fs::write(&metrics, resumed.join("\n")).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        backfill(&tx, 7, &metrics);
+        backfill(&tx, 7, &metrics, 9);
         drop(tx);
         let mut got = Vec::new();
         while let Ok(Msg::Event(_, ev)) = rx.try_recv() {
@@ -212,11 +223,32 @@ mod tests {
         let (tx, _rx) = mpsc::unbounded_channel();
         std::fs::write(&metrics, [resumed.join("\n"), done.to_string()].join("\n")).unwrap();
         assert!(matches!(
-            backfill(&tx, 7, &metrics),
+            backfill(&tx, 7, &metrics, 9),
             Some(Event::Done { .. })
         ));
         std::fs::write(&metrics, [done.to_string(), resumed[3].clone()].join("\n")).unwrap();
-        assert!(backfill(&tx, 7, &metrics).is_none());
+        assert!(backfill(&tx, 7, &metrics, 9).is_none());
+
+        // Starts the store has not recorded (its runner was killed first) are sent in file order, the
+        // ones it has are not repeated.
+        let fresh = r#"{"event":"start","protocol":1,"run_dir":"r","step":0,"total_steps":null,"params":10,"resumed":false,"device":"cpu","world_size":1}"#;
+        let both = [&[fresh.to_string()], &resumed[1..]].concat();
+        std::fs::write(&metrics, both.join("\n")).unwrap();
+        for (recorded, want) in [(0, vec![0, 1]), (1, vec![1]), (2, vec![])] {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            backfill(&tx, 7, &metrics, recorded);
+            drop(tx);
+            let mut starts = Vec::new();
+            let mut kinds = Vec::new();
+            while let Ok(Msg::Event(_, ev)) = rx.try_recv() {
+                if let Event::Start { step, .. } = &ev {
+                    starts.push(*step);
+                }
+                kinds.push(format!("{ev:?}"));
+            }
+            assert_eq!(starts, want, "{recorded} recorded: {kinds:?}");
+            assert_eq!(kinds.len(), 2 + want.len(), "{kinds:?}");
+        }
     }
 
     fn start(step: u64, resumed: bool) -> Event {

@@ -436,7 +436,8 @@ async fn follow(
     let resume = prepare_run_dir(&ctx.store, &run).await?;
     // A runner killed outright may not have committed the engine's last lines: take the metrics and
     // checkpoints the engine already wrote to its run dir again (upserts, so nothing doubles).
-    crate::ingest::backfill(&ctx.writer, id, &run_dir.join("metrics.jsonl"));
+    let starts = ctx.store.engine_starts(id).await?;
+    crate::ingest::backfill(&ctx.writer, id, &run_dir.join("metrics.jsonl"), starts);
     let gpus: Vec<&str> = devices
         .iter()
         .filter_map(|d| d.strip_prefix("cuda:"))

@@ -528,7 +528,8 @@ impl Executor for Slurm {
             // repeated notes in the event log), then everything appended from here on.
             let metrics = Path::new(&run.run_dir).join("metrics.jsonl");
             let follower = MetricsFollower::from_end(metrics.clone());
-            let ended = ingest::backfill(&self.writer, run.id, &metrics);
+            let starts = store.engine_starts(run.id).await?;
+            let ended = ingest::backfill(&self.writer, run.id, &metrics, starts);
             let paused_seen = matches!(ended, Some(Event::Paused { .. }));
             let done_seen = ended.is_some();
             if let Some(ev @ Event::Paused { .. }) = ended {

@@ -915,6 +915,19 @@ impl RunStore {
         .await?)
     }
 
+    /// How many engine starts (and resumptions) the event log has for a run: the `start` events of its
+    /// `metrics.jsonl` ingested so far.
+    pub async fn engine_starts(&self, run: i64) -> Result<usize> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM events WHERE run_id = ? AND kind = 'engine' \
+             AND (reason LIKE 'engine started at step %' OR reason LIKE 'engine resumed at step %')",
+        )
+        .bind(run)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as usize)
+    }
+
     /// The checkpoints recorded for a run, by step.
     pub async fn checkpoints(&self, run: i64) -> Result<Vec<CheckpointRow>> {
         Ok(sqlx::query_as(
