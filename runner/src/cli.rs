@@ -79,12 +79,61 @@ enum Command {
         /// table (aligned text), csv, or json (one object per run, every column).
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
-        /// Also write a self-contained HTML page (loss curves, val loss vs each swept parameter, the table).
+        /// Also write the dashboard (`runner ui`) as one self-contained HTML file with these runs' data
+        /// inlined: curves, parallel coordinates, importance, run pages; opens offline, no server.
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
     },
-    /// List sweeps and runs with their status.
-    Ls,
+    /// List sweeps and runs with their status, tags and notes.
+    Ls {
+        /// Only runs with this tag (`runner tag`).
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
+    },
+    /// Serve a live dashboard of the home's runs in the browser: sortable runs table, curves of any metric
+    /// by step, tokens or wall time (hover, legend toggling, smoothing, log scale), parallel coordinates,
+    /// parameter importance and run pages. Reads runs.db read-only while sweeps run in other processes;
+    /// open the printed address. Ctrl-C stops it.
+    Ui {
+        /// Address to listen on. The default keeps the dashboard to this machine; another address lets
+        /// anyone who reaches it read every run (a warning says so).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0: any free one; the address is printed).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Tag a run (`runner ls --tag T` and the dashboard filter by tags).
+    Tag {
+        /// A run id (7), as `runner ls` shows them.
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Tags to add (letters, digits, - _ . : /).
+        #[arg(required = true, value_name = "TAG")]
+        tags: Vec<String>,
+        /// Take these tags off instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Set a run's note (an empty text clears it).
+    Note {
+        /// A run id (7), as `runner ls` shows them.
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The note, e.g. "baseline for the paper".
+        #[arg(value_name = "TEXT")]
+        text: String,
+    },
+    /// Remove runs: their rows in runs.db and their run folders (checkpoints included), after asking. A
+    /// sweep id (s3) removes all its runs and the sweep. Running runs are never removed.
+    Rm {
+        /// Run ids (7) or sweep ids (s3).
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+        /// Do not ask (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Show a run (config, status events, checkpoints, last metrics, why it failed) or a sweep's runs.
     Show {
         /// A run id (7) or a sweep id (s3), as `runner ls` shows them.
@@ -150,7 +199,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Ls | Command::Show { .. } | Command::Report { .. }
+        Command::Ls { .. } | Command::Show { .. } | Command::Report { .. }
     ) {
         // Listings end quietly when their reader does (`runner ls | head`), as `cat` does, instead of
         // panicking on the broken pipe. Sweeps keep ignoring SIGPIPE: they supervise engines.
@@ -244,7 +293,34 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             report_runs(&store, &ids, &sort, format, html.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ls => ls(&cli.home).await,
+        Command::Ls { tag } => ls(&cli.home, tag.as_deref()).await,
+        Command::Ui { host, port } => {
+            crate::ui::serve(&cli.home, &host, port).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tag { id, tags, remove } => {
+            let store = open_existing(&cli.home).await?;
+            let id = run_id(&id)?;
+            store.tag(id, &tags, remove).await?;
+            let now = store.annotations().await?.remove(&id).unwrap_or_default().0;
+            eprintln!("run {id}: tags [{}]", now.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Note { id, text } => {
+            let store = open_existing(&cli.home).await?;
+            let id = run_id(&id)?;
+            store.set_note(id, &text).await?;
+            eprintln!(
+                "run {id}: note {}",
+                if text.trim().is_empty() {
+                    "cleared"
+                } else {
+                    "set"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rm { ids, yes } => rm(&cli.home, &ids, yes).await,
         Command::Show { id } => show(&cli.home, &id).await,
         Command::BenchIngest {
             runs,
@@ -328,7 +404,8 @@ async fn report_runs(
             }
         }
     }
-    let mut rows: Vec<ReportRow> = picked.values().map(ReportRow::from).collect();
+    let runs: Vec<_> = picked.into_values().collect();
+    let mut rows: Vec<ReportRow> = report::rows(store, &runs).await?;
     report::sort_rows(&mut rows, sort)?;
     // The page first: the table may go to a reader that stops early (`| head`).
     if let Some(path) = html {
@@ -341,7 +418,8 @@ async fn report_runs(
                 format!("runs of {}", named.join(" "))
             }
         };
-        let page = report::html(store, &rows, &title).await?;
+        let data = crate::ui::api::snapshot(store, rows.clone(), &title).await?;
+        let page = crate::ui::offline_page(&data);
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
@@ -707,10 +785,82 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
     Ok(exit_for(&summary))
 }
 
-async fn ls(home: &Path) -> Result<ExitCode> {
+/// A run id as typed (`7`); a sweep id is refused where only runs make sense.
+fn run_id(s: &str) -> Result<i64> {
+    match s.parse::<Id>()? {
+        Id::Run(r) => Ok(r),
+        Id::Sweep(_) => bail!("{s} is a sweep: give a run id (7), as `runner ls` shows them"),
+    }
+}
+
+/// `runner rm`: the runs named (a sweep's runs for sN), checked first, confirmed, then each removed
+/// from the database and its folder deleted.
+async fn rm(home: &Path, ids: &[String], yes: bool) -> Result<ExitCode> {
     let store = open_existing(home).await?;
+    let mut runs = std::collections::BTreeMap::new();
+    let mut sweeps = Vec::new();
+    for id in ids {
+        match id.parse::<Id>()? {
+            Id::Run(r) => {
+                runs.insert(r, store.run(r).await?);
+            }
+            Id::Sweep(s) => {
+                store.sweep(s).await?;
+                sweeps.push(s);
+                runs.extend(store.runs(Some(s)).await?.into_iter().map(|r| (r.id, r)));
+            }
+        }
+    }
+    for id in runs.keys() {
+        if let Some(why) = store.rm_refusal(*id).await? {
+            bail!("{why}; nothing removed");
+        }
+    }
+    eprintln!("about to remove {} run(s) and their folders:", runs.len());
+    for r in runs.values() {
+        eprintln!(
+            "  {:>5}  s{}  {:<11} step {:>6}  {}",
+            r.id, r.sweep_id, r.status, r.step, r.run_dir
+        );
+    }
+    if !yes {
+        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            bail!("not removing without confirmation: stdin is not a terminal; pass --yes to remove them");
+        }
+        eprint!("remove them? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing removed");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    for r in runs.values() {
+        store.remove_run(r.id).await?;
+        // The rows first: a folder left by a failed delete is only disk, never a run pointing nowhere.
+        if !r.run_dir.is_empty() && Path::new(&r.run_dir).is_dir() {
+            std::fs::remove_dir_all(&r.run_dir)
+                .with_context(|| format!("removing run {}'s folder {}", r.id, r.run_dir))?;
+        }
+    }
+    for s in sweeps {
+        store.remove_sweep_if_empty(s).await?;
+    }
+    eprintln!("removed {} run(s)", runs.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ls(home: &Path, tag: Option<&str>) -> Result<ExitCode> {
+    let store = open_existing(home).await?;
+    let notes = store.annotations().await?;
     for s in store.sweeps().await? {
-        let runs = store.runs(Some(s.id)).await?;
+        let mut runs = store.runs(Some(s.id)).await?;
+        if let Some(t) = tag {
+            runs.retain(|r| notes.get(&r.id).is_some_and(|n| n.0.iter().any(|x| x == t)));
+            if runs.is_empty() {
+                continue;
+            }
+        }
         let mut counts = std::collections::BTreeMap::new();
         for r in &runs {
             *counts.entry(r.status.to_string()).or_insert(0) += 1;
@@ -731,8 +881,15 @@ async fn ls(home: &Path) -> Result<ExitCode> {
                 .map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect())
                 .unwrap_or_default();
             let rung = r.rung.map_or(String::new(), |k| format!("  rung {k}"));
+            let (tags, note) = notes.get(&r.id).cloned().unwrap_or_default();
+            let tags = if tags.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", tags.join(", "))
+            };
+            let note = note.map_or(String::new(), |n| format!("  # {}", n.replace('\n', " ")));
             println!(
-                "  {:>5}  {:<11}  step {:>6}{rung}  {}",
+                "  {:>5}  {:<11}  step {:>6}{rung}  {}{tags}{note}",
                 r.id,
                 r.status,
                 r.step,

@@ -2,7 +2,7 @@
 //!
 //! Modules: [`spec`] (sweep files, validation, expansion), [`store`] (the SQLite `RunStore`), [`ingest`]
 //! (the single DB writer), [`exec`] (where runs execute: one `Executor` interface, the local and Slurm
-//! backends behind it), [`display`] (the live view), [`report`] (tables and HTML), [`cli`] (argument
+//! backends behind it), [`display`] (the live view), [`report`] (tables), [`ui`] (the dashboard and the offline HTML report), [`cli`] (argument
 //! parsing).
 
 pub mod bench_sampler;
@@ -16,3 +16,4 @@ pub mod report;
 pub mod spec;
 pub mod store;
 pub mod tpe;
+pub mod ui;

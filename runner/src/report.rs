@@ -1,7 +1,7 @@
-//! `runner report`: one row per run as a table, CSV or JSON, and a self-contained HTML page (inline SVG)
-//! with loss curves, best val loss against each swept parameter, and the table.
+//! `runner report`: one row per run as a table, CSV or JSON (`--html` writes the dashboard's page with
+//! the data inlined: see [`crate::ui::offline_page`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use anyhow::{bail, Result};
@@ -34,6 +34,9 @@ pub struct ReportRow {
     pub error: Option<String>,
     /// Whether the run's folder still exists (a deleted one takes its checkpoints and metrics file along).
     pub run_dir_exists: bool,
+    /// Tags (`runner tag`) and note (`runner note`).
+    pub tags: Vec<String>,
+    pub note: Option<String>,
     /// The run's whole config: a parameter one sweep did not sweep still shows the value its run had.
     #[serde(skip)]
     pub config: toml::Table,
@@ -66,9 +69,27 @@ impl From<&RunRow> for ReportRow {
             checkpoint: r.checkpoint.clone(),
             error: r.error.clone(),
             run_dir_exists: r.run_dir.is_empty() || std::path::Path::new(&r.run_dir).is_dir(),
+            tags: Vec::new(),
+            note: None,
             config: r.config.parse().unwrap_or_default(),
         }
     }
+}
+
+/// Report rows of `runs`, with their tags and notes.
+pub async fn rows(store: &RunStore, runs: &[RunRow]) -> Result<Vec<ReportRow>> {
+    let mut notes = store.annotations().await?;
+    Ok(runs
+        .iter()
+        .map(|r| {
+            let mut row = ReportRow::from(r);
+            if let Some((tags, note)) = notes.remove(&r.id) {
+                row.tags = tags;
+                row.note = note;
+            }
+            row
+        })
+        .collect())
 }
 
 /// Sort keys `--sort` accepts.
@@ -306,245 +327,6 @@ pub fn csv(rows: &[ReportRow]) -> String {
     out
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-const PALETTE: [&str; 10] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf",
-];
-
-/// A line chart (or scatter when `points_only`) as inline SVG.
-fn svg_chart(
-    title: &str,
-    x_label: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-    points_only: bool,
-) -> String {
-    let (w, h, ml, mr, mt, mb) = (640.0, 320.0, 60.0, 150.0, 30.0, 40.0);
-    let all: Vec<(f64, f64)> = series
-        .iter()
-        .flat_map(|s| s.1.iter().copied())
-        .filter(|p| p.0.is_finite() && p.1.is_finite())
-        .collect();
-    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">");
-    let _ = write!(
-        svg,
-        "<text x=\"{ml}\" y=\"18\" font-size=\"13\">{}</text>",
-        esc(title)
-    );
-    if all.is_empty() {
-        svg.push_str("<text x=\"60\" y=\"160\">no data yet</text></svg>");
-        return svg;
-    }
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for (x, y) in &all {
-        x0 = x0.min(*x);
-        x1 = x1.max(*x);
-        y0 = y0.min(*y);
-        y1 = y1.max(*y);
-    }
-    if x1 - x0 < 1e-12 {
-        x0 -= 1.0;
-        x1 += 1.0;
-    }
-    if y1 - y0 < 1e-12 {
-        y0 -= 0.5;
-        y1 += 0.5;
-    }
-    let (pw, ph) = (w - ml - mr, h - mt - mb);
-    let sx = |x: f64| ml + (x - x0) / (x1 - x0) * pw;
-    let sy = |y: f64| mt + ph - (y - y0) / (y1 - y0) * ph;
-    let _ = write!(svg, "<rect x=\"{ml}\" y=\"{mt}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>");
-    for (fy, text) in nice_ticks(y0, y1) {
-        let _ = write!(
-            svg,
-            "<line x1=\"{ml}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{text}</text>",
-            ml + pw,
-            ml - 4.0,
-            sy(fy) + 4.0,
-            y = sy(fy)
-        );
-    }
-    for (fx, text) in nice_ticks(x0, x1) {
-        let _ = write!(
-            svg,
-            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{mt}\" y2=\"{}\" stroke=\"#eee\"/><text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{text}</text>",
-            mt + ph,
-            mt + ph + 14.0,
-            x = sx(fx)
-        );
-    }
-    let _ = write!(
-        svg,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
-        ml + pw / 2.0,
-        h - 6.0,
-        esc(x_label)
-    );
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        if points_only {
-            for (x, y) in pts {
-                let _ = write!(
-                    svg,
-                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\"/>",
-                    sx(*x),
-                    sy(*y)
-                );
-            }
-        } else {
-            let path: Vec<String> = pts
-                .iter()
-                .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
-                .collect();
-            let _ = write!(
-                svg,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
-                path.join(" ")
-            );
-        }
-        let ly = mt + 12.0 + i as f64 * 14.0;
-        if i < 18 {
-            let _ = write!(svg, "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{}</text>", w - mr + 8.0, ly - 9.0, w - mr + 22.0, ly, esc(name));
-        }
-    }
-    svg.push_str("</svg>");
-    svg
-}
-
-/// Axis ticks at round values (1, 2 or 5 × 10^k apart, about five of them) inside `[lo, hi]`, each with
-/// its label: as many decimals as the spacing needs; axes reaching 10,000 count in `k`, a million in `M`.
-fn nice_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
-    let raw = (hi - lo) / 4.0;
-    if !(raw.is_finite() && raw > 0.0) {
-        return vec![];
-    }
-    // step = m × 10^exp, m ∈ {1, 2, 5}: the round spacing nearest the raw one (on a log scale).
-    let mut exp = raw.log10().floor() as i32;
-    let mut m = [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .min_by(|a, b| {
-            let d = |s: f64| (s * 10f64.powi(exp) / raw).ln().abs();
-            d(*a).total_cmp(&d(*b))
-        })
-        .unwrap_or(1.0);
-    if m == 10.0 {
-        (m, exp) = (1.0, exp + 1);
-    }
-    let step = m * 10f64.powi(exp);
-    let top = lo.abs().max(hi.abs());
-    let (div, unit, unit_exp) = if top >= 1e6 {
-        (1e6, "M", 6)
-    } else if top >= 1e4 {
-        (1e3, "k", 3)
-    } else {
-        (1.0, "", 0)
-    };
-    // Decimals from the integer exponent (a float log10 of 0.1 may land just below -1).
-    let decimals = (unit_exp - exp).max(0) as usize;
-    let label = |v: f64| {
-        if v.abs() < step * 1e-6 {
-            "0".to_string()
-        } else {
-            format!("{:.decimals$}{unit}", v / div)
-        }
-    };
-    let first = (lo / step - 1e-9).ceil() as i64;
-    let last = (hi / step + 1e-9).floor() as i64;
-    (first..=last)
-        .map(|i| i as f64 * step)
-        .map(|v| (v, label(v)))
-        .collect()
-}
-
-/// The self-contained HTML report.
-pub async fn html(store: &RunStore, rows: &[ReportRow], title: &str) -> Result<String> {
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let hist = store.histories(&ids).await?;
-    let label = |r: &ReportRow| {
-        let p: Vec<String> = param_keys(std::slice::from_ref(r))
-            .iter()
-            .map(|k| format!("{k}={}", param_str(r, k)))
-            .collect();
-        format!("{} {}", r.id, p.join(" "))
-    };
-    // `metric` of every run that has it, against the step scaled by `x_per_step(run)` (runs without one left out).
-    let curve_by = |metric: &str, x_per_step: &dyn Fn(&ReportRow) -> Option<f64>| {
-        rows.iter()
-            .filter_map(|r| {
-                let pts = hist.get(&r.id)?.get(metric)?;
-                let k = x_per_step(r)?;
-                Some((
-                    label(r),
-                    pts.iter().map(|(s, v)| (*s as f64 * k, *v)).collect(),
-                ))
-            })
-            .collect::<Vec<(String, Vec<(f64, f64)>)>>()
-    };
-    let curve = |metric: &str| curve_by(metric, &|_| Some(1.0));
-    let mut body = String::new();
-    let _ = write!(body, "<h1>{}</h1>", esc(title));
-    body.push_str(&svg_chart("train loss", "step", &curve("loss"), false));
-    body.push_str(&svg_chart("val loss", "step", &curve("val_loss"), false));
-    // Runs with another batch size or context see another number of tokens per step: compare them by
-    // tokens seen as well.
-    let tokens_per_step =
-        |r: &ReportRow| (r.step > 0 && r.tokens > 0).then(|| r.tokens as f64 / r.step as f64);
-    let by_tokens = curve_by("val_loss", &tokens_per_step);
-    body.push_str(&svg_chart(
-        "val loss by tokens seen",
-        "tokens seen",
-        &by_tokens,
-        false,
-    ));
-    for key in param_keys(rows) {
-        let mut by_value: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        for r in rows {
-            let Some(best) = r.best_val_loss else {
-                continue;
-            };
-            let x = r.params.get(&key).and_then(|v| v.as_f64());
-            match x {
-                Some(x) => by_value.entry("runs".into()).or_default().push((x, best)),
-                None => by_value
-                    .entry(param_str(r, &key))
-                    .or_default()
-                    .push((0.0, best)),
-            }
-        }
-        let series: Vec<_> = by_value.into_iter().collect();
-        body.push_str(&svg_chart(
-            &format!("best val loss vs {key}"),
-            &key,
-            &series,
-            true,
-        ));
-    }
-    let (head, cells) = columns(rows);
-    body.push_str("<table><tr>");
-    for h in &head {
-        let _ = write!(body, "<th>{}</th>", esc(h));
-    }
-    body.push_str("</tr>");
-    for row in cells {
-        body.push_str("<tr>");
-        for c in row {
-            let _ = write!(body, "<td>{}</td>", esc(&c));
-        }
-        body.push_str("</tr>");
-    }
-    body.push_str("</table>");
-    Ok(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{}</title><style>body{{font-family:sans-serif;margin:24px}}svg{{display:block;margin:12px 0}}table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style></head><body>{body}</body></html>",
-        esc(title)
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,6 +340,8 @@ mod tests {
             step: 10,
             total_steps: Some(10),
             tokens: 640,
+            tags: Vec::new(),
+            note: None,
             val_loss: loss,
             best_val_loss: loss,
             val_bpb: loss,
@@ -616,45 +400,5 @@ mod tests {
         let c = csv(&rows);
         assert!(c.starts_with("id,sweep_id,status,mixer,n_layers,step"));
         assert!(c.contains("\"a,b\""));
-    }
-
-    #[test]
-    fn svg_is_self_contained() {
-        let s = svg_chart(
-            "t",
-            "step",
-            &[("a".into(), vec![(0.0, 1.0), (1.0, 0.5)])],
-            false,
-        );
-        assert!(s.starts_with("<svg") && s.ends_with("</svg>") && s.contains("polyline"));
-        // Nothing fetched from elsewhere: the only URL is the SVG namespace.
-        assert_eq!(s.matches("http").count(), 1, "{s}");
-    }
-
-    #[test]
-    fn ticks_are_round_and_inside_the_range() {
-        let labels =
-            |lo, hi| -> Vec<String> { nice_ticks(lo, hi).into_iter().map(|t| t.1).collect() };
-        assert_eq!(labels(10.0, 200.0), ["50", "100", "150", "200"]);
-        assert_eq!(labels(4.155, 7.443), ["5", "6", "7"]);
-        assert_eq!(labels(3.61, 3.92), ["3.7", "3.8", "3.9"]);
-        assert_eq!(labels(3.61, 3.75), ["3.65", "3.70", "3.75"]);
-        assert_eq!(
-            labels(0.0, 2_000_000.0),
-            ["0", "0.5M", "1.0M", "1.5M", "2.0M"]
-        );
-        assert_eq!(labels(0.0, 40_960.0), ["0", "10k", "20k", "30k", "40k"]);
-        assert_eq!(labels(-1.0, 1.0), ["-1.0", "-0.5", "0", "0.5", "1.0"]);
-        assert!(nice_ticks(1.0, 1.0).is_empty());
-        // A tick exactly on the low end is kept (1.1 / 0.1 is 11.000000000000002).
-        assert_eq!(labels(1.1, 1.5)[0], "1.1");
-        for (lo, hi) in [(0.013, 0.0171), (-3.0, 11.0), (123.0, 98765.0)] {
-            let t = nice_ticks(lo, hi);
-            assert!((2..=11).contains(&t.len()), "{lo} {hi}: {t:?}");
-            assert!(
-                t.iter().all(|(v, _)| *v >= lo - 1e-9 && *v <= hi + 1e-9),
-                "{t:?}"
-            );
-        }
     }
 }

@@ -100,6 +100,8 @@ impl RunStore {
                         (*run, "lr", s, *lr),
                         (*run, "tokens_per_s", s, *tokens_per_s),
                         (*run, "grad_norm", s, *grad_norm),
+                        // Curves by wall time (the dashboard's x axis) read it per step.
+                        (*run, "elapsed_s", s, *elapsed_s),
                     ]);
                     points.extend(extra.iter().map(|(k, v)| (*run, k.as_str(), s, *v)));
                     p.step = Some(s);

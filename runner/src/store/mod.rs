@@ -13,6 +13,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Connection, Row, SqlitePool};
 
 mod apply;
+mod manage;
+pub use manage::check_tag;
 
 /// Run statuses, exactly as stored in `runs.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
@@ -349,6 +351,57 @@ impl RunStore {
             .with_context(|| format!("opening {}", db.display()))?;
         drop(lock);
         migrated.with_context(|| format!("migrating {}", db.display()))?;
+        Ok(Self {
+            pool,
+            home: home.to_path_buf(),
+        })
+    }
+
+    /// Open an existing `home/runs.db` read-only (the dashboard): no migration, no write can happen through
+    /// this store, and a database an older runner wrote (migrations pending) is refused with what to do.
+    pub async fn open_read_only(home: &Path) -> Result<Self> {
+        let db = home.join("runs.db");
+        if !db.is_file() {
+            bail!(
+                "no runs.db in {}: start a sweep first (`runner sweep experiments/quickstart.toml`) or pass --home",
+                home.display()
+            );
+        }
+        let opts = SqliteConnectOptions::new()
+            .filename(&db)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("cache_size", "-65536")
+            .pragma("temp_store", "memory");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    let mut handle = conn.lock_handle().await?;
+                    crate::pack_points::register(handle.as_raw_handle())
+                        .map_err(|e| sqlx::Error::Configuration(e.into()))
+                })
+            })
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("opening {} read-only", db.display()))?;
+        let have: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .with_context(|| format!("reading {}", db.display()))?;
+        let want = sqlx::migrate!("../migrations")
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
+        if have.unwrap_or(0) < want {
+            bail!(
+                "{} was written by an older runner (schema {} < {want}): run `runner ls --home {}` once to upgrade it",
+                db.display(),
+                have.unwrap_or(0),
+                home.display()
+            );
+        }
         Ok(Self {
             pool,
             home: home.to_path_buf(),

@@ -1,0 +1,218 @@
+//! Run management: tags, a note per run, and removing runs (`runner tag`, `runner note`, `runner rm`), and
+//! the reads the dashboard makes beyond the report rows (a change token, one metric after a step).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use sqlx::Row;
+
+use super::{now, RunStatus, RunStore};
+
+/// What a tag may be: what a user types on a command line and filters by in the page.
+pub fn check_tag(tag: &str) -> Result<()> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 64
+        && tag
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'));
+    if !ok {
+        bail!("tag {tag:?} is not valid: use 1–64 letters, digits or - _ . : / (e.g. baseline, paper-fig2)");
+    }
+    Ok(())
+}
+
+impl RunStore {
+    /// Add tags to a run (`remove`: take them off). Unknown runs are refused.
+    pub async fn tag(&self, run: i64, tags: &[String], remove: bool) -> Result<()> {
+        self.run(run).await?;
+        for t in tags {
+            check_tag(t)?;
+        }
+        let mut tx = self.pool.begin().await?;
+        for t in tags {
+            let q = if remove {
+                "DELETE FROM run_tags WHERE run_id = ? AND tag = ?"
+            } else {
+                "INSERT OR IGNORE INTO run_tags (run_id, tag) VALUES (?, ?)"
+            };
+            sqlx::query(q).bind(run).bind(t).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Set (or with an empty text, clear) a run's note.
+    pub async fn set_note(&self, run: i64, note: &str) -> Result<()> {
+        self.run(run).await?;
+        if note.trim().is_empty() {
+            sqlx::query("DELETE FROM run_notes WHERE run_id = ?")
+                .bind(run)
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO run_notes (run_id, note, time) VALUES (?, ?, ?) \
+                 ON CONFLICT (run_id) DO UPDATE SET note = excluded.note, time = excluded.time",
+            )
+            .bind(run)
+            .bind(note)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Tags and note of every run that has any: run → (tags, note).
+    pub async fn annotations(&self) -> Result<BTreeMap<i64, (Vec<String>, Option<String>)>> {
+        let mut out: BTreeMap<i64, (Vec<String>, Option<String>)> = BTreeMap::new();
+        for r in sqlx::query("SELECT run_id, tag FROM run_tags ORDER BY run_id, tag")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            out.entry(r.get(0)).or_default().0.push(r.get(1));
+        }
+        for r in sqlx::query("SELECT run_id, note FROM run_notes")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            out.entry(r.get(0)).or_default().1 = Some(r.get(1));
+        }
+        Ok(out)
+    }
+
+    /// Why run `id` may not be removed now, if it may not: it is running, or a live runner holds it (a
+    /// queued or paused run of a sweep in progress would be launched or promoted from under the delete).
+    pub async fn rm_refusal(&self, id: i64) -> Result<Option<String>> {
+        let run = self.run(id).await?;
+        if run.status == RunStatus::Running {
+            return Ok(Some(format!(
+                "run {id} is running: stop its sweep first (Ctrl-C in its runner), then `runner rm {id}`"
+            )));
+        }
+        if let Some(p) = run.other_live_runner() {
+            return Ok(Some(format!(
+                "run {id} belongs to runner pid {p}, which is still running: wait for it or stop it first"
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Remove run `id`'s rows (metrics, checkpoints, events, rung results, tags, note, the run) in one
+    /// transaction. The caller removes its folder after, when this succeeded.
+    pub async fn remove_run(&self, id: i64) -> Result<()> {
+        if let Some(why) = self.rm_refusal(id).await? {
+            bail!(why);
+        }
+        let mut tx = self.pool.begin().await?;
+        for table in [
+            "metrics",
+            "checkpoints",
+            "events",
+            "rungs",
+            "run_params",
+            "run_tags",
+            "run_notes",
+        ] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE run_id = ?"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Not while it changed under us: a runner that claimed it since keeps it.
+        let gone = sqlx::query("DELETE FROM runs WHERE id = ? AND status != 'running'")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if gone != 1 {
+            bail!("run {id} started running meanwhile: nothing removed");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Remove sweep `id` when no run of it is left.
+    pub async fn remove_sweep_if_empty(&self, id: i64) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM sweeps WHERE id = ? AND NOT EXISTS (SELECT 1 FROM runs WHERE sweep_id = ?)",
+        )
+        .bind(id)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A token that changes whenever anything the dashboard shows changes (a run's progress or status, a new
+    /// event, run, tag or note): the page polls it and reloads only then.
+    pub async fn change_token(&self) -> Result<String> {
+        let r = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM runs), (SELECT TOTAL(step) + TOTAL(tokens) FROM runs), \
+             (SELECT COALESCE(MAX(id), 0) FROM events), (SELECT COUNT(*) FROM run_tags), \
+             (SELECT COUNT(*) || ':' || COALESCE(MAX(time), '') FROM run_notes), \
+             (SELECT COUNT(*) FROM checkpoints)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(format!(
+            "{}-{}-{}-{}-{}-{}",
+            r.get::<i64, _>(0),
+            r.get::<f64, _>(1),
+            r.get::<i64, _>(2),
+            r.get::<i64, _>(3),
+            r.get::<String, _>(4),
+            r.get::<i64, _>(5)
+        ))
+    }
+
+    /// The names of the metrics `runs` recorded.
+    pub async fn metric_names(&self, runs: &[i64]) -> Result<Vec<String>> {
+        let mut names = std::collections::BTreeSet::new();
+        for &run in runs {
+            // One index seek per name: hop from name to the next through the primary key.
+            let mut last = String::new();
+            while let Some(n) = sqlx::query_scalar::<_, String>(
+                "SELECT name FROM metrics WHERE run_id = ? AND name > ? ORDER BY name LIMIT 1",
+            )
+            .bind(run)
+            .bind(&last)
+            .fetch_optional(&self.pool)
+            .await?
+            {
+                names.insert(n.clone());
+                last = n;
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    /// (step, value) of one metric of `runs`, only the points after step `after` of each (the page's
+    /// incremental update), one packed series per run.
+    pub async fn history_after(
+        &self,
+        runs: &[i64],
+        name: &str,
+        after: i64,
+    ) -> Result<BTreeMap<i64, Vec<(i64, f64)>>> {
+        let mut out = BTreeMap::new();
+        for chunk in runs.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let q = format!(
+                "SELECT run_id, pack_points(step, value) FROM metrics \
+                 WHERE run_id IN ({marks}) AND name = ? AND step > ? GROUP BY run_id"
+            );
+            let mut query = sqlx::query(&q);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            for r in query.bind(name).bind(after).fetch_all(&self.pool).await? {
+                out.insert(
+                    r.get::<i64, _>(0),
+                    crate::pack_points::unpack(r.get::<&[u8], _>(1)),
+                );
+            }
+        }
+        Ok(out)
+    }
+}
