@@ -152,8 +152,9 @@ fn grid_sweep_runs_all_and_reports() {
         db_len
     );
     assert_eq!(report_json(&home, "s1").len(), 8);
-    assert!(page.contains("<svg") && page.contains("polyline") && !page.contains("<script"));
-    assert!(page.contains("val loss by tokens seen"), "{page}");
+    // The dashboard with its data inlined: nothing loaded from a server (its own browser test draws it).
+    assert!(page.contains("id=\"inline-data\"") && page.contains("uPlot"));
+    assert!(!page.contains("src=\"assets/") && !page.contains("href=\"assets/"));
     // Runs picked by id, with a sweep that also holds one of them: each run once, sorted.
     let some = ok(&runner(&home)
         .args(["report", "3", "s1", "1", "--format", "csv"])

@@ -524,6 +524,7 @@ function scatter(el, rows, k) {
 function clearCharts() {
   for (const u of S.charts) u.destroy();
   S.charts = [];
+  S.curves = null;
   document.getElementById("tooltip").hidden = true;
 }
 
@@ -620,7 +621,8 @@ async function renderOverview() {
   card.append(chartEl);
   main.append(card);
   const series = curveSeries(shown, cache, keys, S.metric === "lr" ? 0 : S.smooth, S.log);
-  if (series.length) lineChart(chartEl, S.metric, X_LABEL[S.x], series, { log: S.log, hidden: S.hidden, yLabel: S.metric });
+  S.curves = null;
+  if (series.length) S.curves = lineChart(chartEl, S.metric, X_LABEL[S.x], series, { log: S.log, hidden: S.hidden, yLabel: S.metric });
   else chartEl.append(h("p", { class: "muted" }, "No " + S.metric + " points yet for these runs."));
   document.body.dataset.series = String(series.length);
   document.body.dataset.runsShown = String(shown.filter((r) => cache[r.id] && cache[r.id].step.length).length);
@@ -648,6 +650,7 @@ async function renderOverview() {
   const tcard = h("div", { class: "card" }, h("h2", {}, `Runs (${rows.length}${kept.length !== rows.length ? ", " + kept.length + " inside the brushes" : ""})`));
   tcard.append(runsTable(rows, keys, new Set(kept.map((r) => r.id))));
   main.append(tcard);
+  S.signature = signature(rows);
   const ms = performance.now() - t0;
   document.body.dataset.renderMs = ms.toFixed(1);
   if (S.firstDraw === null) { S.firstDraw = performance.now(); document.body.dataset.firstDrawMs = S.firstDraw.toFixed(1); }
@@ -719,6 +722,34 @@ async function renderRun(id) {
   document.body.dataset.ready = "1";
 }
 
+// What a redraw of everything but the curves and the table depends on: runs, statuses, results, notes.
+function signature(rows) {
+  return location.hash + "|" + rows.map((r) => [r.id, r.status, r.best_val_loss, r.rung, (r.tags || []).join(" "), r.note].join(":")).join(",");
+}
+
+// A running sweep's new points: append them to the curves and refresh the table, keeping zoom, hidden
+// runs and scroll position; anything else that changed redraws the page.
+async function liveUpdate() {
+  const rows = filteredRuns();
+  if (location.hash.startsWith("#/run/") || !S.curves || signature(rows) !== S.signature) return render();
+  const seq = renderSeq;
+  const keys = sweptKeys(rows);
+  const kept = brushed(rows);
+  const shown = sortRows(kept).slice(0, MAX_CURVES);
+  const cache = await loadMetric(S.metric, shown);
+  if (seq !== renderSeq) return;
+  const series = curveSeries(shown, cache, keys, S.metric === "lr" ? 0 : S.smooth, S.log);
+  if (series.length !== S.curves.series.length - 1) return render();
+  S.curves.setData(align(series.map((x) => ({ x: x.x, y: x.y })), 800));
+  const old = document.querySelector(".tablewrap");
+  if (old) {
+    const fresh = runsTable(rows, keys, new Set(kept.map((r) => r.id)));
+    fresh.scrollTop = old.scrollTop;
+    old.replaceWith(fresh);
+  }
+  document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+}
+
 function render() {
   const m = location.hash.match(/^#\/run\/(\d+)/);
   const p = m ? renderRun(Number(m[1])) : renderOverview();
@@ -751,7 +782,7 @@ async function start() {
   live.textContent = "live";
   setInterval(async () => {
     try {
-      if (await refresh(false)) render();
+      if (await refresh(false)) await liveUpdate();
       live.textContent = "live · " + new Date().toLocaleTimeString();
     } catch (e) {
       live.textContent = "disconnected: " + (e.message || e);

@@ -303,7 +303,11 @@ pub fn offline_page(data: &Value) -> String {
                 "<script id=\"inline-data\" type=\"application/json\">{data}</script>"
             ));
         } else {
-            out.push_str(line);
+            // The licence is not a file beside the report: link the vendored version's own.
+            out.push_str(&line.replace(
+                "href=\"assets/uPlot.LICENSE.txt\"",
+                "href=\"https://github.com/leeoniya/uPlot/blob/1.6.32/LICENSE\"",
+            ));
         }
         out.push('\n');
     }
