@@ -1039,7 +1039,8 @@ async fn bench_ingest(
             .set_status(*id, RunStatus::Completed, "synthetic")
             .await?;
     }
-    let points = runs * steps * metrics.max(4);
+    // Each step event also records its elapsed seconds (the dashboard's wall-time axis).
+    let points = runs * steps * (metrics.max(4) + 1);
     let rate = points as f64 / secs;
     // The queries a report makes: the runs of the sweep sorted by val loss, and the full metric history of
     // (up to) 100 runs.

@@ -69,7 +69,7 @@ function h(tag, attrs, ...kids) {
     else if (k === "dataset") Object.assign(el.dataset, v);
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const kid of kids.flat()) {
+  for (const kid of kids.flat(Infinity)) {
     if (kid === undefined || kid === null || kid === false) continue;
     el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
   }
@@ -269,7 +269,9 @@ function tooltipPlugin(labels) {
 }
 
 function lineChart(el, title, xLabel, series, opts) {
-  const width = Math.max(320, el.clientWidth || 600);
+  const cs = getComputedStyle(el);
+  const inner = el.clientWidth - parseFloat(cs.paddingLeft || 0) - parseFloat(cs.paddingRight || 0);
+  const width = Math.max(320, inner || 600);
   const data = align(series.map((s) => ({ x: s.x, y: s.y })), 800);
   const labels = series.map((s) => s.label);
   const u = new uPlot({
