@@ -369,6 +369,37 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
         assert_eq!(attr(&body, "data-errors").as_deref(), Some("0"), "{body}");
         assert_eq!(attr(&body, "data-series").as_deref(), Some("2"), "{body}");
     }
+
+    // Run management: a note, the tag filter, and removing a run (asked first; its rows and folder go).
+    let ok = |args: &[&str]| {
+        let out = runner(&home).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["note", "1", "keep: the baseline"]);
+    let listed = ok(&["ls", "--tag", "best"]);
+    assert!(
+        listed.contains("[best]") && listed.contains("# keep: the baseline"),
+        "{listed}"
+    );
+    assert!(!listed.contains("\n      2 "), "{listed}");
+    let out = runner(&home)
+        .args(["rm", "2"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    assert!(home.join("run-2").is_dir());
+    ok(&["rm", "2", "--yes"]);
+    assert!(!home.join("run-2").exists());
+    let left = get_json(&addr, "/api/runs");
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left[0]["note"], "keep: the baseline");
+    assert_eq!(get(&addr, "/api/runs/2").0, 404);
 }
 
 #[test]

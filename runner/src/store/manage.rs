@@ -216,3 +216,76 @@ impl RunStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewRun;
+    use engine::events::Event;
+
+    #[test]
+    fn tags_are_words() {
+        for ok in ["baseline", "paper-fig2", "v1.2", "a/b:c_d"] {
+            check_tag(ok).unwrap();
+        }
+        for bad in ["", "two words", "<b>", &"x".repeat(65)] {
+            assert!(check_tag(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn removing_a_run_takes_every_row_of_it_and_only_its() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RunStore::open(dir.path()).await.unwrap();
+        let sweep = store.create_sweep("s", "f", "{}").await.unwrap();
+        let ids = store
+            .add_runs(sweep, &[NewRun::test(""), NewRun::test("")], None)
+            .await
+            .unwrap();
+        let step = Event::parse(r#"{"event":"step","step":1,"loss":2.5,"lr":0.001,"tokens":8,"tokens_per_s":100.0,"elapsed_s":0.1,"grad_norm":1.0}"#).unwrap();
+        store
+            .apply_events(&[(ids[0], step.clone()), (ids[1], step)])
+            .await
+            .unwrap();
+        for &id in &ids {
+            store.tag(id, &["t".into()], false).await.unwrap();
+            store.set_note(id, "n").await.unwrap();
+        }
+        assert_eq!(store.metric_names(&ids[..1]).await.unwrap().len(), 5);
+        let token = store.change_token().await.unwrap();
+        store.remove_run(ids[0]).await.unwrap();
+        assert_ne!(store.change_token().await.unwrap(), token);
+        assert!(store.run(ids[0]).await.is_err());
+        assert!(store.metric_names(&ids[..1]).await.unwrap().is_empty());
+        assert!(store.events(ids[0]).await.unwrap().is_empty());
+        let notes = store.annotations().await.unwrap();
+        assert!(!notes.contains_key(&ids[0]) && notes.contains_key(&ids[1]));
+        assert_eq!(store.metric(ids[1], "loss").await.unwrap().len(), 1);
+        assert_eq!(store.integrity_check().await.unwrap(), "ok");
+        // A running run is refused; an empty sweep goes with its last run.
+        store
+            .set_status(ids[1], RunStatus::Running, "test")
+            .await
+            .unwrap();
+        assert!(store
+            .remove_run(ids[1])
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("is running"));
+        store
+            .set_status(ids[1], RunStatus::Completed, "test")
+            .await
+            .unwrap();
+        store.remove_run(ids[1]).await.unwrap();
+        store.remove_sweep_if_empty(sweep).await.unwrap();
+        assert!(store.sweeps().await.unwrap().is_empty());
+        // Unknown runs and bad tags are refused by name.
+        assert!(store
+            .tag(99, &["t".into()], false)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("no run with id 99"));
+    }
+}
