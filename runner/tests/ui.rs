@@ -242,6 +242,13 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
     let both = get_json(&addr, "/api/metrics?name=loss&runs=1,2:1");
     assert!(both["1"]["step"][0].as_i64().unwrap() >= 1);
     assert!(both["2"]["step"][0].as_i64().unwrap() > 1);
+    let names = get_json(&addr, "/api/metric-names?runs=1,2");
+    for n in ["loss", "lr", "elapsed_s", "grad_norm"] {
+        assert!(
+            names.as_array().unwrap().iter().any(|x| x == n),
+            "{n}: {names}"
+        );
+    }
     let detail = get_json(&addr, "/api/runs/2");
     assert!(detail["config"].as_str().unwrap().contains("n_layers = 2"));
     assert!(detail["events"].as_array().unwrap().len() >= 2);

@@ -35,6 +35,7 @@ function inlineApi(path, params) {
   if (path === "state") return { token: "offline" };
   if (path === "runs") return d.runs;
   if (path === "sweeps") return d.sweeps;
+  if (path === "metric-names") return d.metric_names;
   if (path === "metrics") {
     const out = {};
     const series = d.metrics[params.name] || {};
@@ -541,6 +542,16 @@ function bestSummary(rows) {
     h("div", { class: "muted" }, p || "no swept parameters"));
 }
 
+function sweepsTable() {
+  return h("div", { class: "card" }, h("h2", {}, "Sweeps"), h("table", { class: "runs" },
+    h("tr", {}, ["sweep", "name", "file", "created", "runs", "early stopping"].map((c) => h("th", {}, c))),
+    S.sweeps.map((s) => h("tr", {},
+      h("td", {}, h("a", { href: "#/", onclick: (e) => { e.preventDefault(); S.sweep = s.id; S.brush = {}; render(); } }, s.id)),
+      h("td", {}, s.name), h("td", {}, s.file), h("td", {}, s.created_at),
+      h("td", {}, Object.entries(s.counts || {}).map(([k, v]) => v + " " + k).join(", ")),
+      h("td", {}, s.early_stop || "–")))));
+}
+
 function runsTable(rows, keys, shownIds) {
   const cols = [
     ["id", "id"], ["sweep_id", "sweep"], ["status", "status"], ["rung", "rung"],
@@ -593,8 +604,10 @@ async function renderOverview() {
   const kept = brushed(rows);
   const shown = sortRows(kept).slice(0, MAX_CURVES);
   const cache = await loadMetric(S.metric, shown);
+  const recorded = shown.length ? await api("metric-names", { runs: shown.map((r) => r.id).join(",") }) : [];
   if (seq !== renderSeq) return;
-  const names = new Set(["loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "grad_norm", "elapsed_s"]);
+  // The usual ones first, then any other metric these runs logged (e.g. allreduce_ms).
+  const names = new Set(["loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "grad_norm", "elapsed_s", ...recorded]);
   const main = document.getElementById("main");
   clearCharts();
   main.replaceChildren();
@@ -603,6 +616,7 @@ async function renderOverview() {
   main.append(toolbar([...names]));
   if (sw && sw.early_stop) main.append(h("p", { class: "muted" }, "Early stopping: " + sw.early_stop));
   main.append(bestSummary(rows));
+  if (!S.sweep && S.sweeps.length > 1) main.append(sweepsTable());
 
   // Curves.
   const card = h("div", { class: "card" });
@@ -630,7 +644,10 @@ async function renderOverview() {
   document.body.dataset.runsShown = String(shown.filter((r) => cache[r.id] && cache[r.id].step.length).length);
 
   // The sweep's analysis: parallel coordinates, importance, each parameter against the objective.
-  if (keys.length && rows.length >= 2) {
+  const scored = rows.filter((r) => Number.isFinite(r[S.objective])).length;
+  if (keys.length && rows.length >= 2 && scored < 2 && S.objective === "best_val_loss") {
+    main.append(h("div", { class: "card muted" }, "Parallel coordinates, parameter importance and each parameter against the objective appear once two runs have a validation result."));
+  } else if (keys.length && rows.length >= 2) {
     const objSel = h("select", { id: "objective", onchange: (e) => { S.objective = e.target.value; render(); } },
       ["best_val_loss", "val_loss", "val_bpb", "tokens_per_s"].map((n) => { const o = h("option", { value: n }, n); if (n === S.objective) o.selected = true; return o; }));
     const pc = h("div", { class: "card" }, h("div", { class: "toolbar" }, h("h2", {}, "Parallel coordinates"), h("label", {}, "objective", objSel)));

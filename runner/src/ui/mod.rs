@@ -7,7 +7,8 @@
 //! Routes (GET only; anything else is 404 or 405):
 //! `/` the page · `/assets/NAME` an embedded file · `/api/state` a change token · `/api/sweeps` ·
 //! `/api/runs[?sweep=s1][&tag=T]` the rows of `report --format json` · `/api/runs/ID` one run's page ·
-//! `/api/runs/ID/metrics?name=val_loss[&after=STEP]` · `/api/metrics?name=loss&runs=ID[:AFTER],…`.
+//! `/api/runs/ID/metrics?name=val_loss[&after=STEP]` · `/api/metrics?name=loss&runs=ID[:AFTER],…` ·
+//! `/api/metric-names?runs=ID,…`.
 
 pub mod api;
 pub mod assets;
@@ -149,6 +150,16 @@ async fn metrics(State(store): State<RunStore>, Query(q): Query<MetricQuery>) ->
     Ok(Json(api::metrics(&store, &wanted, name).await?))
 }
 
+/// The metrics `runs=3,4` recorded (any extra metric an engine logs, not only the standard ones).
+async fn metric_names(State(store): State<RunStore>, Query(q): Query<MetricQuery>) -> ApiResult {
+    let runs: Vec<i64> = parse_runs(q.runs.as_deref().unwrap_or(""))?
+        .into_iter()
+        .map(|r| r.0)
+        .take(2000)
+        .collect();
+    Ok(Json(json!(store.metric_names(&runs).await?)))
+}
+
 async fn index() -> Response {
     asset_response("index.html")
 }
@@ -219,6 +230,7 @@ pub fn router(store: RunStore, allowed_hosts: Vec<String>) -> Router {
         .route("/api/runs/{id}", get(run))
         .route("/api/runs/{id}/metrics", get(run_metrics))
         .route("/api/metrics", get(metrics))
+        .route("/api/metric-names", get(metric_names))
         .fallback(|| async { not_found() })
         .with_state(store)
         .layer(middleware::from_fn_with_state(allowed_hosts, guard))
