@@ -190,6 +190,14 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
             .unwrap(),
     );
     wait_for("runs.db", || home.join("runs.db").is_file());
+    // `ls` takes the home's migration lock: past it, the sweep's runner has finished creating the schema
+    // (the dashboard opens read-only and refuses a database that is not migrated yet).
+    wait_for("the schema", || {
+        runner(&home)
+            .arg("ls")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     let (_ui, addr) = start_ui(&home);
 
     // The page and its embedded files.
