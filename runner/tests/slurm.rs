@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::Reaped;
+
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slurm/cluster.sh");
 
 /// The cluster this test started; stopped (after cancelling every job) when the test ends, even by a panic.
@@ -57,18 +60,6 @@ impl Drop for Cluster {
             .arg("stop")
             .arg(&self.state)
             .status();
-    }
-}
-
-/// A child process killed when the test ends.
-struct Reaped(Option<std::process::Child>);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

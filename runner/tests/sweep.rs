@@ -1,46 +1,11 @@
 //! End-to-end: the real runner binary launches real engine processes on CPU and tracks them in SQLite.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn runner(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_runner"));
-    c.arg("--home")
-        .arg(home)
-        .env("RUST_LOG", "warn")
-        .env_remove("RUNNER_ENGINE");
-    c
-}
-
-/// A child process killed when the test ends, even by a panic (no orphaned sweeps).
-struct Reaped(Option<std::process::Child>);
-
-impl Reaped {
-    fn wait_with_output(mut self) -> std::io::Result<Output> {
-        self.0.take().expect("child").wait_with_output()
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{ok, runner, Reaped};
 
 /// A sweep file over a synthetic data dir inside `dir`.
 fn sweep_file(dir: &Path, name: &str, steps: u64, sweep: &str) -> PathBuf {

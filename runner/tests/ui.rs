@@ -9,27 +9,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn runner(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_runner"));
-    c.arg("--home")
-        .arg(home)
-        .env("RUST_LOG", "warn")
-        .env_remove("RUNNER_ENGINE");
-    c
-}
-
-/// A child process killed when the test ends, even by a panic.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{ok, runner, Reaped};
 
 /// One raw HTTP/1.1 GET (the path sent exactly as given, `..` and all): status, body.
 fn http(addr: &str, method: &str, path: &str, host: &str) -> (u16, String) {
@@ -107,7 +91,7 @@ fn start_ui(home: &Path) -> (Reaped, String) {
         .and_then(|a| a.strip_suffix('/'))
         .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
         .to_string();
-    (Reaped(child), addr)
+    (Reaped(Some(child)), addr)
 }
 
 fn files_digest(home: &Path) -> Vec<(String, Vec<u8>)> {
@@ -180,7 +164,7 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     let file = sweep_file(dir.path(), 100_000);
-    let mut sweep = Reaped(
+    let mut sweep = Reaped(Some(
         runner(&home)
             .arg("sweep")
             .arg(&file)
@@ -188,7 +172,7 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-    );
+    ));
     wait_for("runs.db", || home.join("runs.db").is_file());
     // `ls` takes the home's migration lock: past it, the sweep's runner has finished creating the schema
     // (the dashboard opens read-only and refuses a database that is not migrated yet).
@@ -264,12 +248,7 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
 
     // A tag the runner writes (the one writer) shows in the dashboard's next answer.
     let token = get_json(&addr, "/api/state")["token"].clone();
-    let out = runner(&home).args(["tag", "1", "best"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&runner(&home).args(["tag", "1", "best"]).output().unwrap());
     assert_ne!(get_json(&addr, "/api/state")["token"], token);
     assert_eq!(
         get_json(&addr, "/api/runs?tag=best")
@@ -340,9 +319,9 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
     // Read-only: with the sweep stopped, every endpoint leaves runs.db and its WAL as they were.
     // SAFETY: kill(2) on the runner this test started.
     unsafe {
-        libc::kill(sweep.0.id() as i32, libc::SIGTERM);
+        libc::kill(sweep.0.as_ref().unwrap().id() as i32, libc::SIGTERM);
     }
-    let _ = sweep.0.wait();
+    let _ = sweep.0.take().unwrap().wait();
     let before = files_digest(&home);
     for path in [
         "/",
@@ -362,16 +341,11 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
 
     // The offline report is the same page with the data inlined, and draws without any server.
     let report = dir.path().join("report.html");
-    let out = runner(&home)
+    ok(&runner(&home)
         .args(["report", "s1", "--html"])
         .arg(&report)
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .unwrap());
     let html = std::fs::read_to_string(&report).unwrap();
     assert!(html.contains("id=\"inline-data\"") && !html.contains("src=\"assets/"));
     assert!(!html.contains("watched <b>&"), "the sweep name is escaped");
@@ -386,17 +360,9 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
     }
 
     // Run management: a note, the tag filter, and removing a run (asked first; its rows and folder go).
-    let ok = |args: &[&str]| {
-        let out = runner(&home).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    ok(&["note", "1", "keep: the baseline"]);
-    let listed = ok(&["ls", "--tag", "best"]);
+    let cli = |args: &[&str]| ok(&runner(&home).args(args).output().unwrap());
+    cli(&["note", "1", "keep: the baseline"]);
+    let listed = cli(&["ls", "--tag", "best"]);
     assert!(
         listed.contains("[best]") && listed.contains("# keep: the baseline"),
         "{listed}"
@@ -409,7 +375,7 @@ fn the_dashboard_follows_a_running_sweep_read_only_and_draws_in_a_browser() {
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--yes"));
     assert!(home.join("run-2").is_dir());
-    ok(&["rm", "2", "--yes"]);
+    cli(&["rm", "2", "--yes"]);
     assert!(!home.join("run-2").exists());
     let left = get_json(&addr, "/api/runs");
     assert_eq!(left.as_array().unwrap().len(), 1);

@@ -166,6 +166,19 @@ impl RunStore {
         ))
     }
 
+    /// How many runs of each sweep are in each status: sweep → status → count.
+    pub async fn status_counts(&self) -> Result<BTreeMap<i64, BTreeMap<String, i64>>> {
+        let mut out: BTreeMap<i64, BTreeMap<String, i64>> = BTreeMap::new();
+        for r in
+            sqlx::query("SELECT sweep_id, status, COUNT(*) FROM runs GROUP BY sweep_id, status")
+                .fetch_all(&self.pool)
+                .await?
+        {
+            out.entry(r.get(0)).or_default().insert(r.get(1), r.get(2));
+        }
+        Ok(out)
+    }
+
     /// The names of the metrics `runs` recorded.
     pub async fn metric_names(&self, runs: &[i64]) -> Result<Vec<String>> {
         let mut names = std::collections::BTreeSet::new();

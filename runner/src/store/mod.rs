@@ -292,6 +292,21 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
     }
 }
 
+/// The store's pool over `opts`: every connection gets the `pack_points` aggregate the history reads use.
+async fn connect_pool(opts: SqliteConnectOptions) -> sqlx::Result<SqlitePool> {
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                let mut handle = conn.lock_handle().await?;
+                crate::pack_points::register(handle.as_raw_handle())
+                    .map_err(|e| sqlx::Error::Configuration(e.into()))
+            })
+        })
+        .connect_with(opts)
+        .await
+}
+
 impl RunStore {
     /// Open (creating if needed) `home/runs.db` and apply the migrations.
     pub async fn open(home: &Path) -> Result<Self> {
@@ -337,16 +352,7 @@ impl RunStore {
             anyhow::Ok(())
         }
         .await;
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    let mut handle = conn.lock_handle().await?;
-                    crate::pack_points::register(handle.as_raw_handle())
-                        .map_err(|e| sqlx::Error::Configuration(e.into()))
-                })
-            })
-            .connect_with(opts)
+        let pool = connect_pool(opts)
             .await
             .with_context(|| format!("opening {}", db.display()))?;
         drop(lock);
@@ -373,16 +379,7 @@ impl RunStore {
             .busy_timeout(Duration::from_secs(5))
             .pragma("cache_size", "-65536")
             .pragma("temp_store", "memory");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    let mut handle = conn.lock_handle().await?;
-                    crate::pack_points::register(handle.as_raw_handle())
-                        .map_err(|e| sqlx::Error::Configuration(e.into()))
-                })
-            })
-            .connect_with(opts)
+        let pool = connect_pool(opts)
             .await
             .with_context(|| format!("opening {} read-only", db.display()))?;
         let have: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")

@@ -17,14 +17,10 @@ pub async fn runs(store: &RunStore) -> Result<Vec<ReportRow>> {
 }
 
 /// Sweeps with their run counts by status and the early-stopping rule they use.
-pub async fn sweeps(store: &RunStore, rows: &[ReportRow]) -> Result<Value> {
+pub async fn sweeps(store: &RunStore) -> Result<Value> {
+    let mut counts = store.status_counts().await?;
     let mut out = Vec::new();
     for s in store.sweeps().await? {
-        let sid = format!("s{}", s.id);
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in rows.iter().filter(|r| r.sweep_id == sid) {
-            *counts.entry(r.status.as_str()).or_default() += 1;
-        }
         let spec: Option<crate::spec::SweepFile> =
             serde_json::from_str(&store.sweep_spec(s.id).await?).ok();
         let early = spec
@@ -33,8 +29,8 @@ pub async fn sweeps(store: &RunStore, rows: &[ReportRow]) -> Result<Value> {
             .filter(|e| e.enabled())
             .map(|e| e.describe());
         out.push(json!({
-            "id": sid, "name": s.name, "file": s.file, "created_at": s.created_at,
-            "counts": counts, "early_stop": early,
+            "id": format!("s{}", s.id), "name": s.name, "file": s.file, "created_at": s.created_at,
+            "counts": counts.remove(&s.id).unwrap_or_default(), "early_stop": early,
         }));
     }
     Ok(Value::Array(out))
@@ -181,7 +177,7 @@ pub async fn snapshot(store: &RunStore, rows: Vec<ReportRow>, title: &str) -> Re
     for name in &names {
         metrics.insert(name.clone(), self::metrics(store, &wanted, name).await?);
     }
-    let sweeps = sweeps(store, &rows).await?;
+    let sweeps = sweeps(store).await?;
     let listed: std::collections::BTreeSet<&str> =
         rows.iter().map(|r| r.sweep_id.as_str()).collect();
     let sweeps: Vec<Value> = sweeps

@@ -7,48 +7,26 @@ pub struct Asset {
     pub body: &'static str,
 }
 
-const FILES: &[(&str, Asset)] = &[
-    (
-        "index.html",
-        Asset {
-            mime: "text/html; charset=utf-8",
-            body: include_str!("../../ui/index.html"),
-        },
-    ),
-    (
-        "app.js",
-        Asset {
-            mime: "text/javascript; charset=utf-8",
-            body: include_str!("../../ui/app.js"),
-        },
-    ),
-    (
-        "style.css",
-        Asset {
-            mime: "text/css; charset=utf-8",
-            body: include_str!("../../ui/style.css"),
-        },
-    ),
-    (
-        "uPlot.iife.min.js",
-        Asset {
-            mime: "text/javascript; charset=utf-8",
-            body: include_str!("../../ui/vendor/uplot/uPlot.iife.min.js"),
-        },
-    ),
-    (
-        "uPlot.min.css",
-        Asset {
-            mime: "text/css; charset=utf-8",
-            body: include_str!("../../ui/vendor/uplot/uPlot.min.css"),
-        },
-    ),
+/// `(name, mime, path under runner/ui/)`, embedded at build time.
+macro_rules! assets {
+    ($(($name:literal, $mime:expr, $path:literal)),* $(,)?) => {
+        &[$(($name, Asset { mime: $mime, body: include_str!(concat!("../../ui/", $path)) })),*]
+    };
+}
+
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+const FILES: &[(&str, Asset)] = assets![
+    ("index.html", "text/html; charset=utf-8", "index.html"),
+    ("app.js", JS, "app.js"),
+    ("style.css", CSS, "style.css"),
+    ("uPlot.iife.min.js", JS, "vendor/uplot/uPlot.iife.min.js"),
+    ("uPlot.min.css", CSS, "vendor/uplot/uPlot.min.css"),
     (
         "uPlot.LICENSE.txt",
-        Asset {
-            mime: "text/plain; charset=utf-8",
-            body: include_str!("../../ui/vendor/uplot/LICENSE"),
-        },
+        "text/plain; charset=utf-8",
+        "vendor/uplot/LICENSE"
     ),
 ];
 

@@ -72,8 +72,7 @@ async fn state(State(store): State<RunStore>) -> ApiResult {
 }
 
 async fn sweeps(State(store): State<RunStore>) -> ApiResult {
-    let rows = api::runs(&store).await?;
-    Ok(Json(api::sweeps(&store, &rows).await?))
+    Ok(Json(api::sweeps(&store).await?))
 }
 
 async fn runs(State(store): State<RunStore>, Query(q): Query<RunsQuery>) -> ApiResult {
@@ -96,10 +95,14 @@ async fn runs(State(store): State<RunStore>, Query(q): Query<RunsQuery>) -> ApiR
     ))
 }
 
+/// A run id in a URL; anything else names no run (404).
+fn url_run_id(id: &str) -> std::result::Result<i64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no run with id {id}")))
+}
+
 async fn run(State(store): State<RunStore>, UrlPath(id): UrlPath<String>) -> ApiResult {
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no run with id {id}")))?;
+    let id = url_run_id(&id)?;
     Ok(Json(api::run_detail(&store, id).await?))
 }
 
@@ -115,9 +118,7 @@ async fn run_metrics(
     UrlPath(id): UrlPath<String>,
     Query(q): Query<MetricQuery>,
 ) -> ApiResult {
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no run with id {id}")))?;
+    let id = url_run_id(&id)?;
     let name = metric_name(&q)?;
     let all = api::metrics(&store, &[(id, q.after.unwrap_or(0))], name).await?;
     Ok(Json(
