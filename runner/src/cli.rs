@@ -359,15 +359,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 /// Open an existing home. Runs left `running` by a runner that is gone (and whose engine is gone too)
 /// become `interrupted` here, so `ls`, `show` and `report` never show dead runs as running.
 async fn open_existing(home: &Path) -> Result<RunStore> {
-    if home.exists() && !home.is_dir() {
-        bail!(
-            "--home {} is a file, not a folder: pass the folder that holds runs.db (default: runs)",
-            home.display()
-        );
-    }
-    if !home.join("runs.db").is_file() {
-        bail!("no runs.db in {}: start a sweep first (`runner sweep experiments/quickstart.toml`) or pass --home", home.display());
-    }
+    crate::store::require_db(home)?;
     let store = RunStore::open(home).await?;
     report_recovered(&store).await?;
     Ok(store)

@@ -292,6 +292,20 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
     }
 }
 
+/// Refuse a `--home` that is a file or holds no `runs.db`, saying what to do (commands that only read).
+pub fn require_db(home: &Path) -> Result<()> {
+    if home.exists() && !home.is_dir() {
+        bail!(
+            "--home {} is a file, not a folder: pass the folder that holds runs.db (default: runs)",
+            home.display()
+        );
+    }
+    if !home.join("runs.db").is_file() {
+        bail!("no runs.db in {}: start a sweep first (`runner sweep experiments/quickstart.toml`) or pass --home", home.display());
+    }
+    Ok(())
+}
+
 /// The store's pool over `opts`: every connection gets the `pack_points` aggregate the history reads use.
 async fn connect_pool(opts: SqliteConnectOptions) -> sqlx::Result<SqlitePool> {
     SqlitePoolOptions::new()
@@ -366,13 +380,8 @@ impl RunStore {
     /// Open an existing `home/runs.db` read-only (the dashboard): no migration, no write can happen through
     /// this store, and a database an older runner wrote (migrations pending) is refused with what to do.
     pub async fn open_read_only(home: &Path) -> Result<Self> {
+        require_db(home)?;
         let db = home.join("runs.db");
-        if !db.is_file() {
-            bail!(
-                "no runs.db in {}: start a sweep first (`runner sweep experiments/quickstart.toml`) or pass --home",
-                home.display()
-            );
-        }
         let opts = SqliteConnectOptions::new()
             .filename(&db)
             .read_only(true)
