@@ -302,6 +302,7 @@ where
                     ttt_mini_batch: mini_batch,
                     ttt_base_lr: 1.0,
                     tie_embeddings: false,
+                    ..Default::default()
                 };
                 let b = crate::bench::BenchTrain {
                     model,
@@ -400,6 +401,7 @@ where
                         ttt_mini_batch: mini_batch,
                         ttt_base_lr: 1.0,
                         tie_embeddings: false,
+                        ..Default::default()
                     },
                     tokens,
                     prompt_tokens,

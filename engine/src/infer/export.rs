@@ -69,7 +69,7 @@ pub fn write(
                     (Dtype::F32, vec![1], f32_bytes(&[gamma])),
                 );
             }
-            Linear::FakeQuant(_) => bail!("{name}: export packs ternary linears; load it packed"),
+            Linear::FakeQuant(..) => bail!("{name}: export packs ternary linears; load it packed"),
             Linear::Float(f) => {
                 tensors.insert(
                     name.clone(),
@@ -214,7 +214,8 @@ fn read_bytes(bytes: &[u8]) -> Result<Exported> {
             let gamma = read_f32(&st, &format!("{name}.scale"), &[1])?[0];
             Linear::Packed(
                 PackedTernary::from_codes(p.data().to_vec(), rows, cols, gamma)
-                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?,
+                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?
+                    .with_eps(cfg.quant_eps),
             )
         } else {
             Linear::Float(FloatMatrix::new(
@@ -266,6 +267,7 @@ mod tests {
                 ttt_mini_batch: 4,
                 ttt_base_lr: 1.0,
                 tie_embeddings: false,
+                ..Default::default()
             };
             let (vm, _) = build_seeded(&cfg, 1, DType::F32, &Device::Cpu)?;
             let tensors = vm

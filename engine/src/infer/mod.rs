@@ -395,6 +395,7 @@ mod tests {
             ttt_mini_batch: 4,
             ttt_base_lr: 1.0,
             tie_embeddings: false,
+            ..Default::default()
         };
         let (vm, _) = build_seeded(&cfg, 9, DType::F32, &Device::Cpu)?;
         let tensors = vm

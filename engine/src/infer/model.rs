@@ -12,23 +12,69 @@ use anyhow::{bail, Result};
 use super::float::FloatMatrix;
 use super::tables::{Int6Rows, Int8Matrix};
 use super::weights::{Linear, ModelWeights};
-use crate::model::{MixerKind, ModelConfig};
+use crate::model::{MixerKind, ModelConfig, TokenEta};
 
-/// ε of the block RMSNorms, the TTT inner layer norm, and RoPE's base: training's own constants.
-const RMS_EPS: f32 = crate::model::block::RMS_EPS as f32;
+/// ε of the TTT inner layer norm and post-norm, and RoPE's bases: training's own constants.
 const INNER_LN_EPS: f32 = crate::model::ttt_linear::INNER_LN_EPS as f32;
 use crate::model::attention::ROPE_THETA;
+use crate::model::ttt_linear::INNER_ROPE_THETA;
+
+/// A depthwise causal convolution (the Mamba backbone): kernel D × k (oldest tap first), bias D.
+struct Conv {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    kernel: usize,
+}
+
+impl Conv {
+    /// y_n = b + Σ_j w_j ⊙ x_{n−(k−1)+j} for the t rows of `padded` = tail (k−1 rows) ++ x (t rows).
+    #[inline(always)]
+    fn forward(&self, padded: &[f32], t: usize) -> Vec<f32> {
+        let dim = self.bias.len();
+        let mut y = Vec::with_capacity(t * dim);
+        for n in 0..t {
+            for c in 0..dim {
+                let mut v = self.bias[c];
+                for j in 0..self.kernel {
+                    v = padded[(n + j) * dim + c] * self.weight[c * self.kernel + j] + v;
+                }
+                y.push(v);
+            }
+        }
+        y
+    }
+}
+
+/// `tail` ++ x, and replace `tail` with the last k−1 rows of it.
+fn pad_with_tail(tail: &mut Vec<f32>, x: &[f32]) -> Vec<f32> {
+    let mut padded = Vec::with_capacity(tail.len() + x.len());
+    padded.extend_from_slice(tail);
+    padded.extend_from_slice(x);
+    let keep = tail.len();
+    tail.copy_from_slice(&padded[padded.len() - keep..]);
+    padded
+}
 
 struct Ttt {
+    /// Q, K, V stacked; with the Mamba backbone the shared Q/K projection, V and the gate's θ_G.
     qkv: Linear,
     o: Linear,
-    /// θ_lr (H × D).
+    /// θ_lr (H × D) and its bias (H; zeros without one).
     lr: Vec<f32>,
+    lr_bias: Vec<f32>,
+    /// τ_t of every mini-batch position (ones with `ttt_token_eta = "none"`).
+    tau: Vec<f32>,
     /// W0 (H × d × d), b0, inner LN γ, β (H × d).
     w0: Vec<f32>,
     b0: Vec<f32>,
     ln_w: Vec<f32>,
     ln_b: Vec<f32>,
+    /// LayerNorm(D) before θ_O.
+    post_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Inner RoPE cos, sin per mini-batch position (b × d/2).
+    rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// Mamba backbone: Q and K convolutions over the shared projection.
+    conv_qk: Option<(Conv, Conv)>,
 }
 
 struct Attn {
@@ -42,6 +88,8 @@ enum Mixer {
 }
 
 struct Layer {
+    /// Mamba backbone: RMSNorm γ and the convolution of the sub-block before the mixer.
+    pre_conv: Option<(Vec<f32>, Conv)>,
     norm1: Vec<f32>,
     mixer: Mixer,
     norm2: Vec<f32>,
@@ -53,14 +101,17 @@ struct Layer {
 /// Per-layer decoding state.
 #[derive(Debug, Clone)]
 enum LayerState {
-    /// TTT hidden state of every head: W, b at the mini-batch start and now (H × d × d, H × d).
+    /// TTT hidden state of every head: W, b at the mini-batch start and the mini-batch's summed update so far
+    /// (H × d × d, H × d); the convolutions' last inputs ((k−1) × D each, empty without the Mamba backbone).
     Ttt {
         w_base: Vec<f32>,
         b_base: Vec<f32>,
-        w: Vec<f32>,
-        b: Vec<f32>,
+        acc_w: Vec<f32>,
+        acc_b: Vec<f32>,
         /// Tokens of the current mini-batch seen.
         pos: usize,
+        qk_tail: Vec<f32>,
+        pre_tail: Vec<f32>,
     },
     /// Keys (after RoPE) and values of every position so far, positions × D each.
     Kv { k: Vec<f32>, v: Vec<f32> },
@@ -87,10 +138,19 @@ impl InferState {
                 LayerState::Ttt {
                     w_base,
                     b_base,
-                    w,
-                    b,
+                    acc_w,
+                    acc_b,
+                    qk_tail,
+                    pre_tail,
                     ..
-                } => w_base.len() + b_base.len() + w.len() + b.len(),
+                } => {
+                    w_base.len()
+                        + b_base.len()
+                        + acc_w.len()
+                        + acc_b.len()
+                        + qk_tail.len()
+                        + pre_tail.len()
+                }
                 LayerState::Kv { k, v } => k.len() + v.len(),
             })
             .sum()
@@ -202,13 +262,13 @@ fn sum8(a: &[f32]) -> f32 {
 
 /// y = x / sqrt(mean(x²) + ε) · g per row of `dim`.
 #[inline(always)]
-fn rms_norm(x: &[f32], g: &[f32]) -> Vec<f32> {
+fn rms_norm(x: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
     let dim = g.len();
     let inv_n = (1.0 / dim as f64) as f32;
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(dim) {
         let ms = dot8(row, row) * inv_n;
-        let inv = 1.0 / (ms + RMS_EPS).sqrt();
+        let inv = 1.0 / (ms + eps).sqrt();
         out.extend(row.iter().zip(g).map(|(v, w)| v * inv * w));
     }
     out
@@ -242,9 +302,25 @@ fn vec_mat(x: &[f32], w: &[f32], b: &[f32], z: &mut [f32]) {
     }
 }
 
+/// GELU, tanh form (candle's `gelu`).
+#[inline(always)]
+fn gelu(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
+}
+
+/// The per-head state a token step reads and updates.
+struct HeadState<'a> {
+    w_base: &'a mut [f32],
+    b_base: &'a mut [f32],
+    acc_w: &'a mut [f32],
+    acc_b: &'a mut [f32],
+}
+
 impl Ttt {
-    /// One token of one head: the inner gradient step on (k, v) at the mini-batch's starting state, then
-    /// the output f(q) = q + LN(q W + b) with the updated state (Sun et al. 2024, eq. 3–5).
+    /// One token of one head at mini-batch position p: the inner gradient step on (k, v) at the
+    /// mini-batch's starting state is added to the mini-batch's update, then the output
+    /// f(q) = q + LN(q W_p + b_p) with W_p = W_base − τ_p Σ η_s ∇ℓ_s (Sun et al. 2024, eq. 3–7).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn head_step(
@@ -254,17 +330,17 @@ impl Ttt {
         k: &[f32],
         v: &[f32],
         eta: f32,
-        state: (&[f32], &[f32], &mut [f32], &mut [f32]),
+        p: usize,
+        st: HeadState,
         out: &mut [f32],
     ) {
         let d = q.len();
-        let (w_base, b_base, w, b) = state;
         let lnw = &self.ln_w[h * d..(h + 1) * d];
         let lnb = &self.ln_b[h * d..(h + 1) * d];
         let mut z = vec![0f32; d];
         let mut xhat = vec![0f32; d];
         // ∂ℓ/∂Z of ℓ = ½‖LN(k W_base + b_base) − (v − k)‖², through the layer norm's backward.
-        vec_mat(k, w_base, b_base, &mut z);
+        vec_mat(k, st.w_base, st.b_base, &mut z);
         let inv_std = normalize(&z, &mut xhat);
         let inv_n = (1.0 / d as f64) as f32;
         let g: Vec<f32> = (0..d)
@@ -272,22 +348,40 @@ impl Ttt {
             .collect();
         let g_mean = sum8(&g) * inv_n;
         let gx_mean = dot8(&g, &xhat) * inv_n;
-        // η ⊙ ∇Z; W ← W − kᵀ (η ∇Z), b ← b − η ∇Z.
+        // η ⊙ ∇Z; acc_W += kᵀ (η ∇Z), acc_b += η ∇Z.
         let edz: Vec<f32> = (0..d)
             .map(|j| (g[j] - g_mean - xhat[j] * gx_mean) * inv_std * eta)
             .collect();
-        for (ki, row) in k.iter().zip(w.chunks_exact_mut(d)) {
-            for (wij, e) in row.iter_mut().zip(&edz) {
-                *wij -= ki * e;
+        for (ki, row) in k.iter().zip(st.acc_w.chunks_exact_mut(d)) {
+            for (a, e) in row.iter_mut().zip(&edz) {
+                *a += ki * e;
             }
         }
-        for (bj, e) in b.iter_mut().zip(&edz) {
-            *bj -= e;
+        for (a, e) in st.acc_b.iter_mut().zip(&edz) {
+            *a += e;
         }
-        vec_mat(q, w, b, &mut z);
+        // Z = q W_base + b_base − τ_p (q acc_W + acc_b).
+        let tau = self.tau[p];
+        let mut upd = vec![0f32; d];
+        vec_mat(q, st.acc_w, st.acc_b, &mut upd);
+        vec_mat(q, st.w_base, st.b_base, &mut z);
+        for (zj, u) in z.iter_mut().zip(&upd) {
+            *zj -= tau * u;
+        }
         normalize(&z, &mut xhat);
         for j in 0..d {
             out[j] = q[j] + (xhat[j] * lnw[j] + lnb[j]);
+        }
+        if p + 1 == self.tau.len() {
+            // The next mini-batch starts from W_b = W_base − τ_b acc_W.
+            for (w, a) in st.w_base.iter_mut().zip(st.acc_w.iter_mut()) {
+                *w -= tau * *a;
+                *a = 0.0;
+            }
+            for (b, a) in st.b_base.iter_mut().zip(st.acc_b.iter_mut()) {
+                *b -= tau * *a;
+                *a = 0.0;
+            }
         }
     }
 
@@ -298,49 +392,121 @@ impl Ttt {
         let LayerState::Ttt {
             w_base,
             b_base,
-            w,
-            b,
+            acc_w,
+            acc_b,
             pos,
+            qk_tail,
+            ..
         } = state
         else {
             unreachable!("TTT layer with a KV state")
         };
-        let qkv = self.qkv.forward(x, t);
+        let proj = self.qkv.forward(x, t);
+        // Rows of (Q, K, V) and, with the Mamba backbone, the gate's pre-activation.
+        let (qkv, gate) = match &self.conv_qk {
+            None => (proj, None),
+            Some((conv_q, conv_k)) => {
+                let shared: Vec<f32> = proj
+                    .chunks_exact(3 * dim)
+                    .flat_map(|r| &r[..dim])
+                    .copied()
+                    .collect();
+                let padded = pad_with_tail(qk_tail, &shared);
+                let (q, k) = (conv_q.forward(&padded, t), conv_k.forward(&padded, t));
+                let mut qkv = Vec::with_capacity(3 * t * dim);
+                let mut gate = Vec::with_capacity(t * dim);
+                for n in 0..t {
+                    let row = &proj[n * 3 * dim..(n + 1) * 3 * dim];
+                    qkv.extend_from_slice(&q[n * dim..(n + 1) * dim]);
+                    qkv.extend_from_slice(&k[n * dim..(n + 1) * dim]);
+                    qkv.extend_from_slice(&row[dim..2 * dim]);
+                    gate.extend_from_slice(&row[2 * dim..]);
+                }
+                (qkv, Some(gate))
+            }
+        };
         let eta_scale = (cfg.ttt_base_lr / d as f64) as f32;
         let mut y = vec![0f32; t * dim];
         for n in 0..t {
             let xn = &x[n * dim..(n + 1) * dim];
             let row = &qkv[n * 3 * dim..(n + 1) * 3 * dim];
+            let (mut q, mut k) = (row[..dim].to_vec(), row[dim..2 * dim].to_vec());
+            if let Some((cos, sin)) = &self.rope {
+                let half = d / 2;
+                let (c, s) = (
+                    &cos[*pos * half..(*pos + 1) * half],
+                    &sin[*pos * half..(*pos + 1) * half],
+                );
+                for h in 0..nh {
+                    rope_pairs(&mut q[h * d..(h + 1) * d], c, s);
+                    rope_pairs(&mut k[h * d..(h + 1) * d], c, s);
+                }
+            }
             for h in 0..nh {
-                // η = η_base · sigmoid(θ_lr x) / d
-                let logit = dot8(&self.lr[h * dim..(h + 1) * dim], xn);
+                // η = η_base · sigmoid(θ_lr x + β_lr) / d
+                let logit = dot8(&self.lr[h * dim..(h + 1) * dim], xn) + self.lr_bias[h];
                 let eta = (1.0 / ((-logit).exp() + 1.0)) * eta_scale;
                 let s = h * d;
                 let (hw, hb) = (h * d * d..(h + 1) * d * d, h * d..(h + 1) * d);
                 self.head_step(
                     h,
-                    &row[s..s + d],
-                    &row[dim + s..dim + s + d],
+                    &q[s..s + d],
+                    &k[s..s + d],
                     &row[2 * dim + s..2 * dim + s + d],
                     eta,
-                    (
-                        &w_base[hw.clone()],
-                        &b_base[hb.clone()],
-                        &mut w[hw],
-                        &mut b[hb],
-                    ),
+                    *pos,
+                    HeadState {
+                        w_base: &mut w_base[hw.clone()],
+                        b_base: &mut b_base[hb.clone()],
+                        acc_w: &mut acc_w[hw],
+                        acc_b: &mut acc_b[hb],
+                    },
                     &mut y[n * dim + s..n * dim + s + d],
                 );
             }
-            *pos += 1;
-            if *pos == cfg.ttt_mini_batch {
-                w_base.copy_from_slice(w);
-                b_base.copy_from_slice(b);
-                *pos = 0;
+            *pos = (*pos + 1) % cfg.ttt_mini_batch;
+        }
+        if let Some((w, b)) = &self.post_norm {
+            let mut xhat = vec![0f32; dim];
+            for row in y.chunks_exact_mut(dim) {
+                normalize(row, &mut xhat);
+                for j in 0..dim {
+                    row[j] = xhat[j] * w[j] + b[j];
+                }
+            }
+        }
+        if let Some(gate) = gate {
+            for (v, g) in y.iter_mut().zip(&gate) {
+                *v *= gelu(*g);
             }
         }
         self.o.forward(&y, t)
     }
+}
+
+/// RoPE on interleaved pairs (x₂ᵢ, x₂ᵢ₊₁) with cos, sin per pair (the TTT inner Q/K).
+#[inline(always)]
+fn rope_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (i, pair) in x.chunks_exact_mut(2).enumerate() {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * cos[i] - b * sin[i];
+        pair[1] = a * sin[i] + b * cos[i];
+    }
+}
+
+/// cos, sin (b × d/2) of the inner RoPE at every mini-batch position, as training computes them.
+fn inner_rope_tables(mini_batch: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut cos = Vec::with_capacity(mini_batch * d / 2);
+    let mut sin = Vec::with_capacity(mini_batch * d / 2);
+    for p in 0..mini_batch {
+        for j in 0..d / 2 {
+            let inv_freq = (1.0 / INNER_ROPE_THETA.powf((2 * j) as f64 / d as f64)) as f32;
+            let angle = (p as f32 * inv_freq) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
 }
 
 /// cos, sin of RoPE at one position ("rotate half" layout, head size d), as training computes them.
@@ -445,27 +611,83 @@ impl InferenceModel {
         let (v, dim) = (cfg.vocab_size, cfg.dim);
         let embed = TokenTable::F32(FloatMatrix::new(w.take_dense("embed.weight")?, v, dim));
         let mut layers = Vec::with_capacity(cfg.n_layers);
+        let (d, mb) = (cfg.head_dim(), cfg.ttt_mini_batch);
         for i in 0..cfg.n_layers {
             let p = |s: &str| format!("blocks.{i}.{s}");
+            let mamba = cfg.mamba();
+            let conv = |w: &mut ModelWeights, name: &str| -> Result<Conv> {
+                Ok(Conv {
+                    weight: w.take_dense(&p(&format!("{name}.weight")))?,
+                    bias: w.take_dense(&p(&format!("{name}.bias")))?,
+                    kernel: cfg.ttt_conv_kernel,
+                })
+            };
             let qkv = Linear::stack(vec![
                 w.take_linear(&p("mixer.q.weight"))?,
-                w.take_linear(&p("mixer.k.weight"))?,
-                w.take_linear(&p("mixer.v.weight"))?,
+                w.take_linear(&p(if mamba {
+                    "mixer.v.weight"
+                } else {
+                    "mixer.k.weight"
+                }))?,
+                w.take_linear(&p(if mamba {
+                    "mixer.gate.weight"
+                } else {
+                    "mixer.v.weight"
+                }))?,
             ]);
             let o = w.take_linear(&p("mixer.o.weight"))?;
             let mixer = match cfg.mixer {
-                MixerKind::Ttt => Mixer::Ttt(Ttt {
-                    qkv,
-                    o,
-                    lr: w.take_dense(&p("mixer.lr.weight"))?,
-                    w0: w.take_dense(&p("mixer.w0"))?,
-                    b0: w.take_dense(&p("mixer.b0"))?,
-                    ln_w: w.take_dense(&p("mixer.ln.weight"))?,
-                    ln_b: w.take_dense(&p("mixer.ln.bias"))?,
-                }),
+                MixerKind::Ttt => {
+                    let tau = match cfg.ttt_token_eta {
+                        TokenEta::Index => {
+                            let off = w.take_dense(&p("mixer.token_eta.offset"))?;
+                            // Training's arithmetic: (1/(t+1) as f32 + offset).relu().
+                            (0..mb)
+                                .map(|t| ((1.0 / (t + 1) as f64) as f32 + off[t]).max(0.0))
+                                .collect()
+                        }
+                        TokenEta::None => vec![1.0; mb],
+                    };
+                    Mixer::Ttt(Ttt {
+                        qkv,
+                        o,
+                        lr: w.take_dense(&p("mixer.lr.weight"))?,
+                        lr_bias: match cfg.ttt_lr_bias {
+                            true => w.take_dense(&p("mixer.lr.bias"))?,
+                            false => vec![0.0; cfg.n_heads],
+                        },
+                        tau,
+                        w0: w.take_dense(&p("mixer.w0"))?,
+                        b0: w.take_dense(&p("mixer.b0"))?,
+                        ln_w: w.take_dense(&p("mixer.ln.weight"))?,
+                        ln_b: w.take_dense(&p("mixer.ln.bias"))?,
+                        post_norm: match cfg.ttt_post_norm {
+                            true => Some((
+                                w.take_dense(&p("mixer.post_norm.weight"))?,
+                                w.take_dense(&p("mixer.post_norm.bias"))?,
+                            )),
+                            false => None,
+                        },
+                        rope: cfg.ttt_inner_rope.then(|| inner_rope_tables(mb, d)),
+                        conv_qk: match mamba {
+                            true => {
+                                Some((conv(&mut w, "mixer.conv_q")?, conv(&mut w, "mixer.conv_k")?))
+                            }
+                            false => None,
+                        },
+                    })
+                }
                 MixerKind::Attention => Mixer::Attention(Attn { qkv, o }),
             };
+            let pre_conv = match mamba {
+                true => Some((
+                    w.take_dense(&p("pre_conv.norm.weight"))?,
+                    conv(&mut w, "pre_conv.conv")?,
+                )),
+                false => None,
+            };
             layers.push(Layer {
+                pre_conv,
                 norm1: w.take_dense(&p("norm1.weight"))?,
                 mixer,
                 norm2: w.take_dense(&p("norm2.weight"))?,
@@ -535,13 +757,22 @@ impl InferenceModel {
             .layers
             .iter()
             .map(|l| match &l.mixer {
-                Mixer::Ttt(m) => LayerState::Ttt {
-                    w_base: m.w0.clone(),
-                    b_base: m.b0.clone(),
-                    w: m.w0.clone(),
-                    b: m.b0.clone(),
-                    pos: 0,
-                },
+                Mixer::Ttt(m) => {
+                    let tail = (self.cfg.ttt_conv_kernel - 1) * self.cfg.dim;
+                    let (qk, pre) = match self.cfg.mamba() {
+                        true => (vec![0.0; tail], vec![0.0; tail]),
+                        false => (Vec::new(), Vec::new()),
+                    };
+                    LayerState::Ttt {
+                        w_base: m.w0.clone(),
+                        b_base: m.b0.clone(),
+                        acc_w: vec![0.0; m.w0.len()],
+                        acc_b: vec![0.0; m.b0.len()],
+                        pos: 0,
+                        qk_tail: qk,
+                        pre_tail: pre,
+                    }
+                }
                 Mixer::Attention(_) => LayerState::Kv {
                     k: Vec::new(),
                     v: Vec::new(),
@@ -603,14 +834,22 @@ impl InferenceModel {
             }
             self.embed.push_row(id as usize, &mut x);
         }
+        let eps = self.cfg.norm_eps as f32;
         for (layer, st) in self.layers.iter().zip(state.layers.iter_mut()) {
-            let h = rms_norm(&x, &layer.norm1);
+            if let (Some((norm, conv)), LayerState::Ttt { pre_tail, .. }) =
+                (&layer.pre_conv, &mut *st)
+            {
+                let padded = pad_with_tail(pre_tail, &rms_norm(&x, norm, eps));
+                let y = conv.forward(&padded, t);
+                x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+            }
+            let h = rms_norm(&x, &layer.norm1, eps);
             let mixed = match &layer.mixer {
                 Mixer::Ttt(m) => m.forward(&self.cfg, &h, t, st),
                 Mixer::Attention(m) => m.forward(&self.cfg, &h, t, state.pos, self.window, st),
             };
             x.iter_mut().zip(&mixed).for_each(|(a, b)| *a += b);
-            let h = rms_norm(&x, &layer.norm2);
+            let h = rms_norm(&x, &layer.norm2, eps);
             let gu = layer.gate_up.forward(&h, t);
             let hidden = layer.down.cols();
             let mut act = Vec::with_capacity(t * hidden);
@@ -627,7 +866,7 @@ impl InferenceModel {
         } else {
             (&x[(t - 1) * dim..], 1)
         };
-        let h = rms_norm(rows, &self.norm);
+        let h = rms_norm(rows, &self.norm, eps);
         let head = self.head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; n * vocab];
         head.forward(&h, n, &mut logits);
@@ -655,6 +894,7 @@ mod tests {
             ttt_mini_batch: 4,
             ttt_base_lr: 1.0,
             tie_embeddings: tie,
+            ..Default::default()
         }
     }
 
@@ -742,47 +982,86 @@ mod tests {
     /// packed or dequantized; and its token-by-token logits equal its prompt-at-once logits exactly.
     #[test]
     fn inference_model_equals_training_model() -> anyhow::Result<()> {
+        // The authors' TTT details with non-zero learned offsets, biases and post-norm; the engine's first
+        // definition (legacy); the Mamba backbone.
+        let variants = |c: ModelConfig| match c.mixer {
+            MixerKind::Ttt => vec![
+                c.clone(),
+                c.clone().legacy(),
+                ModelConfig {
+                    ttt_backbone: crate::model::Backbone::Mamba,
+                    ..c
+                },
+            ],
+            MixerKind::Attention => vec![c],
+        };
         for mixer in [MixerKind::Ttt, MixerKind::Attention] {
             for (weights, tie) in [
                 (WeightKind::Ternary, false),
                 (WeightKind::Ternary, true),
                 (WeightKind::Float, false),
             ] {
-                let c = cfg(mixer, weights, tie);
-                let (vm, model) = build_seeded(&c, 5, DType::F32, &Device::Cpu)?;
-                let ids = tokens(11, 61);
-                let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-                let want: Vec<f32> = model.forward(&x)?.flatten_all()?.to_vec1()?;
-                for mode in [LinearMode::Packed, LinearMode::Dequantized] {
-                    let w = ModelWeights::from_tensors(&c, &tensors(&vm), mode)?;
-                    let inf = InferenceModel::new(w)?;
-                    let mut st = inf.new_state();
-                    let all = inf.forward(&ids, &mut st, true)?;
-                    let r = rel(&all, &want);
-                    // Measured ~1e-6; ternary models get room for an int8 rounding that flips on
-                    // another CPU's float kernel.
-                    let tol = if weights == WeightKind::Float {
-                        1e-5
-                    } else {
-                        1e-3
-                    };
-                    assert!(
-                        r < tol,
-                        "{mixer} {weights} tie={tie} {mode:?}: rel diff {r}"
-                    );
-                    // Token by token, and a split prompt, give exactly the same logits.
-                    let mut st = inf.new_state();
-                    let mut steps = Vec::new();
-                    for id in &ids {
-                        steps.extend(inf.forward(&[*id], &mut st, true)?);
+                for c in variants(cfg(mixer, weights, tie)) {
+                    let (vm, model) = build_seeded(&c, 5, DType::F32, &Device::Cpu)?;
+                    perturb_optional_parameters(&vm)?;
+                    let ids = tokens(11, 61);
+                    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                    let want: Vec<f32> = model.forward(&x)?.flatten_all()?.to_vec1()?;
+                    for mode in [LinearMode::Packed, LinearMode::Dequantized] {
+                        let w = ModelWeights::from_tensors(&c, &tensors(&vm), mode)?;
+                        let inf = InferenceModel::new(w)?;
+                        let mut st = inf.new_state();
+                        let all = inf.forward(&ids, &mut st, true)?;
+                        let r = rel(&all, &want);
+                        // Measured ~1e-6; ternary models get room for an int8 rounding that flips on
+                        // another CPU's float kernel.
+                        let tol = if weights == WeightKind::Float {
+                            1e-5
+                        } else {
+                            1e-3
+                        };
+                        assert!(
+                            r < tol,
+                            "{mixer} {weights} tie={tie} {mode:?} {:?}/{:?}: rel diff {r}",
+                            c.ttt_backbone,
+                            c.ttt_token_eta
+                        );
+                        // Token by token, and a split prompt, give exactly the same logits.
+                        let mut st = inf.new_state();
+                        let mut steps = Vec::new();
+                        for id in &ids {
+                            steps.extend(inf.forward(&[*id], &mut st, true)?);
+                        }
+                        assert_eq!(steps, all, "{mixer} {weights} {mode:?}: token by token");
+                        let mut st = inf.new_state();
+                        inf.forward(&ids[..6], &mut st, false)?;
+                        let last = inf.forward(&ids[6..], &mut st, false)?;
+                        assert_eq!(last, all[10 * 61..].to_vec());
+                        assert_eq!(st.position(), 11);
                     }
-                    assert_eq!(steps, all, "{mixer} {weights} {mode:?}: token by token");
-                    let mut st = inf.new_state();
-                    inf.forward(&ids[..6], &mut st, false)?;
-                    let last = inf.forward(&ids[6..], &mut st, false)?;
-                    assert_eq!(last, all[10 * 61..].to_vec());
-                    assert_eq!(st.position(), 11);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Move the parameters that start at a constant (token-η offsets, θ_lr bias, post-norm) off it, so that
+    /// a test sees each of them used.
+    fn perturb_optional_parameters(vm: &candle_nn::VarMap) -> anyhow::Result<()> {
+        for (name, var) in vm.data().lock().expect("varmap").iter() {
+            if ["token_eta", "lr.bias", "post_norm"]
+                .iter()
+                .any(|p| name.contains(p))
+            {
+                let noise = crate::model::init::seeded_randn(
+                    name.len() as u64,
+                    0.0,
+                    0.3,
+                    var.shape(),
+                    DType::F32,
+                    &Device::Cpu,
+                )?;
+                var.set(&(var.as_tensor() + noise)?)?;
             }
         }
         Ok(())

@@ -26,6 +26,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::model::QuantEps;
+
 /// Weights per packed block.
 pub const BLOCK: usize = 256;
 /// Bytes per packed block (2 bits per weight).
@@ -33,9 +35,6 @@ pub const BLOCK_BYTES: usize = BLOCK / 4;
 
 /// Below this many weight×token products a matrix product runs on one thread.
 const PAR_MIN_WORK: usize = 1 << 18;
-
-/// ε of the activation absmax scale, as in training.
-const QUANT_EPS: f64 = 1e-5;
 
 /// An integer dot-product kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,18 +342,19 @@ mod x86 {
     }
 }
 
-/// The int8 scale s = (max|x| + ε) / 127 of one token's activations (as the training forward pass).
-pub fn act_scale(row: &[f32]) -> f32 {
+/// The int8 scale s = max|x| / 127 of one token's activations, max|x| guarded as the model's BitLinear
+/// guards it (the same arithmetic as the training forward pass).
+pub fn act_scale(row: &[f32], eps: QuantEps) -> f32 {
     let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-    ((absmax as f64 + QUANT_EPS) / 127.0) as f32
+    (eps.guard(absmax as f64) / 127.0) as f32
 }
 
 /// Fake quantisation in f32: every row of `cols` values replaced by its int8 level × s (what the training
 /// forward pass multiplies by; the f32 path of a ternary model).
-pub fn fake_quantize(x: &[f32], cols: usize) -> Vec<f32> {
+pub fn fake_quantize(x: &[f32], cols: usize, eps: QuantEps) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(cols.max(1)) {
-        let s = act_scale(row);
+        let s = act_scale(row, eps);
         out.extend(row.iter().map(|v| (v / s).round().clamp(-128.0, 127.0) * s));
     }
     out
@@ -375,7 +375,7 @@ pub struct QuantizedActs {
 
 impl QuantizedActs {
     /// Quantize `t` rows of `cols` floats (`x.len() == t * cols`), padding each to `stride`.
-    pub fn quantize(x: &[f32], t: usize, cols: usize, stride: usize) -> Self {
+    pub fn quantize(x: &[f32], t: usize, cols: usize, stride: usize, eps: QuantEps) -> Self {
         assert_eq!(x.len(), t * cols);
         assert!(stride >= cols);
         let mut q = vec![0i8; t * stride];
@@ -384,7 +384,7 @@ impl QuantizedActs {
         // The same arithmetic as the training forward pass (BitLinear's fused fake quantisation on CPU), so
         // the integer codes agree with the training model's.
         for (row, qrow) in x.chunks_exact(cols.max(1)).zip(q.chunks_exact_mut(stride)) {
-            let s = act_scale(row);
+            let s = act_scale(row, eps);
             let mut total = 0i32;
             for (o, v) in qrow.iter_mut().zip(row) {
                 let level = (v / s).round().clamp(-128.0, 127.0) as i8;
@@ -422,6 +422,8 @@ pub struct PackedTernary {
     row_bytes: usize,
     codes: Vec<u8>,
     row_scale: Vec<f32>,
+    /// How the activations' scale is guarded (the model's `quant_eps`).
+    eps: QuantEps,
 }
 
 /// Most columns a packed matrix may have: the AVX-512 kernel's i32 sums (64 × 2 × 127 per 4 columns)
@@ -458,7 +460,14 @@ impl PackedTernary {
             row_bytes,
             codes,
             row_scale: vec![gamma; rows],
+            eps: QuantEps::Clamp,
         }
+    }
+
+    /// The same matrix, quantizing its activations with the guard `eps` (the model's `quant_eps`).
+    pub fn with_eps(mut self, eps: QuantEps) -> Self {
+        self.eps = eps;
+        self
     }
 
     /// A packed matrix read back from its codes (as written by [`PackedTernary::codes`]); checks the size
@@ -496,18 +505,19 @@ impl PackedTernary {
             row_bytes,
             codes,
             row_scale: vec![gamma; rows],
+            eps: QuantEps::Clamp,
         })
     }
 
     /// Quantize latent weights (out, in) exactly as the training forward pass does and pack them.
-    pub fn from_weight(w: &candle_core::Tensor) -> candle_core::Result<Self> {
+    pub fn from_weight(w: &candle_core::Tensor, eps: QuantEps) -> candle_core::Result<Self> {
         let (rows, cols) = w.dims2()?;
-        let (q, gamma) = crate::model::bit_linear::ternary_quantize(w)?;
+        let (q, gamma) = crate::model::bit_linear::ternary_quantize(w, eps)?;
         let values: Vec<f32> = q
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        Ok(Self::from_ternary(&values, rows, cols, gamma as f32))
+        Ok(Self::from_ternary(&values, rows, cols, gamma as f32).with_eps(eps))
     }
 
     /// (byte within the row, bit shift) of column `c`.
@@ -575,6 +585,10 @@ impl PackedTernary {
             parts.iter().all(|p| p.cols == cols),
             "stacked matrices differ in columns"
         );
+        assert!(
+            parts.iter().all(|p| p.eps == parts[0].eps),
+            "stacked matrices differ in their quantiser guard"
+        );
         Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,
@@ -584,6 +598,7 @@ impl PackedTernary {
                 .iter()
                 .flat_map(|p| p.row_scale.iter().copied())
                 .collect(),
+            eps: parts[0].eps,
         }
     }
 
@@ -634,7 +649,7 @@ impl PackedTernary {
     /// [`PackedTernary::forward`] with a chosen kernel.
     pub fn forward_with(&self, kernel: Kernel, x: &[f32], t: usize, out: &mut [f32]) {
         assert_eq!(out.len(), t * self.rows);
-        let acts = QuantizedActs::quantize(x, t, self.cols, self.row_bytes * 4);
+        let acts = QuantizedActs::quantize(x, t, self.cols, self.row_bytes * 4, self.eps);
         let dots = self.matmul_i32(kernel, &acts);
         for (r, (d, g)) in dots.chunks_exact(t.max(1)).zip(&self.row_scale).enumerate() {
             for (n, v) in d.iter().enumerate() {
@@ -657,7 +672,7 @@ mod tests {
     fn random_acts(t: usize, cols: usize, seed: u64) -> QuantizedActs {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let x: Vec<f32> = (0..t * cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
-        QuantizedActs::quantize(&x, t, cols, packed_row_bytes(cols) * 4)
+        QuantizedActs::quantize(&x, t, cols, packed_row_bytes(cols) * 4, QuantEps::Clamp)
     }
 
     fn random_ternary(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
@@ -766,7 +781,7 @@ mod tests {
                 (crate::model::init::seeded_randn(112, 0.0, 1.0, (t, in_dim), DType::F32, &dev)?
                     * (1.0 + i as f64))?;
             let want: Vec<f32> = lin.forward(&x)?.flatten_all()?.to_vec1()?;
-            let p = PackedTernary::from_weight(lin.weight())?;
+            let p = PackedTernary::from_weight(lin.weight(), lin.quant_eps())?;
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for k in Kernel::available() {

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::float::FloatMatrix;
 use super::packed::{fake_quantize, PackedTernary};
-use crate::model::{MixerKind, ModelConfig, WeightKind};
+use crate::model::{MixerKind, ModelConfig, QuantEps, WeightKind};
 
 /// A block linear (y = W x, W: out × in).
 #[derive(Debug, Clone, PartialEq)]
@@ -20,21 +20,21 @@ pub enum Linear {
     Float(FloatMatrix),
     /// A ternary linear held as γ·W̃ in f32 and multiplied in f32 with fake-quantized (int8-grid) activations:
     /// the same function as [`Linear::Packed`], computed as a float engine would.
-    FakeQuant(FloatMatrix),
+    FakeQuant(FloatMatrix, QuantEps),
 }
 
 impl Linear {
     pub fn rows(&self) -> usize {
         match self {
             Linear::Packed(p) => p.rows(),
-            Linear::Float(f) | Linear::FakeQuant(f) => f.rows(),
+            Linear::Float(f) | Linear::FakeQuant(f, _) => f.rows(),
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
             Linear::Packed(p) => p.cols(),
-            Linear::Float(f) | Linear::FakeQuant(f) => f.cols(),
+            Linear::Float(f) | Linear::FakeQuant(f, _) => f.cols(),
         }
     }
 
@@ -42,7 +42,7 @@ impl Linear {
     pub fn bytes(&self) -> usize {
         match self {
             Linear::Packed(p) => p.bytes(),
-            Linear::Float(f) | Linear::FakeQuant(f) => f.bytes(),
+            Linear::Float(f) | Linear::FakeQuant(f, _) => f.bytes(),
         }
     }
 
@@ -52,7 +52,7 @@ impl Linear {
         match self {
             Linear::Packed(p) => p.forward(x, t, &mut out),
             Linear::Float(f) => f.forward(x, t, &mut out),
-            Linear::FakeQuant(f) => f.forward(&fake_quantize(x, f.cols()), t, &mut out),
+            Linear::FakeQuant(f, eps) => f.forward(&fake_quantize(x, f.cols(), *eps), t, &mut out),
         }
         out
     }
@@ -66,17 +66,28 @@ impl Linear {
         let mut packed = Vec::new();
         let mut float = Vec::new();
         let mut fake = Vec::new();
+        let mut fake_eps = None;
         for l in parts {
             match l {
                 Linear::Packed(p) => packed.push(p),
                 Linear::Float(f) => float.push(f),
-                Linear::FakeQuant(f) => fake.push(f),
+                Linear::FakeQuant(f, eps) => {
+                    assert!(
+                        fake_eps.is_none_or(|e| e == eps),
+                        "stacking different guards"
+                    );
+                    fake_eps = Some(eps);
+                    fake.push(f)
+                }
             }
         }
         match (packed.is_empty(), float.is_empty(), fake.is_empty()) {
             (false, true, true) => Linear::Packed(PackedTernary::stack(&packed)),
             (true, false, true) => Linear::Float(FloatMatrix::stack(&float)),
-            (true, true, false) => Linear::FakeQuant(FloatMatrix::stack(&fake)),
+            (true, true, false) => Linear::FakeQuant(
+                FloatMatrix::stack(&fake),
+                fake_eps.expect("at least one part"),
+            ),
             _ => panic!("stacking linears of different kinds"),
         }
     }
@@ -112,8 +123,13 @@ pub struct ModelWeights {
 pub fn linear_names(cfg: &ModelConfig) -> Vec<(String, usize, usize)> {
     let (d, h) = (cfg.dim, cfg.mlp_hidden());
     let mut v = Vec::new();
+    let mixer: &[&str] = if cfg.mamba() {
+        &["q", "v", "o", "gate"]
+    } else {
+        &["q", "k", "v", "o"]
+    };
     for i in 0..cfg.n_layers {
-        for p in ["q", "k", "v", "o"] {
+        for p in mixer {
             v.push((format!("blocks.{i}.mixer.{p}.weight"), d, d));
         }
         v.push((format!("blocks.{i}.mlp.gate.weight"), h, d));
@@ -136,6 +152,27 @@ pub fn dense_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             out.push((format!("blocks.{i}.mixer.b0"), vec![nh, 1, hd]));
             out.push((format!("blocks.{i}.mixer.ln.weight"), vec![nh, 1, hd]));
             out.push((format!("blocks.{i}.mixer.ln.bias"), vec![nh, 1, hd]));
+            if cfg.ttt_lr_bias {
+                out.push((format!("blocks.{i}.mixer.lr.bias"), vec![nh]));
+            }
+            if cfg.ttt_token_eta == crate::model::TokenEta::Index {
+                out.push((
+                    format!("blocks.{i}.mixer.token_eta.offset"),
+                    vec![cfg.ttt_mini_batch],
+                ));
+            }
+            if cfg.ttt_post_norm {
+                out.push((format!("blocks.{i}.mixer.post_norm.weight"), vec![d]));
+                out.push((format!("blocks.{i}.mixer.post_norm.bias"), vec![d]));
+            }
+            if cfg.mamba() {
+                let k = cfg.ttt_conv_kernel;
+                for c in ["mixer.conv_q", "mixer.conv_k", "pre_conv.conv"] {
+                    out.push((format!("blocks.{i}.{c}.weight"), vec![d, k]));
+                    out.push((format!("blocks.{i}.{c}.bias"), vec![d]));
+                }
+                out.push((format!("blocks.{i}.pre_conv.norm.weight"), vec![d]));
+            }
         }
     }
     out.push(("norm.weight".to_string(), vec![d]));
@@ -177,11 +214,11 @@ impl ModelWeights {
                     Linear::Float(FloatMatrix::new(t.flatten_all()?.to_vec1()?, rows, cols))
                 }
                 (WeightKind::Ternary, LinearMode::Packed) => {
-                    Linear::Packed(PackedTernary::from_weight(&t)?)
+                    Linear::Packed(PackedTernary::from_weight(&t, cfg.quant_eps)?)
                 }
                 (WeightKind::Ternary, LinearMode::Dequantized) => {
-                    let p = PackedTernary::from_weight(&t)?;
-                    Linear::FakeQuant(FloatMatrix::new(p.dequantized(), rows, cols))
+                    let p = PackedTernary::from_weight(&t, cfg.quant_eps)?;
+                    Linear::FakeQuant(FloatMatrix::new(p.dequantized(), rows, cols), cfg.quant_eps)
                 }
             };
             linears.insert(name, lin);
@@ -219,7 +256,7 @@ impl ModelWeights {
             let (rows, cols) = (lin.rows(), lin.cols());
             let data = match lin {
                 Linear::Float(f) => f.data().to_vec(),
-                Linear::FakeQuant(f) => {
+                Linear::FakeQuant(f, _) => {
                     let mut v = f.data().to_vec();
                     let nz = v.iter().filter(|x| **x != 0.0).count().max(1);
                     let c = v.len() as f32 / nz as f32;

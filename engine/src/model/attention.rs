@@ -5,8 +5,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::bit_linear::BitLinear;
-use super::config::WeightKind;
+use super::bit_linear::{BitLinear, LinearKind};
 use crate::cpu_f32;
 
 /// RoPE base frequency.
@@ -85,11 +84,12 @@ impl Attention {
     pub fn new(
         dim: usize,
         n_heads: usize,
-        kind: WeightKind,
+        kind: impl Into<LinearKind>,
         std: f64,
         out_std: f64,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let kind = kind.into();
         Ok(Self {
             q: BitLinear::new(dim, dim, kind, std, vb.pp("q"))?,
             k: BitLinear::new(dim, dim, kind, std, vb.pp("k"))?,

@@ -4,20 +4,55 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
+pub use super::config::QuantEps;
 use super::config::WeightKind;
 use crate::cpu_f32;
 
 /// ε guarding the absmean / absmax scales against division by zero.
 const QUANT_EPS: f64 = 1e-5;
 
-/// Weight quantisation, eq. (1)–(3): W̃ = RoundClip(W / (γ + ε), −1, 1), γ = mean|W|.
+impl QuantEps {
+    /// The scale as guarded: max(s, ε) (BitNet's code) or s + ε.
+    pub fn guard(self, s: f64) -> f64 {
+        match self {
+            QuantEps::Clamp => s.max(QUANT_EPS),
+            QuantEps::Add => s + QUANT_EPS,
+        }
+    }
+
+    /// [`QuantEps::guard`] in f32 arithmetic (the fused CPU ops and the inference kernels).
+    pub fn guard_f32(self, s: f32) -> f32 {
+        match self {
+            QuantEps::Clamp => s.max(QUANT_EPS as f32),
+            QuantEps::Add => s + QUANT_EPS as f32,
+        }
+    }
+}
+
+/// What a BitLinear computes: ternary or float weights, and how its quantisers guard their scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearKind {
+    pub weights: WeightKind,
+    pub eps: QuantEps,
+}
+
+impl From<WeightKind> for LinearKind {
+    fn from(weights: WeightKind) -> Self {
+        Self {
+            weights,
+            eps: QuantEps::Clamp,
+        }
+    }
+}
+
+/// Weight quantisation, eq. (1)–(3): W̃ = RoundClip(W / γ̂, −1, 1), γ = mean|W|, γ̂ = γ guarded by `eps`.
 /// Returns the ternary matrix {-1, 0, +1} (as floats) and γ. On CPU it is computed exactly as the fused
 /// training op computes it, so that packed inference multiplies by the very weights training saw.
-pub fn ternary_quantize(w: &Tensor) -> Result<(Tensor, f64)> {
+pub fn ternary_quantize(w: &Tensor, eps: QuantEps) -> Result<(Tensor, f64)> {
     if w.device().is_cpu() && w.dtype() == DType::F32 {
         let v = w.flatten_all()?.to_vec1::<f32>()?;
         let gamma = absmean(&v);
-        let inv = ternary_inv(gamma);
+        let inv = ternary_inv(gamma, eps);
         let q: Vec<f32> = v.iter().map(|&x| ternary_level(x, inv)).collect();
         return Ok((Tensor::from_vec(q, w.shape(), w.device())?, gamma));
     }
@@ -26,7 +61,7 @@ pub fn ternary_quantize(w: &Tensor) -> Result<(Tensor, f64)> {
         .mean_all()?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
-    let q = (w / (gamma + QUANT_EPS))?.round()?.clamp(-1.0, 1.0)?;
+    let q = (w / eps.guard(gamma))?.round()?.clamp(-1.0, 1.0)?;
     Ok((q, gamma))
 }
 
@@ -39,19 +74,19 @@ fn absmean(w: &[f32]) -> f64 {
     sums.iter().sum::<f64>() / w.len().max(1) as f64
 }
 
-/// 1 / (γ + ε), the factor that maps latent weights onto the ternary grid.
-fn ternary_inv(gamma: f64) -> f32 {
-    (1.0 / (gamma + QUANT_EPS)) as f32
+/// 1 / γ̂, the factor that maps latent weights onto the ternary grid.
+fn ternary_inv(gamma: f64, eps: QuantEps) -> f32 {
+    (1.0 / eps.guard(gamma)) as f32
 }
 
-/// RoundClip(w / (γ + ε), −1, 1) given 1 / (γ + ε).
+/// RoundClip(w / γ̂, −1, 1) given 1 / γ̂.
 fn ternary_level(w: f32, inv: f32) -> f32 {
     (w * inv).round().clamp(-1.0, 1.0)
 }
 
 /// γ·W̃ with a straight-through backward, in one pass on CPU (the composed form makes nine full-size
 /// passes and an extra graph node per linear per step).
-struct FakeTernaryWeights;
+struct FakeTernaryWeights(QuantEps);
 
 impl candle_core::CustomOp1 for FakeTernaryWeights {
     fn name(&self) -> &'static str {
@@ -65,7 +100,7 @@ impl candle_core::CustomOp1 for FakeTernaryWeights {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let w = cpu_f32::slice(storage, layout, "fused ternary quantisation")?;
         let gamma = absmean(w);
-        let (inv, g) = (ternary_inv(gamma), gamma as f32);
+        let (inv, g) = (ternary_inv(gamma, self.0), gamma as f32);
         let mut out = vec![0f32; w.len()];
         out.par_chunks_mut(1 << 14)
             .zip(w.par_chunks(1 << 14))
@@ -84,9 +119,14 @@ impl candle_core::CustomOp1 for FakeTernaryWeights {
 }
 
 /// Activation quantisation (BitNet eq. (4)–(5), per token): x̃ = Clip(round(x · 127 / max|x|), −128, 127),
-/// de-quantised back to x̃ · max|x| / 127.
-pub fn quantize_activations(x: &Tensor) -> Result<Tensor> {
-    let scale = (x.abs()?.max_keepdim(D::Minus1)? + QUANT_EPS)?.affine(1.0 / 127.0, 0.0)?;
+/// de-quantised back to x̃ · max|x| / 127 (max|x| guarded by `eps`).
+pub fn quantize_activations(x: &Tensor, eps: QuantEps) -> Result<Tensor> {
+    let absmax = x.abs()?.max_keepdim(D::Minus1)?;
+    let guarded = match eps {
+        QuantEps::Clamp => absmax.maximum(QUANT_EPS)?,
+        QuantEps::Add => (absmax + QUANT_EPS)?,
+    };
+    let scale = guarded.affine(1.0 / 127.0, 0.0)?;
     x.broadcast_div(&scale)?
         .round()?
         .clamp(-128.0, 127.0)?
@@ -101,7 +141,7 @@ fn ste(latent: &Tensor, quantized: &Tensor) -> Result<Tensor> {
 /// Per-token 8-bit fake quantisation with a straight-through backward, fused into one pass on CPU (the
 /// composed version above makes a dozen full-size temporaries per linear). Same arithmetic as
 /// [`quantize_activations`].
-struct FakeQuantActivations;
+struct FakeQuantActivations(QuantEps);
 
 impl candle_core::CustomOp1 for FakeQuantActivations {
     fn name(&self) -> &'static str {
@@ -118,7 +158,7 @@ impl candle_core::CustomOp1 for FakeQuantActivations {
         let mut out = x.to_vec();
         out.par_chunks_mut(row).for_each(|r| {
             let absmax = r.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = ((absmax as f64 + QUANT_EPS) / 127.0) as f32;
+            let scale = (self.0.guard(absmax as f64) / 127.0) as f32;
             for v in r.iter_mut() {
                 *v = (*v / scale).round().clamp(-128.0, 127.0) * scale;
             }
@@ -133,11 +173,11 @@ impl candle_core::CustomOp1 for FakeQuantActivations {
 }
 
 /// 8-bit activations through the STE: fused on CPU for f32, composed ops elsewhere.
-fn quantize_activations_ste(x: &Tensor) -> Result<Tensor> {
+fn quantize_activations_ste(x: &Tensor, eps: QuantEps) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(FakeQuantActivations)
+        x.contiguous()?.apply_op1(FakeQuantActivations(eps))
     } else {
-        ste(x, &quantize_activations(x)?)
+        ste(x, &quantize_activations(x, eps)?)
     }
 }
 
@@ -147,6 +187,7 @@ pub struct BitLinear {
     /// Latent full-precision weights, shape (out, in).
     weight: Tensor,
     kind: WeightKind,
+    eps: QuantEps,
 }
 
 impl BitLinear {
@@ -154,10 +195,11 @@ impl BitLinear {
     pub fn new(
         in_dim: usize,
         out_dim: usize,
-        kind: WeightKind,
+        kind: impl Into<LinearKind>,
         std: f64,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let kind = kind.into();
         let weight = vb.get_with_hints(
             (out_dim, in_dim),
             "weight",
@@ -166,7 +208,11 @@ impl BitLinear {
                 stdev: std,
             },
         )?;
-        Ok(Self { weight, kind })
+        Ok(Self {
+            weight,
+            kind: kind.weights,
+            eps: kind.eps,
+        })
     }
 
     /// The latent weights (out, in).
@@ -179,6 +225,11 @@ impl BitLinear {
         self.kind
     }
 
+    /// How the quantisers guard their scales.
+    pub fn quant_eps(&self) -> QuantEps {
+        self.eps
+    }
+
     /// The weights the forward pass multiplies by: γ·W̃ (through the STE) or the latent weights.
     pub fn effective_weight(&self) -> Result<Tensor> {
         match self.kind {
@@ -186,10 +237,12 @@ impl BitLinear {
             WeightKind::Ternary
                 if self.weight.device().is_cpu() && self.weight.dtype() == DType::F32 =>
             {
-                self.weight.contiguous()?.apply_op1(FakeTernaryWeights)
+                self.weight
+                    .contiguous()?
+                    .apply_op1(FakeTernaryWeights(self.eps))
             }
             WeightKind::Ternary => {
-                let (q, gamma) = ternary_quantize(&self.weight)?;
+                let (q, gamma) = ternary_quantize(&self.weight, self.eps)?;
                 ste(&self.weight, &q.affine(gamma, 0.0)?)
             }
         }
@@ -200,7 +253,7 @@ impl Module for BitLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = match self.kind {
             WeightKind::Float => x.clone(),
-            WeightKind::Ternary => quantize_activations_ste(x)?,
+            WeightKind::Ternary => quantize_activations_ste(x, self.eps)?,
         };
         let w = self.effective_weight()?;
         // y = x̃ W̃ᵀ, flattening leading dims into one matmul.
@@ -226,7 +279,7 @@ mod tests {
         let varmap = VarMap::new();
         let vb = crate::model::init::seeded_var_builder(&varmap, 7, DType::F32, &dev);
         let lin = BitLinear::new(64, 32, WeightKind::Ternary, 0.02, vb.pp("lin"))?;
-        let (q, gamma) = ternary_quantize(lin.weight())?;
+        let (q, gamma) = ternary_quantize(lin.weight(), lin.quant_eps())?;
         let mut values: Vec<f32> = q.flatten_all()?.to_vec1()?;
         values.sort_by(f32::total_cmp);
         values.dedup();
@@ -247,6 +300,7 @@ mod tests {
         let lin = BitLinear {
             weight: w.as_tensor().clone(),
             kind: WeightKind::Ternary,
+            eps: QuantEps::Clamp,
         };
         let x = Var::randn(0f32, 1.0, (3, 5, 32), &dev)?;
         let y = lin.forward(x.as_tensor())?;
@@ -263,8 +317,11 @@ mod tests {
     #[test]
     fn fused_activation_quantisation_matches_the_composed_one() -> Result<()> {
         let x = Var::randn(0f32, 2.0, (6, 33), &Device::Cpu)?;
-        let fused = quantize_activations_ste(x.as_tensor())?;
-        let composed = ste(x.as_tensor(), &quantize_activations(x.as_tensor())?)?;
+        let fused = quantize_activations_ste(x.as_tensor(), QuantEps::Add)?;
+        let composed = ste(
+            x.as_tensor(),
+            &quantize_activations(x.as_tensor(), QuantEps::Add)?,
+        )?;
         let diff = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "forward differs by {diff}");
         let g1 = (fused * 3.0)?.sum_all()?.backward()?;
@@ -283,7 +340,7 @@ mod tests {
     #[test]
     fn activations_are_on_an_8bit_grid_per_token() -> Result<()> {
         let x = Tensor::new(&[[0.5f32, -1.0, 0.25], [10.0, 3.0, -7.0]], &Device::Cpu)?;
-        let q = quantize_activations(&x)?;
+        let q = quantize_activations(&x, QuantEps::Add)?;
         let rows: Vec<Vec<f32>> = q.to_vec2()?;
         for (row, src) in rows.iter().zip([[0.5f32, -1.0, 0.25], [10.0, 3.0, -7.0]]) {
             let absmax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -303,7 +360,7 @@ mod tests {
         let varmap = VarMap::new();
         let vb = crate::model::init::seeded_var_builder(&varmap, 7, DType::F32, &dev);
         let lin = BitLinear::new(48, 20, WeightKind::Ternary, 0.05, vb.pp("lin"))?;
-        let (q, gamma) = ternary_quantize(lin.weight())?;
+        let (q, gamma) = ternary_quantize(lin.weight(), lin.quant_eps())?;
         let expected: Vec<f32> = q.affine(gamma, 0.0)?.flatten_all()?.to_vec1()?;
         let fused = lin.effective_weight()?;
         assert_eq!(fused.flatten_all()?.to_vec1::<f32>()?, expected);

@@ -1,16 +1,16 @@
 //! One Bit-Llama block: x = x + Mixer(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)).
+//! With the Mamba backbone (TTT-Linear (M), Sun et al. 2024 Sec. 3.1) a causal-convolution sub-block comes
+//! first: x = x + Conv(RMSNorm(x)).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{Attention, KvCache};
+use super::causal_conv::CausalConv;
 use super::config::{MixerKind, ModelConfig};
 use super::rms_norm::RmsNorm;
 use super::swiglu::SwiGlu;
 use super::ttt_linear::{TttLinear, TttState};
-
-/// ε of the block RMSNorms.
-pub const RMS_EPS: f64 = 1e-5;
 
 #[derive(Debug, Clone)]
 pub enum Mixer {
@@ -49,8 +49,16 @@ impl Mixer {
     }
 }
 
+/// The Mamba backbone's convolution sub-block: RMSNorm, then a depthwise causal convolution.
+#[derive(Debug, Clone)]
+struct PreConv {
+    norm: RmsNorm,
+    conv: CausalConv,
+}
+
 #[derive(Debug, Clone)]
 pub struct Block {
+    pre_conv: Option<PreConv>,
     norm1: RmsNorm,
     mixer: Mixer,
     norm2: RmsNorm,
@@ -60,33 +68,33 @@ pub struct Block {
 impl Block {
     pub fn new(cfg: &ModelConfig, std: f64, out_std: f64, vb: VarBuilder) -> Result<Self> {
         let mixer = match cfg.mixer {
-            MixerKind::Ttt => Mixer::Ttt(TttLinear::new(
-                cfg.dim,
-                cfg.n_heads,
-                cfg.ttt_mini_batch,
-                cfg.ttt_base_lr,
-                cfg.weights,
-                std,
-                out_std,
-                vb.pp("mixer"),
-            )?),
+            MixerKind::Ttt => Mixer::Ttt(TttLinear::new(cfg, std, out_std, vb.pp("mixer"))?),
             MixerKind::Attention => Mixer::Attention(Attention::new(
                 cfg.dim,
                 cfg.n_heads,
-                cfg.weights,
+                cfg.linear_kind(),
                 std,
                 out_std,
                 vb.pp("mixer"),
             )?),
         };
+        let pre_conv = if cfg.mamba() {
+            Some(PreConv {
+                norm: RmsNorm::new(cfg.dim, cfg.norm_eps, vb.pp("pre_conv.norm"))?,
+                conv: CausalConv::new(cfg.dim, cfg.ttt_conv_kernel, vb.pp("pre_conv.conv"))?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            norm1: RmsNorm::new(cfg.dim, RMS_EPS, vb.pp("norm1"))?,
+            pre_conv,
+            norm1: RmsNorm::new(cfg.dim, cfg.norm_eps, vb.pp("norm1"))?,
             mixer,
-            norm2: RmsNorm::new(cfg.dim, RMS_EPS, vb.pp("norm2"))?,
+            norm2: RmsNorm::new(cfg.dim, cfg.norm_eps, vb.pp("norm2"))?,
             mlp: SwiGlu::new(
                 cfg.dim,
                 cfg.mlp_hidden(),
-                cfg.weights,
+                cfg.linear_kind(),
                 std,
                 out_std,
                 vb.pp("mlp"),
@@ -100,9 +108,32 @@ impl Block {
         x: &Tensor,
         state: Option<MixerState>,
     ) -> Result<(Tensor, MixerState)> {
+        let (x, state) = match (&self.pre_conv, state) {
+            (Some(pre), Some(MixerState::Ttt(mut s))) => {
+                let (padded, tail) = pre.conv.pad(&pre.norm.forward(x)?, s.pre_tail.take())?;
+                s.pre_tail = Some(tail);
+                (
+                    (x + pre.conv.forward_padded(&padded)?)?,
+                    Some(MixerState::Ttt(s)),
+                )
+            }
+            (Some(pre), None) => {
+                let (padded, tail) = pre.conv.pad(&pre.norm.forward(x)?, None)?;
+                let Mixer::Ttt(m) = &self.mixer else {
+                    candle_core::bail!("the Mamba backbone needs a TTT mixer")
+                };
+                let mut s = m.initial_state(x.dim(0)?)?;
+                s.pre_tail = Some(tail);
+                (
+                    (x + pre.conv.forward_padded(&padded)?)?,
+                    Some(MixerState::Ttt(s)),
+                )
+            }
+            (_, state) => (x.clone(), state),
+        };
         let (mixed, state) = self
             .mixer
-            .forward_with_state(&self.norm1.forward(x)?, state)?;
+            .forward_with_state(&self.norm1.forward(&x)?, state)?;
         let x = (x + mixed)?;
         let x = (&x + self.mlp.forward(&self.norm2.forward(&x)?)?)?;
         Ok((x, state))

@@ -40,6 +40,79 @@ impl std::fmt::Display for WeightKind {
     }
 }
 
+/// How the TTT inner step size depends on a token's place in its mini-batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenEta {
+    /// The authors': token t (0-based inside its mini-batch) steps with 1/(t+1) plus a learned offset,
+    /// clamped at 0 — W_t averages the mini-batch's gradients so far.
+    Index,
+    /// A plain sum of the gradients (the engine before 2026-12; token t's step is ~(t+1)× larger).
+    None,
+}
+
+/// The sequence-modelling backbone around a TTT layer (Sun et al. 2024, Sec. 3.1 / Fig. 13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backbone {
+    /// RMSNorm → TTT → +residual, as a Transformer block (the authors' default config).
+    Transformer,
+    /// TTT-Linear (M): a depthwise causal convolution sub-block before the TTT layer, Q and K from one
+    /// projection through their own causal convolutions, and a GELU gate on the output.
+    Mamba,
+}
+
+/// How BitLinear guards its absmean / absmax scales against zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantEps {
+    /// max(scale, 1e-5), as BitNet's code (and the PyTorch peer) clamp.
+    Clamp,
+    /// scale + 1e-5 (the engine before 2026-12).
+    Add,
+}
+
+/// Values a model config takes when its file does not name the key: how checkpoints written before the
+/// key existed were trained. Serialising skips a key at this value, so their config hash is unchanged.
+mod legacy {
+    use super::{Backbone, QuantEps, TokenEta};
+    pub const NORM_EPS: f64 = 1e-5;
+    pub const CONV_KERNEL: usize = 4;
+    pub fn token_eta() -> TokenEta {
+        TokenEta::None
+    }
+    pub fn is_token_eta(v: &TokenEta) -> bool {
+        *v == token_eta()
+    }
+    pub fn backbone() -> Backbone {
+        Backbone::Transformer
+    }
+    pub fn is_backbone(v: &Backbone) -> bool {
+        *v == backbone()
+    }
+    pub fn quant_eps() -> QuantEps {
+        QuantEps::Add
+    }
+    pub fn is_quant_eps(v: &QuantEps) -> bool {
+        *v == quant_eps()
+    }
+    pub fn is_false(v: &bool) -> bool {
+        !*v
+    }
+    pub fn norm_eps() -> f64 {
+        NORM_EPS
+    }
+    pub fn is_norm_eps(v: &f64) -> bool {
+        *v == NORM_EPS
+    }
+    pub fn conv_kernel() -> usize {
+        CONV_KERNEL
+    }
+    pub fn is_conv_kernel(v: &usize) -> bool {
+        *v == CONV_KERNEL
+    }
+}
+
 /// A model configuration that fails validation.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -55,6 +128,10 @@ pub enum ConfigError {
     OddHeadDim(usize),
     #[error("ttt_base_lr must be a finite number > 0 (got {0})")]
     BadTttLr(f64),
+    #[error("norm_eps must be a finite number > 0 (got {0})")]
+    BadNormEps(f64),
+    #[error("head size dim/n_heads = {0} is odd: ttt_inner_rope needs an even head size (or set ttt_inner_rope = false)")]
+    OddInnerRope(usize),
 }
 
 /// Every field of a Bit-Llama model (see the crate README for the architecture).
@@ -81,6 +158,47 @@ pub struct ModelConfig {
     pub ttt_base_lr: f64,
     /// Share the embedding matrix with the output head.
     pub tie_embeddings: bool,
+    // The keys below came with the authors' TTT-Linear details (2026-12). A config that lacks one (a
+    // checkpoint from before) means the behaviour it was trained with: see `legacy`.
+    /// Token-index scaling of the TTT inner step.
+    #[serde(
+        default = "legacy::token_eta",
+        skip_serializing_if = "legacy::is_token_eta"
+    )]
+    pub ttt_token_eta: TokenEta,
+    /// A learned bias in θ_lr (one per head).
+    #[serde(default, skip_serializing_if = "legacy::is_false")]
+    pub ttt_lr_bias: bool,
+    /// RoPE on the inner Q and K, at the position inside the mini-batch.
+    #[serde(default, skip_serializing_if = "legacy::is_false")]
+    pub ttt_inner_rope: bool,
+    /// LayerNorm(D) on the TTT output before the output projection.
+    #[serde(default, skip_serializing_if = "legacy::is_false")]
+    pub ttt_post_norm: bool,
+    /// Transformer or Mamba backbone around the TTT layer.
+    #[serde(
+        default = "legacy::backbone",
+        skip_serializing_if = "legacy::is_backbone"
+    )]
+    pub ttt_backbone: Backbone,
+    /// Kernel size of the Mamba backbone's causal convolutions.
+    #[serde(
+        default = "legacy::conv_kernel",
+        skip_serializing_if = "legacy::is_conv_kernel"
+    )]
+    pub ttt_conv_kernel: usize,
+    /// ε of every RMSNorm (blocks and final).
+    #[serde(
+        default = "legacy::norm_eps",
+        skip_serializing_if = "legacy::is_norm_eps"
+    )]
+    pub norm_eps: f64,
+    /// BitLinear's guard on its scales.
+    #[serde(
+        default = "legacy::quant_eps",
+        skip_serializing_if = "legacy::is_quant_eps"
+    )]
+    pub quant_eps: QuantEps,
 }
 
 impl Default for ModelConfig {
@@ -96,7 +214,46 @@ impl Default for ModelConfig {
             ttt_mini_batch: 16,
             ttt_base_lr: 1.0,
             tie_embeddings: false,
+            ttt_token_eta: TokenEta::Index,
+            ttt_lr_bias: true,
+            ttt_inner_rope: true,
+            ttt_post_norm: true,
+            ttt_backbone: Backbone::Transformer,
+            ttt_conv_kernel: 4,
+            norm_eps: 1e-6,
+            quant_eps: QuantEps::Clamp,
         }
+    }
+}
+
+impl ModelConfig {
+    /// The same model with every authors'-detail key at the value of checkpoints written before those keys
+    /// existed (the engine's first TTT definition).
+    pub fn legacy(self) -> Self {
+        Self {
+            ttt_token_eta: legacy::token_eta(),
+            ttt_lr_bias: false,
+            ttt_inner_rope: false,
+            ttt_post_norm: false,
+            ttt_backbone: legacy::backbone(),
+            ttt_conv_kernel: legacy::CONV_KERNEL,
+            norm_eps: legacy::NORM_EPS,
+            quant_eps: legacy::quant_eps(),
+            ..self
+        }
+    }
+
+    /// Ternary or float block linears, with this config's quantiser guard.
+    pub fn linear_kind(&self) -> super::bit_linear::LinearKind {
+        super::bit_linear::LinearKind {
+            weights: self.weights,
+            eps: self.quant_eps,
+        }
+    }
+
+    /// Whether the TTT blocks use the Mamba backbone.
+    pub fn mamba(&self) -> bool {
+        self.mixer == MixerKind::Ttt && self.ttt_backbone == Backbone::Mamba
     }
 }
 
@@ -120,6 +277,7 @@ impl ModelConfig {
             ("n_layers", self.n_layers),
             ("n_heads", self.n_heads),
             ("ttt_mini_batch", self.ttt_mini_batch),
+            ("ttt_conv_kernel", self.ttt_conv_kernel),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -140,6 +298,12 @@ impl ModelConfig {
         if !(self.ttt_base_lr.is_finite() && self.ttt_base_lr > 0.0) {
             return Err(ConfigError::BadTttLr(self.ttt_base_lr));
         }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(ConfigError::BadNormEps(self.norm_eps));
+        }
+        if self.mixer == MixerKind::Ttt && self.ttt_inner_rope && self.head_dim() % 2 == 1 {
+            return Err(ConfigError::OddInnerRope(self.head_dim()));
+        }
         Ok(())
     }
 
@@ -157,8 +321,23 @@ impl ModelConfig {
     fn mixer_params(&self) -> usize {
         let (d_model, h, d) = (self.dim, self.n_heads, self.head_dim());
         match self.mixer {
-            // θ_Q, θ_K, θ_V, θ_O + θ_lr (D→H) + W0 (H·d·d) + b0 (H·d) + inner LN γ, β (2·H·d)
-            MixerKind::Ttt => 4 * d_model * d_model + d_model * h + h * d * d + 3 * h * d,
+            // θ_Q, θ_K, θ_V, θ_O + θ_lr (D→H) + W0 (H·d·d) + b0 (H·d) + inner LN γ, β (2·H·d), and the
+            // options: θ_lr bias (H), token-η offsets (b), post-LN γ, β (2·D); Mamba: no θ_K but a gate
+            // (D·D), Q and K convolutions (2·(D·k + D)) and the pre-convolution sub-block (D + D·k + D).
+            MixerKind::Ttt => {
+                let k = self.ttt_conv_kernel;
+                let mut n = 4 * d_model * d_model + d_model * h + h * d * d + 3 * h * d;
+                n += if self.ttt_lr_bias { h } else { 0 };
+                n += match self.ttt_token_eta {
+                    TokenEta::Index => self.ttt_mini_batch,
+                    TokenEta::None => 0,
+                };
+                n += if self.ttt_post_norm { 2 * d_model } else { 0 };
+                if self.mamba() {
+                    n += 2 * (d_model * k + d_model) + 2 * d_model + d_model * k;
+                }
+                n
+            }
             MixerKind::Attention => 4 * d_model * d_model,
         }
     }

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod bit_linear;
 pub mod block;
+pub mod causal_conv;
 pub mod config;
 pub mod init;
 pub mod precision;
@@ -15,7 +16,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 pub use block::{Block, MixerState};
-pub use config::{ConfigError, MixerKind, ModelConfig, WeightKind};
+pub use config::{Backbone, ConfigError, MixerKind, ModelConfig, QuantEps, TokenEta, WeightKind};
 pub use init::build_seeded;
 
 /// Standard deviation of the weight initialisation (GPT-2).
@@ -50,7 +51,7 @@ impl BitLlama {
         let blocks = (0..cfg.n_layers)
             .map(|i| Block::new(cfg, INIT_STD, out_std, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let norm = rms_norm::RmsNorm::new(cfg.dim, block::RMS_EPS, vb.pp("norm"))?;
+        let norm = rms_norm::RmsNorm::new(cfg.dim, cfg.norm_eps, vb.pp("norm"))?;
         let head = if cfg.tie_embeddings {
             embed.clone()
         } else {

@@ -9,8 +9,7 @@ use rayon::prelude::*;
 
 use crate::cpu_f32;
 
-use super::bit_linear::BitLinear;
-use super::config::WeightKind;
+use super::bit_linear::{BitLinear, LinearKind};
 
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
@@ -23,11 +22,12 @@ impl SwiGlu {
     pub fn new(
         dim: usize,
         hidden: usize,
-        kind: WeightKind,
+        kind: impl Into<LinearKind>,
         std: f64,
         out_std: f64,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let kind = kind.into();
         Ok(Self {
             gate: BitLinear::new(dim, hidden, kind, std, vb.pp("gate"))?,
             up: BitLinear::new(dim, hidden, kind, std, vb.pp("up"))?,

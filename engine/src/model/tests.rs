@@ -17,6 +17,7 @@ fn tiny(mixer: MixerKind, weights: WeightKind) -> ModelConfig {
         ttt_mini_batch: 4,
         ttt_base_lr: 1.0,
         tie_embeddings: false,
+        ..Default::default()
     }
 }
 

@@ -1,26 +1,32 @@
 //! TTT-Linear (Sun et al. 2024, "Learning to (Learn at Test Time): RNNs with Expressive Hidden States",
-//! arXiv 2407.04620), computed in the dual form.
+//! arXiv 2407.04620), computed in the dual form, as the authors' `ttt-lm-pytorch` defines it.
 //!
 //! Per head the hidden state is a d×d matrix W and bias b. For each token the inner model
-//! f(k) = k + LN(k W + b) takes one gradient step on the self-supervised loss ½‖f(θ_K x) − θ_V x‖²
+//! f(k) = k + LN(k W + b) takes a gradient step on the self-supervised loss ℓ = ½‖f(θ_K x) − θ_V x‖²
 //! (Sec. 2.1, eq. 3–4, with the residual + LN inner model of Sec. 2.7), and the output is f(θ_Q x) (eq. 5).
-//! Tokens are grouped in mini-batches of b tokens: all gradients of a mini-batch are taken at the W of its
-//! start, W_t = W_0 − Σ_{s≤t} η_s ∇ℓ_s(W_0) (Sec. 2.4, eq. 6–7), and the dual form (Sec. 2.5) computes the
-//! outputs of a whole mini-batch with matmuls instead of materialising every W_t.
+//! Tokens are grouped in mini-batches of b tokens; all gradients of a mini-batch are taken at the W of its
+//! start (Sec. 2.4, eq. 6–7):
 //!
-//! Simplifications against the paper (also listed in the README): no learnable token-index scaling of η,
-//! no gating or causal convolution (the "Mamba backbone" variant), no post-LN before the output projection;
-//! the factor 2 of the squared loss is folded into η. The inner learning rate is
-//! η(x) = η_base · sigmoid(θ_lr · x) / d, one per head and token (Sec. 2.7, "learnable η").
+//!     W_t = W_0 − τ_t Σ_{s≤t} η_s ∇ℓ_s(W_0),   η_s = η_base · sigmoid(θ_lr x_s + β_lr) / d   (Sec. 2.7)
+//!
+//! with the token-index scale τ_t = max(0, 1/(t+1) + learned offset_t), t counted inside the mini-batch
+//! (`ttt_token_eta = "index"`; "none" sets τ ≡ 1). The dual form (Sec. 2.5) computes the outputs of a whole
+//! mini-batch with matmuls instead of materialising every W_t. Q and K carry RoPE at their position inside
+//! the mini-batch (`ttt_inner_rope`), the output passes a LayerNorm before θ_O (`ttt_post_norm`), and the
+//! Mamba backbone (`ttt_backbone = "mamba"`) takes Q and K from one projection through two causal
+//! convolutions and gates the output with GELU(θ_G x).
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::bit_linear::BitLinear;
-use super::config::WeightKind;
+use super::causal_conv::CausalConv;
+use super::config::{ModelConfig, TokenEta};
 
-/// ε of the inner model's layer norm.
+/// ε of the inner model's layer norm and of the post-norm (the authors').
 pub const INNER_LN_EPS: f64 = 1e-6;
+/// RoPE base of the inner Q/K (the authors' `rope_theta`).
+pub const INNER_ROPE_THETA: f64 = 10_000.0;
 
 /// The carried hidden state of a TTT layer for a batch of sequences: what a chunked forward pass or a
 /// token-by-token decoder needs to continue exactly where the previous chunk stopped (O(1) in length).
@@ -29,11 +35,15 @@ pub struct TttState {
     /// W, b at the start of the current mini-batch: inner gradients are taken here. (B,H,d,d), (B,H,1,d).
     pub w_base: Tensor,
     pub b_base: Tensor,
-    /// W, b after the tokens of the current mini-batch seen so far. Same shapes.
-    pub w: Tensor,
-    pub b: Tensor,
+    /// Σ η_s k_sᵀ ∇Z_s and Σ η_s ∇Z_s over the tokens of the current mini-batch seen so far (`None` at its
+    /// start): W_t = W_base − τ_t · acc_w.
+    pub acc: Option<(Tensor, Tensor)>,
     /// How many tokens of the current mini-batch have been seen (0 ≤ pos < mini-batch size).
     pub pos: usize,
+    /// Mamba backbone: the last k−1 rows of the shared Q/K projection (the convolutions' input) and of the
+    /// block's pre-convolution input, (B,k−1,D) each.
+    pub qk_tail: Option<Tensor>,
+    pub pre_tail: Option<Tensor>,
 }
 
 impl TttState {
@@ -42,28 +52,46 @@ impl TttState {
         Self {
             w_base: self.w_base.detach(),
             b_base: self.b_base.detach(),
-            w: self.w.detach(),
-            b: self.b.detach(),
+            acc: self.acc.as_ref().map(|(w, b)| (w.detach(), b.detach())),
             pos: self.pos,
+            qk_tail: self.qk_tail.as_ref().map(Tensor::detach),
+            pre_tail: self.pre_tail.as_ref().map(Tensor::detach),
         }
     }
+}
+
+/// The Mamba backbone's parts inside the TTT layer.
+#[derive(Debug, Clone)]
+struct MambaParts {
+    conv_q: CausalConv,
+    conv_k: CausalConv,
+    /// θ_G: the gate's projection.
+    gate: BitLinear,
 }
 
 /// A TTT-Linear token mixer.
 #[derive(Debug, Clone)]
 pub struct TttLinear {
     q: BitLinear,
-    k: BitLinear,
+    /// θ_K; `None` with the Mamba backbone (K is a convolution of θ_Q x).
+    k: Option<BitLinear>,
     v: BitLinear,
     o: BitLinear,
-    /// θ_lr: (H, D), a plain float projection to one learning-rate logit per head.
+    mamba: Option<MambaParts>,
+    /// θ_lr: (H, D), a plain float projection to one learning-rate logit per head, and its bias (H).
     lr: Tensor,
+    lr_bias: Option<Tensor>,
+    /// Learned offsets of the token-index scale τ (b); `None` with `ttt_token_eta = "none"`.
+    token_offset: Option<Tensor>,
     /// Learned initial state W0 (H,d,d), b0 (H,1,d).
     w0: Tensor,
     b0: Tensor,
     /// Inner layer norm scale and shift, (H,1,d).
     ln_weight: Tensor,
     ln_bias: Tensor,
+    /// LayerNorm(D) before θ_O: scale, shift.
+    post_norm: Option<(Tensor, Tensor)>,
+    inner_rope: bool,
     n_heads: usize,
     head_dim: usize,
     mini_batch: usize,
@@ -111,34 +139,97 @@ fn normalize(z: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((centered.broadcast_mul(&inv_std)?, inv_std))
 }
 
+/// cos, sin (T, d/2, 1) of the inner RoPE for tokens at mini-batch positions (first + i) mod b.
+fn inner_rope_tables(
+    t: usize,
+    first: usize,
+    mini_batch: usize,
+    d: usize,
+    like: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let half = d / 2;
+    let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+    for i in 0..t {
+        let pos = ((first + i) % mini_batch) as f64;
+        for j in 0..half {
+            // The authors' f32 inverse frequencies.
+            let inv_freq = (1.0 / INNER_ROPE_THETA.powf((2 * j) as f64 / d as f64)) as f32;
+            let angle = (pos as f32 * inv_freq) as f64;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    let dev = like.device();
+    let cos = Tensor::from_vec(cos, (t, half, 1), dev)?.to_dtype(like.dtype())?;
+    let sin = Tensor::from_vec(sin, (t, half, 1), dev)?.to_dtype(like.dtype())?;
+    Ok((cos, sin))
+}
+
+/// RoPE on interleaved pairs (x₂ᵢ, x₂ᵢ₊₁) of x (B,H,T,d) — the authors' `permute_qk`, rotate-half RoPE,
+/// `undo_permute_qk` in one.
+fn apply_inner_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let pairs = x.reshape((b, h, t, d / 2, 2))?;
+    let even = pairs.narrow(4, 0, 1)?;
+    let odd = pairs.narrow(4, 1, 1)?;
+    let re = (even.broadcast_mul(cos)? - odd.broadcast_mul(sin)?)?;
+    let im = (even.broadcast_mul(sin)? + odd.broadcast_mul(cos)?)?;
+    Tensor::cat(&[&re, &im], 4)?.reshape((b, h, t, d))
+}
+
 impl TttLinear {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        dim: usize,
-        n_heads: usize,
-        mini_batch: usize,
-        base_lr: f64,
-        kind: WeightKind,
-        std: f64,
-        out_std: f64,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let d = dim / n_heads;
+    pub fn new(cfg: &ModelConfig, std: f64, out_std: f64, vb: VarBuilder) -> Result<Self> {
+        let (dim, n_heads) = (cfg.dim, cfg.n_heads);
+        let d = cfg.head_dim();
+        let kind = cfg.linear_kind();
         let normal = |stdev| Init::Randn { mean: 0.0, stdev };
+        let mamba = if cfg.mamba() {
+            Some(MambaParts {
+                conv_q: CausalConv::new(dim, cfg.ttt_conv_kernel, vb.pp("conv_q"))?,
+                conv_k: CausalConv::new(dim, cfg.ttt_conv_kernel, vb.pp("conv_k"))?,
+                gate: BitLinear::new(dim, dim, kind, std, vb.pp("gate"))?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             q: BitLinear::new(dim, dim, kind, std, vb.pp("q"))?,
-            k: BitLinear::new(dim, dim, kind, std, vb.pp("k"))?,
+            k: match mamba {
+                Some(_) => None,
+                None => Some(BitLinear::new(dim, dim, kind, std, vb.pp("k"))?),
+            },
             v: BitLinear::new(dim, dim, kind, std, vb.pp("v"))?,
             o: BitLinear::new(dim, dim, kind, out_std, vb.pp("o"))?,
+            mamba,
             lr: vb.get_with_hints((n_heads, dim), "lr.weight", normal(std))?,
+            lr_bias: match cfg.ttt_lr_bias {
+                true => Some(vb.get_with_hints(n_heads, "lr.bias", Init::Const(0.0))?),
+                false => None,
+            },
+            token_offset: match cfg.ttt_token_eta {
+                TokenEta::Index => Some(vb.get_with_hints(
+                    cfg.ttt_mini_batch,
+                    "token_eta.offset",
+                    Init::Const(0.0),
+                )?),
+                TokenEta::None => None,
+            },
             w0: vb.get_with_hints((n_heads, d, d), "w0", normal(std))?,
             b0: vb.get_with_hints((n_heads, 1, d), "b0", Init::Const(0.0))?,
             ln_weight: vb.get_with_hints((n_heads, 1, d), "ln.weight", Init::Const(1.0))?,
             ln_bias: vb.get_with_hints((n_heads, 1, d), "ln.bias", Init::Const(0.0))?,
+            post_norm: match cfg.ttt_post_norm {
+                true => Some((
+                    vb.get_with_hints(dim, "post_norm.weight", Init::Const(1.0))?,
+                    vb.get_with_hints(dim, "post_norm.bias", Init::Const(0.0))?,
+                )),
+                false => None,
+            },
+            inner_rope: cfg.ttt_inner_rope,
             n_heads,
             head_dim: d,
-            mini_batch,
-            base_lr,
+            mini_batch: cfg.ttt_mini_batch,
+            base_lr: cfg.ttt_base_lr,
         })
     }
 
@@ -156,11 +247,12 @@ impl TttLinear {
             .broadcast_as((batch, h, 1, d))?
             .contiguous()?;
         Ok(TttState {
-            w_base: w.clone(),
-            b_base: b.clone(),
-            w,
-            b,
+            w_base: w,
+            b_base: b,
+            acc: None,
             pos: 0,
+            qk_tail: None,
+            pre_tail: None,
         })
     }
 
@@ -168,6 +260,21 @@ impl TttLinear {
     #[cfg(test)]
     fn inner_ln(&self, z: &Tensor) -> Result<Tensor> {
         LnParams::of(self).layer_norm(z)
+    }
+
+    /// τ_t for every position of a mini-batch, (b, 1): max(0, 1/(t+1) + offset_t); `None` for τ ≡ 1.
+    fn token_scale(&self, like: &Tensor) -> Result<Option<Tensor>> {
+        let Some(offset) = &self.token_offset else {
+            return Ok(None);
+        };
+        let base: Vec<f64> = (0..self.mini_batch).map(|t| 1.0 / (t + 1) as f64).collect();
+        let base =
+            Tensor::from_vec(base, self.mini_batch, like.device())?.to_dtype(like.dtype())?;
+        Ok(Some(
+            (base + offset.to_dtype(like.dtype())?)?
+                .relu()?
+                .unsqueeze(1)?,
+        ))
     }
 
     /// ∂ℓ/∂Z of the inner loss ℓ = ½‖LN(Z) − (v − k)‖² at Z = k W_base + b_base (the reconstruction
@@ -192,55 +299,111 @@ impl TttLinear {
             .broadcast_mul(&inv_std)
     }
 
-    /// One (part of a) mini-batch in the dual form. q, k, v: (B,H,m,d); eta: (B,H,m,1).
-    /// Returns the inner outputs Z_q (before f's residual and LN) and the updated state W, b.
+    /// One (part of a) mini-batch in the dual form. q, k, v: (B,H,m,d); eta: (B,H,m,1); tau: (m,1) or
+    /// `None` (τ ≡ 1). Returns the inner outputs Z_q (before f's residual and LN) and the accumulated
+    /// updates (Σ η_s k_sᵀ ∇Z_s, Σ η_s ∇Z_s) of the mini-batch so far.
+    #[allow(clippy::too_many_arguments)]
     fn dual_step(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         eta: &Tensor,
+        tau: Option<&Tensor>,
         state: &TttState,
         ln: &LnParams,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let m = q.dim(2)?;
         let dz = self.inner_grad_z(k, v, &state.w_base, &state.b_base, ln)?;
-        // Dual form (Sec. 2.5): Z_q = Q W + b − (tril(Q Kᵀ + 1) ⊙ η_sᵀ) ∇Z, causal inside the mini-batch.
+        // Dual form (Sec. 2.5): Z_q = Q W + b − τ ⊙ (tril(Q Kᵀ + 1) ⊙ η_sᵀ) ∇Z, causal inside the mini-batch,
+        // with W, b the state at the mini-batch start less what its earlier tokens already added.
         let mask = Tensor::tril2(m, q.dtype(), q.device())?;
-        let scores = (q.matmul(&k.t()?)? + 1.0)?
+        let mut scores = (q.matmul(&k.t()?)? + 1.0)?
             .broadcast_mul(&mask)?
             .broadcast_mul(&eta.transpose(2, 3)?)?;
-        let zq = q
-            .matmul(&state.w)?
-            .broadcast_add(&state.b)?
+        if let Some(tau) = tau {
+            scores = scores.broadcast_mul(tau)?;
+        }
+        let mut zq = q
+            .matmul(&state.w_base)?
+            .broadcast_add(&state.b_base)?
             .sub(&scores.matmul(&dz)?)?;
-        // End-of-chunk state: W ← W − Kᵀ (η ⊙ ∇Z), b ← b − Σ_s η_s ∇Z_s  (eq. 6 summed over the chunk).
+        if let Some((acc_w, acc_b)) = &state.acc {
+            let mut earlier = q.matmul(acc_w)?.broadcast_add(acc_b)?;
+            if let Some(tau) = tau {
+                earlier = earlier.broadcast_mul(tau)?;
+            }
+            zq = (zq - earlier)?;
+        }
+        // The mini-batch's summed update so far: Kᵀ (η ⊙ ∇Z), Σ_s η_s ∇Z_s  (eq. 6).
         let eta_dz = dz.broadcast_mul(eta)?;
-        let w = (&state.w - k.t()?.matmul(&eta_dz)?)?;
-        let b = (&state.b - eta_dz.sum_keepdim(2)?)?;
-        Ok((zq, w, b))
+        let mut acc_w = k.t()?.matmul(&eta_dz)?;
+        let mut acc_b = eta_dz.sum_keepdim(2)?;
+        if let Some((w, b)) = &state.acc {
+            acc_w = (acc_w + w)?;
+            acc_b = (acc_b + b)?;
+        }
+        Ok((zq, (acc_w, acc_b)))
     }
 
-    /// Projections to per-head (B,H,T,d) tensors and the token-dependent inner learning rate (B,H,T,1).
-    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    /// Q, K, V as per-head (B,H,T,d) tensors (with the inner RoPE at mini-batch positions from `first`)
+    /// and the token-dependent inner learning rate η (B,H,T,1); with the Mamba backbone also the tail of the
+    /// convolutions' input after x.
+    #[allow(clippy::type_complexity)]
+    fn project(
+        &self,
+        x: &Tensor,
+        first: usize,
+        qk_tail: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor, Option<Tensor>)> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, self.n_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(self.q.forward(x)?)?;
-        let k = heads(self.k.forward(x)?)?;
+        let (q, k, tail) = match (&self.mamba, &self.k) {
+            (Some(m), _) => {
+                let shared = self.q.forward(x)?;
+                let (padded, tail) = m.conv_q.pad(&shared, qk_tail)?;
+                let q = m.conv_q.forward_padded(&padded)?;
+                let k = m.conv_k.forward_padded(&padded)?;
+                (q, k, Some(tail))
+            }
+            (None, Some(k)) => (self.q.forward(x)?, k.forward(x)?, None),
+            (None, None) => candle_core::bail!("TTT layer without θ_K or the Mamba convolutions"),
+        };
+        let (mut q, mut k) = (heads(q)?, heads(k)?);
+        if self.inner_rope {
+            let (cos, sin) = inner_rope_tables(t, first, self.mini_batch, self.head_dim, x)?;
+            q = apply_inner_rope(&q, &cos, &sin)?;
+            k = apply_inner_rope(&k, &cos, &sin)?;
+        }
         let v = heads(self.v.forward(x)?)?;
-        // η(x) = η_base · sigmoid(θ_lr x) / d
-        let logits = x.broadcast_matmul(&self.lr.t()?)?; // (B,T,H)
+        // η(x) = η_base · sigmoid(θ_lr x + β_lr) / d
+        let mut logits = x.broadcast_matmul(&self.lr.t()?)?; // (B,T,H)
+        if let Some(bias) = &self.lr_bias {
+            logits = logits.broadcast_add(bias)?;
+        }
         let sig = (logits.neg()?.exp()? + 1.0)?.recip()?;
         let eta = sig
             .affine(self.base_lr / self.head_dim as f64, 0.0)?
             .transpose(1, 2)?
             .unsqueeze(3)?
             .contiguous()?;
-        Ok((q, k, v, eta))
+        Ok((q, k, v, eta, tail))
+    }
+
+    /// From the inner outputs y (B,T,D) to the layer's output: post-norm, the Mamba gate, θ_O.
+    fn output(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let mut y = y;
+        if let Some((w, b)) = &self.post_norm {
+            y = normalize(&y)?.0.broadcast_mul(w)?.broadcast_add(b)?;
+        }
+        if let Some(m) = &self.mamba {
+            y = (y * m.gate.forward(x)?.gelu()?)?; // GELU (tanh form), as the authors'
+        }
+        self.o.forward(&y)
     }
 
     /// Mix a chunk x (B,T,D) continuing from `state` (or from W0 when `None`); returns the output and the
@@ -251,11 +414,13 @@ impl TttLinear {
         state: Option<TttState>,
     ) -> Result<(Tensor, TttState)> {
         let (b, t, dim) = x.dims3()?;
-        let (q, k, v, eta) = self.project(x)?;
         let mut state = match state {
             Some(s) => s,
             None => self.initial_state(b)?,
         };
+        let (q, k, v, eta, tail) = self.project(x, state.pos, state.qk_tail.take())?;
+        state.qk_tail = tail;
+        let tau = self.token_scale(&q)?;
         let mut outs = Vec::with_capacity(t.div_ceil(self.mini_batch) + 1);
         // Over whole mini-batches the LN parameters are broadcast once for all of them: the backward then
         // sums their gradient over the batch once per chunk instead of once per use in every mini-batch.
@@ -274,22 +439,34 @@ impl TttLinear {
                 Some(full) if len == self.mini_batch => full,
                 _ => &per_head,
             };
-            let (zq, w, bias) = self.dual_step(&qs, &ks, &vs, &es, &state, ln)?;
+            let tau_part = tau
+                .as_ref()
+                .map(|t| t.narrow(0, state.pos, len))
+                .transpose()?;
+            let (zq, acc) = self.dual_step(&qs, &ks, &vs, &es, tau_part.as_ref(), &state, ln)?;
             outs.push((&qs + ln.layer_norm(&zq)?)?); // f(q) = q + LN(Z_q), eq. 5
-            state.w = w;
-            state.b = bias;
             state.pos += len;
             if state.pos == self.mini_batch {
-                state.w_base = state.w.clone();
-                state.b_base = state.b.clone();
+                // The next mini-batch starts from W_b = W_base − τ_b Σ_s η_s ∇ℓ_s.
+                let (mut acc_w, mut acc_b) = acc;
+                if let Some(tau) = &tau {
+                    let last = tau.narrow(0, self.mini_batch - 1, 1)?.squeeze(1)?;
+                    acc_w = acc_w.broadcast_mul(&last)?;
+                    acc_b = acc_b.broadcast_mul(&last)?;
+                }
+                state.w_base = (&state.w_base - acc_w)?;
+                state.b_base = (&state.b_base - acc_b)?;
+                state.acc = None;
                 state.pos = 0;
+            } else {
+                state.acc = Some(acc);
             }
             start += len;
         }
         let y = Tensor::cat(&outs, 2)?
             .transpose(1, 2)?
             .reshape((b, t, dim))?;
-        Ok((self.o.forward(&y)?, state))
+        Ok((self.output(x, y)?, state))
     }
 
     /// Reference implementation for tests: the primal form, token by token, with the inner gradient taken
@@ -298,16 +475,18 @@ impl TttLinear {
     pub(crate) fn forward_primal(&self, x: &Tensor) -> Result<Tensor> {
         use candle_core::Var;
         let (bsz, t, dim) = x.dims3()?;
-        let (q, k, v, eta) = self.project(x)?;
+        let (q, k, v, eta, _) = self.project(x, 0, None)?;
+        let tau = self.token_scale(&q)?;
         let init = self.initial_state(bsz)?;
-        let (mut w, mut b) = (init.w.detach(), init.b.detach());
-        let (mut w_base, mut b_base) = (w.clone(), b.clone());
+        let (mut w_base, mut b_base) = (init.w_base.detach(), init.b_base.detach());
+        let (mut acc_w, mut acc_b) = (w_base.zeros_like()?, b_base.zeros_like()?);
         let mut outs = Vec::new();
         for i in 0..t {
-            if i % self.mini_batch == 0 {
-                w_base = w.clone();
-                b_base = b.clone();
-            }
+            let p = i % self.mini_batch;
+            let tau_p = match &tau {
+                Some(tau) => tau.narrow(0, p, 1)?.squeeze(1)?.detach(),
+                None => Tensor::ones(1, q.dtype(), q.device())?,
+            };
             let tok = |x: &Tensor| x.narrow(2, i, 1).map(|x| x.detach());
             let (qi, ki, vi, ei) = (tok(&q)?, tok(&k)?, tok(&v)?, tok(&eta)?);
             // ∇_W, ∇_b of ½‖f(k) − v‖² at the mini-batch's starting W (autograd).
@@ -319,15 +498,22 @@ impl TttLinear {
             let grads = loss.backward()?;
             let gw = grads.get(wv.as_tensor()).expect("grad W").clone();
             let gb = grads.get(bv.as_tensor()).expect("grad b").clone();
-            w = (w - gw.broadcast_mul(&ei)?)?;
-            b = (b - gb.broadcast_mul(&ei)?)?;
+            acc_w = (acc_w + gw.broadcast_mul(&ei)?)?;
+            acc_b = (acc_b + gb.broadcast_mul(&ei)?)?;
+            let w = (&w_base - acc_w.broadcast_mul(&tau_p)?)?;
+            let b = (&b_base - acc_b.broadcast_mul(&tau_p)?)?;
             let zq = qi.matmul(&w)?.broadcast_add(&b)?;
             outs.push((&qi + self.inner_ln(&zq)?)?);
+            if p == self.mini_batch - 1 {
+                (w_base, b_base) = (w, b);
+                acc_w = acc_w.zeros_like()?;
+                acc_b = acc_b.zeros_like()?;
+            }
         }
         let y = Tensor::cat(&outs, 2)?
             .transpose(1, 2)?
             .reshape((bsz, t, dim))?;
-        self.o.forward(&y)
+        self.output(x, y)
     }
 }
 
@@ -351,20 +537,76 @@ pub(crate) fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::WeightKind;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
-    fn layer(dtype: DType, mini_batch: usize, kind: WeightKind) -> Result<(VarMap, TttLinear)> {
+    fn layer_with(cfg: &ModelConfig, dtype: DType) -> Result<(VarMap, TttLinear)> {
         let varmap = VarMap::new();
         let vb = crate::model::init::seeded_var_builder(&varmap, 7, dtype, &Device::Cpu);
         // A large std so that the inner loop actually moves W and the test is sensitive.
-        let l = TttLinear::new(32, 4, mini_batch, 1.0, kind, 0.2, 0.2, vb.pp("ttt"))?;
+        let l = TttLinear::new(cfg, 0.2, 0.2, vb.pp("ttt"))?;
+        // Non-zero token-η offsets, θ_lr bias and post-norm parameters, so that each one is exercised.
+        let vars = varmap.data().lock().expect("varmap").clone();
+        for (name, var) in vars {
+            if name.contains("token_eta") || name.contains("lr.bias") || name.contains("post_norm")
+            {
+                let n = var.as_tensor().elem_count();
+                let noise = crate::model::init::seeded_randn(
+                    name.len() as u64,
+                    0.0,
+                    0.3,
+                    n,
+                    dtype,
+                    &Device::Cpu,
+                )?
+                .reshape(var.shape())?;
+                var.set(&(var.as_tensor() + noise)?)?;
+            }
+        }
         Ok((varmap, l))
+    }
+
+    fn layer(dtype: DType, mini_batch: usize, kind: WeightKind) -> Result<(VarMap, TttLinear)> {
+        let cfg = ModelConfig {
+            dim: 32,
+            n_heads: 4,
+            ttt_mini_batch: mini_batch,
+            weights: kind,
+            ..Default::default()
+        };
+        layer_with(&cfg, dtype)
+    }
+
+    /// Every variant of the layer: legacy, the authors' defaults, Mamba.
+    fn variants(mini_batch: usize, kind: WeightKind) -> Vec<ModelConfig> {
+        let base = ModelConfig {
+            dim: 32,
+            n_heads: 4,
+            ttt_mini_batch: mini_batch,
+            weights: kind,
+            ..Default::default()
+        };
+        vec![
+            base.clone().legacy(),
+            base.clone(),
+            ModelConfig {
+                ttt_backbone: crate::model::config::Backbone::Mamba,
+                ..base
+            },
+        ]
     }
 
     #[test]
     fn dual_form_equals_primal_for_ragged_lengths() -> Result<()> {
-        let (_vm, l) = layer(DType::F64, 4, WeightKind::Float)?;
+        for cfg in variants(4, WeightKind::Float) {
+            let (_vm, l) = layer_with(&cfg, DType::F64)?;
+            ragged_lengths(&l)?;
+        }
+        Ok(())
+    }
+
+    fn ragged_lengths(l: &TttLinear) -> Result<()> {
         for t in [1usize, 3, 5, 9, 14] {
             let x = crate::model::init::seeded_randn(
                 102,
@@ -394,7 +636,14 @@ mod tests {
 
     #[test]
     fn two_chunks_with_carried_state_equal_one_call() -> Result<()> {
-        let (_vm, l) = layer(DType::F64, 4, WeightKind::Float)?;
+        for cfg in variants(4, WeightKind::Float) {
+            let (_vm, l) = layer_with(&cfg, DType::F64)?;
+            chunks_equal_one_call(&l)?;
+        }
+        Ok(())
+    }
+
+    fn chunks_equal_one_call(l: &TttLinear) -> Result<()> {
         let x =
             crate::model::init::seeded_randn(104, 0.0, 1.0, (2, 19, 32), DType::F64, &Device::Cpu)?;
         let whole = l.forward(&x)?;

@@ -9,7 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{MixerKind, ModelConfig, WeightKind};
+use crate::model::{Backbone, MixerKind, ModelConfig, QuantEps, TokenEta, WeightKind};
 
 /// Every setting of a training run. Each key has a default except `data_dir`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +25,25 @@ pub struct TrainConfig {
     pub ttt_mini_batch: usize,
     pub ttt_base_lr: f64,
     pub tie_embeddings: bool,
+    // The authors' TTT-Linear details (see `ModelConfig`). Unset in a file means the authors' value for a new
+    // run, and the engine's first definition when resuming a run whose config.toml predates the keys; a run
+    // writes them all out resolved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttt_token_eta: Option<TokenEta>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttt_lr_bias: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttt_inner_rope: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttt_post_norm: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttt_backbone: Option<Backbone>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttt_conv_kernel: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quant_eps: Option<QuantEps>,
     // --- data ---
     /// A `data_prep build` output folder; the vocab comes from its `meta.json`.
     pub data_dir: Option<PathBuf>,
@@ -68,6 +87,14 @@ impl Default for TrainConfig {
             ttt_mini_batch: m.ttt_mini_batch,
             ttt_base_lr: m.ttt_base_lr,
             tie_embeddings: m.tie_embeddings,
+            ttt_token_eta: None,
+            ttt_lr_bias: None,
+            ttt_inner_rope: None,
+            ttt_post_norm: None,
+            ttt_backbone: None,
+            ttt_conv_kernel: None,
+            norm_eps: None,
+            quant_eps: None,
             data_dir: None,
             batch_size: 16,
             context_len: 128,
@@ -93,7 +120,7 @@ impl Default for TrainConfig {
 }
 
 /// What each key means (`engine keys` prints these with the defaults).
-pub const KEY_DOCS: [(&str, &str); 29] = [
+pub const KEY_DOCS: [(&str, &str); 37] = [
     ("dim", "model width D (a multiple of n_heads)"),
     ("n_layers", "blocks: [RMSNorm → mixer → +x; RMSNorm → SwiGLU → +x]"),
     ("n_heads", "heads of the mixer (TTT or attention)"),
@@ -103,6 +130,14 @@ pub const KEY_DOCS: [(&str, &str); 29] = [
     ("ttt_mini_batch", "tokens per TTT inner-loop mini-batch"),
     ("ttt_base_lr", "TTT inner learning rate η_base"),
     ("tie_embeddings", "share the embedding matrix with the output head"),
+    ("ttt_token_eta", "\"index\": TTT inner step of token t in its mini-batch × max(0, 1/(t+1) + learned offset); \"none\": × 1"),
+    ("ttt_lr_bias", "a learned bias in the TTT inner learning-rate gate θ_lr"),
+    ("ttt_inner_rope", "RoPE on the TTT inner Q/K at the position inside the mini-batch"),
+    ("ttt_post_norm", "LayerNorm on the TTT output before its output projection"),
+    ("ttt_backbone", "\"transformer\" or \"mamba\" (causal conv sub-block, Q/K convs, GELU gate)"),
+    ("ttt_conv_kernel", "kernel size of the Mamba backbone's causal convolutions"),
+    ("norm_eps", "ε of the RMSNorms"),
+    ("quant_eps", "BitLinear scale guard: \"clamp\" max(s, 1e-5) or \"add\" s + 1e-5"),
     ("data_dir", "a `data_prep build` output (the vocab comes from its meta.json)"),
     ("batch_size", "sequences per optimizer step, over all ranks and micro-batches"),
     ("context_len", "tokens per sequence"),
@@ -127,7 +162,9 @@ pub const KEY_DOCS: [(&str, &str); 29] = [
 
 /// `engine keys`: every key with its default and meaning, one per line.
 pub fn keys_table() -> String {
-    let defaults = toml::Value::try_from(TrainConfig::default())
+    let mut cfg = TrainConfig::default();
+    cfg.resolve_model_keys(false);
+    let defaults = toml::Value::try_from(cfg)
         .ok()
         .and_then(|v| v.as_table().cloned())
         .unwrap_or_default();
@@ -146,14 +183,16 @@ pub const DEFAULT_STEPS: u64 = 1000;
 
 /// Every key with a value of its type (the optional keys set): the schema of the flat config.
 fn full_table() -> toml::Table {
-    match toml::Value::try_from(TrainConfig {
+    let mut cfg = TrainConfig {
         data_dir: Some(PathBuf::new()),
         steps: Some(0),
         max_tokens: Some(0),
         max_seconds: Some(0.0),
         mlp_hidden: Some(0),
         ..TrainConfig::default()
-    }) {
+    };
+    cfg.resolve_model_keys(false);
+    match toml::Value::try_from(cfg) {
         Ok(toml::Value::Table(t)) => t,
         _ => toml::Table::new(),
     }
@@ -375,8 +414,26 @@ impl TrainConfig {
         model.training_memory_estimate(self.micro_batch(world), self.context_len, &self.dtype)
     }
 
-    /// The model part of the config, with the vocab of the data.
+    /// Give every unset authors'-detail key its value: the authors' for a new run, the engine's first
+    /// definition when `resuming` a run whose config.toml predates the keys (its checkpoints were trained so).
+    pub fn resolve_model_keys(&mut self, resuming: bool) {
+        let d = match resuming {
+            true => ModelConfig::default().legacy(),
+            false => ModelConfig::default(),
+        };
+        self.ttt_token_eta.get_or_insert(d.ttt_token_eta);
+        self.ttt_lr_bias.get_or_insert(d.ttt_lr_bias);
+        self.ttt_inner_rope.get_or_insert(d.ttt_inner_rope);
+        self.ttt_post_norm.get_or_insert(d.ttt_post_norm);
+        self.ttt_backbone.get_or_insert(d.ttt_backbone);
+        self.ttt_conv_kernel.get_or_insert(d.ttt_conv_kernel);
+        self.norm_eps.get_or_insert(d.norm_eps);
+        self.quant_eps.get_or_insert(d.quant_eps);
+    }
+
+    /// The model part of the config, with the vocab of the data (unset keys: the authors' values).
     pub fn model_config(&self, vocab_size: usize) -> ModelConfig {
+        let d = ModelConfig::default();
         ModelConfig {
             vocab_size,
             dim: self.dim,
@@ -388,6 +445,14 @@ impl TrainConfig {
             ttt_mini_batch: self.ttt_mini_batch,
             ttt_base_lr: self.ttt_base_lr,
             tie_embeddings: self.tie_embeddings,
+            ttt_token_eta: self.ttt_token_eta.unwrap_or(d.ttt_token_eta),
+            ttt_lr_bias: self.ttt_lr_bias.unwrap_or(d.ttt_lr_bias),
+            ttt_inner_rope: self.ttt_inner_rope.unwrap_or(d.ttt_inner_rope),
+            ttt_post_norm: self.ttt_post_norm.unwrap_or(d.ttt_post_norm),
+            ttt_backbone: self.ttt_backbone.unwrap_or(d.ttt_backbone),
+            ttt_conv_kernel: self.ttt_conv_kernel.unwrap_or(d.ttt_conv_kernel),
+            norm_eps: self.norm_eps.unwrap_or(d.norm_eps),
+            quant_eps: self.quant_eps.unwrap_or(d.quant_eps),
         }
     }
 

@@ -160,6 +160,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         }
         (None, None) => bail!("say where the run goes: `engine train --config RUN.toml --out RUN_DIR` (or --resume RUN_DIR)"),
     };
+    cfg.resolve_model_keys(resuming);
     cfg.validate()?;
     cfg.check_ranks(world, "WORLD_SIZE")?;
     let data_dir = cfg.data_dir.clone().expect("validated");
