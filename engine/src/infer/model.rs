@@ -36,7 +36,7 @@ impl Conv {
             for c in 0..dim {
                 let mut v = self.bias[c];
                 for j in 0..self.kernel {
-                    v = padded[(n + j) * dim + c] * self.weight[c * self.kernel + j] + v;
+                    v += padded[(n + j) * dim + c] * self.weight[c * self.kernel + j];
                 }
                 y.push(v);
             }
@@ -46,7 +46,7 @@ impl Conv {
 }
 
 /// `tail` ++ x, and replace `tail` with the last k−1 rows of it.
-fn pad_with_tail(tail: &mut Vec<f32>, x: &[f32]) -> Vec<f32> {
+fn pad_with_tail(tail: &mut [f32], x: &[f32]) -> Vec<f32> {
     let mut padded = Vec::with_capacity(tail.len() + x.len());
     padded.extend_from_slice(tail);
     padded.extend_from_slice(x);
@@ -83,7 +83,7 @@ struct Attn {
 }
 
 enum Mixer {
-    Ttt(Ttt),
+    Ttt(Box<Ttt>),
     Attention(Attn),
 }
 
@@ -500,8 +500,7 @@ fn inner_rope_tables(mini_batch: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
     let mut sin = Vec::with_capacity(mini_batch * d / 2);
     for p in 0..mini_batch {
         for j in 0..d / 2 {
-            let inv_freq = (1.0 / INNER_ROPE_THETA.powf((2 * j) as f64 / d as f64)) as f32;
-            let angle = (p as f32 * inv_freq) as f64;
+            let angle = p as f64 * INNER_ROPE_THETA.powf(-((2 * j) as f64) / d as f64);
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
         }
@@ -648,7 +647,7 @@ impl InferenceModel {
                         }
                         TokenEta::None => vec![1.0; mb],
                     };
-                    Mixer::Ttt(Ttt {
+                    Mixer::Ttt(Box::new(Ttt {
                         qkv,
                         o,
                         lr: w.take_dense(&p("mixer.lr.weight"))?,
@@ -675,7 +674,7 @@ impl InferenceModel {
                             }
                             false => None,
                         },
-                    })
+                    }))
                 }
                 MixerKind::Attention => Mixer::Attention(Attn { qkv, o }),
             };

@@ -82,16 +82,16 @@ mod tests {
         let y: Vec<Vec<Vec<f64>>> = conv.forward_padded(&padded)?.to_vec3()?;
         let (w, b): (Vec<Vec<f64>>, Vec<f64>) = (conv.weight.to_vec2()?, conv.bias.to_vec1()?);
         let xs: Vec<Vec<Vec<f64>>> = x.to_vec3()?;
-        for bi in 0..2 {
-            for t in 0..7usize {
-                for c in 0..3 {
+        for (yb, xb) in y.iter().zip(&xs) {
+            for (t, yt) in yb.iter().enumerate() {
+                for (c, got) in yt.iter().enumerate() {
                     let mut want = b[c];
-                    for j in 0..4usize {
+                    for (j, wj) in w[c].iter().enumerate() {
                         if let Some(s) = (t + j).checked_sub(3) {
-                            want += w[c][j] * xs[bi][s][c];
+                            want += wj * xb[s][c];
                         }
                     }
-                    assert!((y[bi][t][c] - want).abs() < 1e-12);
+                    assert!((got - want).abs() < 1e-12);
                 }
             }
         }

@@ -152,9 +152,7 @@ fn inner_rope_tables(
     for i in 0..t {
         let pos = ((first + i) % mini_batch) as f64;
         for j in 0..half {
-            // The authors' f32 inverse frequencies.
-            let inv_freq = (1.0 / INNER_ROPE_THETA.powf((2 * j) as f64 / d as f64)) as f32;
-            let angle = (pos as f32 * inv_freq) as f64;
+            let angle = pos * INNER_ROPE_THETA.powf(-((2 * j) as f64) / d as f64);
             cos.push(angle.cos());
             sin.push(angle.sin());
         }
