@@ -879,3 +879,84 @@ fn a_paused_and_resumed_run_equals_a_straight_one() {
         .collect();
     assert_eq!(pieces, losses(&straight));
 }
+
+/// A run from before the authors' TTT keys existed (its config.toml and checkpoints name none of them)
+/// resumes with the definition it was trained with — its loss curve is the straight legacy run's — while a
+/// new run without them gets the authors' definition, written out in its config.toml.
+#[test]
+fn a_run_from_before_the_authors_keys_resumes_as_it_was_trained() {
+    const LEGACY: &str = "ttt_token_eta = \"none\"\nttt_lr_bias = false\nttt_inner_rope = false\n\
+        ttt_post_norm = false\nttt_backbone = \"transformer\"\nttt_conv_kernel = 4\nnorm_eps = 1e-5\n\
+        quant_eps = \"add\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir(dir.path());
+    let straight = dir.path().join("straight");
+    std::fs::create_dir_all(&straight).unwrap();
+    let (straight_run, out) = first_run(&straight, &data, &format!("steps = 10\n{LEGACY}"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = step_losses(&String::from_utf8_lossy(&out.stdout));
+
+    let old = dir.path().join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    let (run_dir, out) = first_run(&old, &data, &format!("steps = 5\n{LEGACY}"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Make it look written before the keys: strip them from config.toml; state.json never has them.
+    let keys = [
+        "ttt_token_eta",
+        "ttt_lr_bias",
+        "ttt_inner_rope",
+        "ttt_post_norm",
+        "ttt_backbone",
+    ];
+    let keys = [&keys[..], &["ttt_conv_kernel", "norm_eps", "quant_eps"]].concat();
+    let cfg_path = run_dir.join("config.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(cfg.contains("ttt_inner_rope = false"), "{cfg}");
+    let stripped: String = cfg
+        .lines()
+        .filter(|l| !keys.iter().any(|k| l.starts_with(&format!("{k} ="))))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&cfg_path, stripped).unwrap();
+    let state =
+        std::fs::read_to_string(run_dir.join("checkpoints/step-00000005/state.json")).unwrap();
+    assert!(keys.iter().all(|k| !state.contains(k)), "{state}");
+
+    let out = resume_output(&run_dir, 10);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = step_losses(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(got, want[5..].to_vec(), "resumed with another definition");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(cfg.contains("ttt_inner_rope = false"), "{cfg}");
+
+    // A new run without the keys: the authors' definition.
+    let new = dir.path().join("new");
+    std::fs::create_dir_all(&new).unwrap();
+    let (run_dir, out) = first_run(&new, &data, "steps = 1\n", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    for line in [
+        "ttt_token_eta = \"index\"",
+        "ttt_inner_rope = true",
+        "quant_eps = \"clamp\"",
+    ] {
+        assert!(cfg.contains(line), "{line} missing: {cfg}");
+    }
+    drop(straight_run);
+}
