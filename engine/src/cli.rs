@@ -106,6 +106,10 @@ enum Command {
         /// f32, or bf16 (mixed precision: bf16 matmuls, f32 weights and optimizer; CUDA only).
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Which TTT-Linear definition: authors (the default keys), legacy (the engine's first one: no token
+        /// scaling, θ_lr bias, inner RoPE or post-norm), or mamba (the authors' with the Mamba backbone).
+        #[arg(long, default_value = "authors")]
+        ttt: String,
     },
     /// Generate text from a trained model, streamed token by token to stdout. Without --prompt, prompts are
     /// read from stdin one per line until EOF or /quit. On CPU the ternary linears run packed (2 bits per
@@ -281,6 +285,7 @@ where
             warmup,
             device,
             dtype,
+            ttt,
         } => {
             let result = (|| -> anyhow::Result<String> {
                 let matmul_dtype = match dtype.as_str() {
@@ -303,6 +308,15 @@ where
                     ttt_base_lr: 1.0,
                     tie_embeddings: false,
                     ..Default::default()
+                };
+                let model = match ttt.as_str() {
+                    "authors" => model,
+                    "legacy" => model.legacy(),
+                    "mamba" => crate::model::ModelConfig {
+                        ttt_backbone: crate::model::Backbone::Mamba,
+                        ..model
+                    },
+                    other => anyhow::bail!("--ttt {other:?}: use authors, legacy or mamba"),
                 };
                 let b = crate::bench::BenchTrain {
                     model,

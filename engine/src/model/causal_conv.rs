@@ -1,7 +1,9 @@
 //! Depthwise causal 1-D convolution over time (the Mamba backbone of TTT-Linear (M), Sun et al. 2024
 //! Sec. 3.1, as the authors' `nn.Conv1d(groups=D, padding=k−1)` cut to the sequence length):
 //!
-//!     y_t = b + Σ_{j<k} w_j ⊙ x_{t−(k−1)+j}
+//! ```text
+//! y_t = b + Σ_{j<k} w_j ⊙ x_{t−(k−1)+j}
+//! ```
 //!
 //! Tokens before a chunk's start come from the carried tail (the last k−1 inputs), zeros at the start of a
 //! sequence, so a sequence fed in chunks — or token by token — gives what one call gives.

@@ -11,6 +11,7 @@ pub mod precision;
 pub mod rms_norm;
 pub mod swiglu;
 pub mod ttt_linear;
+pub mod ttt_ops;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};

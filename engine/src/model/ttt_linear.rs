@@ -7,7 +7,9 @@
 //! Tokens are grouped in mini-batches of b tokens; all gradients of a mini-batch are taken at the W of its
 //! start (Sec. 2.4, eq. 6–7):
 //!
-//!     W_t = W_0 − τ_t Σ_{s≤t} η_s ∇ℓ_s(W_0),   η_s = η_base · sigmoid(θ_lr x_s + β_lr) / d   (Sec. 2.7)
+//! ```text
+//! W_t = W_0 − τ_t Σ_{s≤t} η_s ∇ℓ_s(W_0),   η_s = η_base · sigmoid(θ_lr x_s + β_lr) / d   (Sec. 2.7)
+//! ```
 //!
 //! with the token-index scale τ_t = max(0, 1/(t+1) + learned offset_t), t counted inside the mini-batch
 //! (`ttt_token_eta = "index"`; "none" sets τ ≡ 1). The dual form (Sec. 2.5) computes the outputs of a whole
@@ -22,6 +24,7 @@ use candle_nn::{Init, VarBuilder};
 use super::bit_linear::BitLinear;
 use super::causal_conv::CausalConv;
 use super::config::{ModelConfig, TokenEta};
+use super::ttt_ops;
 
 /// ε of the inner model's layer norm and of the post-norm (the authors').
 pub const INNER_LN_EPS: f64 = 1e-6;
@@ -114,7 +117,7 @@ impl LnParams {
 
     /// LN(z) = normalize(z) · scale + shift.
     fn layer_norm(&self, z: &Tensor) -> Result<Tensor> {
-        self.apply(&normalize(z)?.0)
+        self.apply(&normalized(z)?)
     }
 
     /// x̂ · scale + shift.
@@ -130,6 +133,16 @@ impl LnParams {
     }
 }
 
+/// x̂ = (z − μ)/σ over the last dim (one fused op on CPU in f32).
+fn normalized(z: &Tensor) -> Result<Tensor> {
+    if ttt_ops::fused(z) {
+        return z.contiguous()?.apply_op1(ttt_ops::Normalize {
+            eps: INNER_LN_EPS as f32,
+        });
+    }
+    Ok(normalize(z)?.0)
+}
+
 /// Layer-norm pieces over the last dim: x̂ = (z − μ)/σ and 1/σ.
 fn normalize(z: &Tensor) -> Result<(Tensor, Tensor)> {
     let mu = z.mean_keepdim(D::Minus1)?;
@@ -139,14 +152,8 @@ fn normalize(z: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((centered.broadcast_mul(&inv_std)?, inv_std))
 }
 
-/// cos, sin (T, d/2, 1) of the inner RoPE for tokens at mini-batch positions (first + i) mod b.
-fn inner_rope_tables(
-    t: usize,
-    first: usize,
-    mini_batch: usize,
-    d: usize,
-    like: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+/// cos, sin (T × d/2) of the inner RoPE for tokens at mini-batch positions (first + i) mod b.
+fn inner_rope_angles(t: usize, first: usize, mini_batch: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
     let half = d / 2;
     let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
     for i in 0..t {
@@ -157,21 +164,29 @@ fn inner_rope_tables(
             sin.push(angle.sin());
         }
     }
-    let dev = like.device();
-    let cos = Tensor::from_vec(cos, (t, half, 1), dev)?.to_dtype(like.dtype())?;
-    let sin = Tensor::from_vec(sin, (t, half, 1), dev)?.to_dtype(like.dtype())?;
-    Ok((cos, sin))
+    (cos, sin)
 }
 
-/// RoPE on interleaved pairs (x₂ᵢ, x₂ᵢ₊₁) of x (B,H,T,d) — the authors' `permute_qk`, rotate-half RoPE,
-/// `undo_permute_qk` in one.
-fn apply_inner_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// RoPE on interleaved pairs (x₂ᵢ, x₂ᵢ₊₁) of x (B,H,T,d) at mini-batch positions from `first` — the
+/// authors' `permute_qk`, rotate-half RoPE, `undo_permute_qk` in one.
+fn apply_inner_rope(x: &Tensor, first: usize, mini_batch: usize) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
+    let (cos, sin) = inner_rope_angles(t, first, mini_batch, d);
+    if ttt_ops::fused(x) {
+        let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+        let op = ttt_ops::PairRotation {
+            cos: f32s(cos),
+            sin: f32s(sin),
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let table = |v: Vec<f64>| Tensor::from_vec(v, (t, d / 2, 1), x.device())?.to_dtype(x.dtype());
+    let (cos, sin) = (table(cos)?, table(sin)?);
     let pairs = x.reshape((b, h, t, d / 2, 2))?;
     let even = pairs.narrow(4, 0, 1)?;
     let odd = pairs.narrow(4, 1, 1)?;
-    let re = (even.broadcast_mul(cos)? - odd.broadcast_mul(sin)?)?;
-    let im = (even.broadcast_mul(sin)? + odd.broadcast_mul(cos)?)?;
+    let re = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
+    let im = (even.broadcast_mul(&sin)? + odd.broadcast_mul(&cos)?)?;
     Tensor::cat(&[&re, &im], 4)?.reshape((b, h, t, d))
 }
 
@@ -280,7 +295,7 @@ impl TttLinear {
     fn inner_grad_z(
         &self,
         k: &Tensor,
-        v: &Tensor,
+        target: &Tensor,
         w_base: &Tensor,
         b_base: &Tensor,
         ln: &LnParams,
@@ -288,7 +303,7 @@ impl TttLinear {
         let z = k.matmul(w_base)?.broadcast_add(b_base)?;
         let (xhat, inv_std) = normalize(&z)?;
         let ln_out = ln.apply(&xhat)?;
-        let g = (ln_out - (v - k)?)?.broadcast_mul(&ln.weight)?; // ∂ℓ/∂x̂
+        let g = (ln_out - target)?.broadcast_mul(&ln.weight)?; // ∂ℓ/∂x̂
         let g_mean = g.mean_keepdim(D::Minus1)?;
         let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
         // ∂ℓ/∂Z = (g − mean(g) − x̂·mean(g ⊙ x̂)) / σ
@@ -312,7 +327,7 @@ impl TttLinear {
         ln: &LnParams,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let m = q.dim(2)?;
-        let dz = self.inner_grad_z(k, v, &state.w_base, &state.b_base, ln)?;
+        let dz = self.inner_grad_z(k, &(v - k)?, &state.w_base, &state.b_base, ln)?;
         // Dual form (Sec. 2.5): Z_q = Q W + b − τ ⊙ (tril(Q Kᵀ + 1) ⊙ η_sᵀ) ∇Z, causal inside the mini-batch,
         // with W, b the state at the mini-batch start less what its earlier tokens already added.
         let mask = Tensor::tril2(m, q.dtype(), q.device())?;
@@ -373,9 +388,8 @@ impl TttLinear {
         };
         let (mut q, mut k) = (heads(q)?, heads(k)?);
         if self.inner_rope {
-            let (cos, sin) = inner_rope_tables(t, first, self.mini_batch, self.head_dim, x)?;
-            q = apply_inner_rope(&q, &cos, &sin)?;
-            k = apply_inner_rope(&k, &cos, &sin)?;
+            q = apply_inner_rope(&q, first, self.mini_batch)?;
+            k = apply_inner_rope(&k, first, self.mini_batch)?;
         }
         let v = heads(self.v.forward(x)?)?;
         // η(x) = η_base · sigmoid(θ_lr x + β_lr) / d
@@ -396,7 +410,7 @@ impl TttLinear {
     fn output(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let mut y = y;
         if let Some((w, b)) = &self.post_norm {
-            y = normalize(&y)?.0.broadcast_mul(w)?.broadcast_add(b)?;
+            y = normalized(&y)?.broadcast_mul(w)?.broadcast_add(b)?;
         }
         if let Some(m) = &self.mamba {
             y = (y * m.gate.forward(x)?.gelu()?)?; // GELU (tanh form), as the authors'
@@ -419,6 +433,106 @@ impl TttLinear {
         let (q, k, v, eta, tail) = self.project(x, state.pos, state.qk_tail.take())?;
         state.qk_tail = tail;
         let tau = self.token_scale(&q)?;
+        let (y, state) = if state.pos == 0 && t > 0 && t.is_multiple_of(self.mini_batch) {
+            self.scan_whole(&q, &k, &v, &eta, tau.as_ref(), state)?
+        } else {
+            self.scan_parts(&q, &k, &v, &eta, tau.as_ref(), state)?
+        };
+        let y = y.transpose(1, 2)?.reshape((b, t, dim))?;
+        Ok((self.output(x, y)?, state))
+    }
+
+    /// The state after a mini-batch whose summed update is (Σ η_s k_sᵀ ∇Z_s, Σ η_s ∇Z_s):
+    /// W_b = W_base − τ_b Σ_s η_s ∇ℓ_s.
+    fn end_mini_batch(
+        &self,
+        state: &mut TttState,
+        acc: (Tensor, Tensor),
+        tau: Option<&Tensor>,
+    ) -> Result<()> {
+        let (mut acc_w, mut acc_b) = acc;
+        if let Some(tau) = tau {
+            let last = tau.narrow(0, self.mini_batch - 1, 1)?.squeeze(1)?;
+            acc_w = acc_w.broadcast_mul(&last)?;
+            acc_b = acc_b.broadcast_mul(&last)?;
+        }
+        state.w_base = (&state.w_base - acc_w)?;
+        state.b_base = (&state.b_base - acc_b)?;
+        state.acc = None;
+        state.pos = 0;
+        Ok(())
+    }
+
+    /// Whole mini-batches from a mini-batch start (training's case): the work that does not depend on the
+    /// state — the dual form's causal, η- and τ-weighted Q Kᵀ, the targets, the output LN — is done for
+    /// all of them at once, around the sequential scan. Returns f(Q) as (B,H,T,d) and the state.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_whole(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        eta: &Tensor,
+        tau: Option<&Tensor>,
+        mut state: TttState,
+    ) -> Result<(Tensor, TttState)> {
+        let (b, h, t, d) = q.dims4()?;
+        let (m, n) = (self.mini_batch, t / self.mini_batch);
+        // (B,H,T,w) → (N,B,H,b,w): each mini-batch one contiguous slab.
+        let slabs = |x: &Tensor| -> Result<Tensor> {
+            let w = x.dim(3)?;
+            x.reshape((b, h, n, m, w))?
+                .permute((2, 0, 1, 3, 4))?
+                .contiguous()
+        };
+        let (qn, kn, vn, en) = (slabs(q)?, slabs(k)?, slabs(v)?, slabs(eta)?);
+        // Dual form (Sec. 2.5): Z_q = Q W + b − τ ⊙ (tril(Q Kᵀ + 1) ⊙ η_sᵀ) ∇Z, for every mini-batch.
+        let mask = Tensor::tril2(m, q.dtype(), q.device())?;
+        // (candle's matmul takes at most two batch dims: N and B go together.)
+        let flat = |x: &Tensor| x.reshape((n * b, h, m, d));
+        let qk = flat(&qn)?.matmul(&flat(&kn)?.t()?)?.reshape((n, b, h, m, m))?;
+        let mut scores = (qk + 1.0)?
+            .broadcast_mul(&mask)?
+            .broadcast_mul(&en.transpose(3, 4)?)?;
+        if let Some(tau) = tau {
+            scores = scores.broadcast_mul(tau)?;
+        }
+        let targets = (&vn - &kn)?;
+        let ln = LnParams::of(self).broadcast((b, h, m, d))?;
+        let mut zs = Vec::with_capacity(n);
+        for i in 0..n {
+            let (ki, ei) = (kn.get(i)?, en.get(i)?);
+            let dz = self.inner_grad_z(&ki, &targets.get(i)?, &state.w_base, &state.b_base, &ln)?;
+            zs.push(
+                qn.get(i)?
+                    .matmul(&state.w_base)?
+                    .broadcast_add(&state.b_base)?
+                    .sub(&scores.get(i)?.matmul(&dz)?)?,
+            );
+            // W ← W − τ_b Kᵀ (η ⊙ ∇Z), b ← b − τ_b Σ_s η_s ∇Z_s  (eq. 6 summed over the mini-batch).
+            let eta_dz = dz.broadcast_mul(&ei)?;
+            let acc = (ki.t()?.matmul(&eta_dz)?, eta_dz.sum_keepdim(2)?);
+            self.end_mini_batch(&mut state, acc, tau)?;
+        }
+        // f(q) = q + LN(Z_q), eq. 5, for all mini-batches at once; back to (B,H,T,d).
+        let out = (&qn + LnParams::of(self).layer_norm(&Tensor::stack(&zs, 0)?)?)?;
+        let out = out.permute((1, 2, 0, 3, 4))?.reshape((b, h, t, d))?;
+        Ok((out, state))
+    }
+
+    /// Any chunk, continuing `state` anywhere inside a mini-batch (chunked prompts, decoding): mini-batch
+    /// by mini-batch. Returns f(Q) as (B,H,T,d) and the state.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_parts(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        eta: &Tensor,
+        tau: Option<&Tensor>,
+        mut state: TttState,
+    ) -> Result<(Tensor, TttState)> {
+        let (b, _, t, _) = q.dims4()?;
         let mut outs = Vec::with_capacity(t.div_ceil(self.mini_batch) + 1);
         // Over whole mini-batches the LN parameters are broadcast once for all of them: the backward then
         // sums their gradient over the batch once per chunk instead of once per use in every mini-batch.
@@ -432,39 +546,23 @@ impl TttLinear {
         while start < t {
             let len = (self.mini_batch - state.pos).min(t - start);
             let part = |x: &Tensor| x.narrow(2, start, len);
-            let (qs, ks, vs, es) = (part(&q)?, part(&k)?, part(&v)?, part(&eta)?);
+            let (qs, ks, vs, es) = (part(q)?, part(k)?, part(v)?, part(eta)?);
             let ln = match &full {
                 Some(full) if len == self.mini_batch => full,
                 _ => &per_head,
             };
-            let tau_part = tau
-                .as_ref()
-                .map(|t| t.narrow(0, state.pos, len))
-                .transpose()?;
+            let tau_part = tau.map(|t| t.narrow(0, state.pos, len)).transpose()?;
             let (zq, acc) = self.dual_step(&qs, &ks, &vs, &es, tau_part.as_ref(), &state, ln)?;
             outs.push((&qs + ln.layer_norm(&zq)?)?); // f(q) = q + LN(Z_q), eq. 5
             state.pos += len;
             if state.pos == self.mini_batch {
-                // The next mini-batch starts from W_b = W_base − τ_b Σ_s η_s ∇ℓ_s.
-                let (mut acc_w, mut acc_b) = acc;
-                if let Some(tau) = &tau {
-                    let last = tau.narrow(0, self.mini_batch - 1, 1)?.squeeze(1)?;
-                    acc_w = acc_w.broadcast_mul(&last)?;
-                    acc_b = acc_b.broadcast_mul(&last)?;
-                }
-                state.w_base = (&state.w_base - acc_w)?;
-                state.b_base = (&state.b_base - acc_b)?;
-                state.acc = None;
-                state.pos = 0;
+                self.end_mini_batch(&mut state, acc, tau)?;
             } else {
                 state.acc = Some(acc);
             }
             start += len;
         }
-        let y = Tensor::cat(&outs, 2)?
-            .transpose(1, 2)?
-            .reshape((b, t, dim))?;
-        Ok((self.output(x, y)?, state))
+        Ok((Tensor::cat(&outs, 2)?, state))
     }
 
     /// Reference implementation for tests: the primal form, token by token, with the inner gradient taken
@@ -593,6 +691,41 @@ mod tests {
                 ..base
             },
         ]
+    }
+
+    /// The fused f32 ops (inner RoPE, normalisation) against the composed ones (taken in f64): values and
+    /// gradients.
+    #[test]
+    fn fused_ops_match_the_composed_ones() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let x64 = crate::model::init::seeded_randn(31, 0.0, 1.0, (2, 3, 10, 8), DType::F64, &dev)?;
+        let w64 = crate::model::init::seeded_randn(32, 0.0, 1.0, (2, 3, 10, 8), DType::F64, &dev)?;
+        type Op = fn(&Tensor) -> Result<Tensor>;
+        let ops: [(&str, Op); 2] = [
+            ("inner rope", |x| apply_inner_rope(x, 3, 4)),
+            ("normalize", normalized),
+        ];
+        for (name, op) in ops {
+            let mut got = Vec::new();
+            for dtype in [DType::F32, DType::F64] {
+                let x = Var::from_tensor(&x64.to_dtype(dtype)?)?;
+                let y = op(x.as_tensor())?;
+                let grads = (&y * w64.to_dtype(dtype)?)?.sum_all()?.backward()?;
+                let gx = grads.get(x.as_tensor()).expect("gradient").clone();
+                got.push((y.to_dtype(DType::F64)?, gx.to_dtype(DType::F64)?));
+            }
+            let (fused, composed) = (&got[0], &got[1]);
+            let (dy, dg) = (
+                max_rel_diff(&fused.0, &composed.0)?,
+                max_rel_diff(&fused.1, &composed.1)?,
+            );
+            assert!(
+                dy < 1e-5 && dg < 1e-5,
+                "{name}: value {dy:e}, gradient {dg:e}"
+            );
+        }
+        Ok(())
     }
 
     #[test]
