@@ -301,6 +301,15 @@ impl TttLinear {
         ln: &LnParams,
     ) -> Result<Tensor> {
         let z = k.matmul(w_base)?.broadcast_add(b_base)?;
+        if ttt_ops::fused(&z) && ln.weight.dims() == z.dims() {
+            let shifted = (target - &ln.bias)?.contiguous()?;
+            let op = ttt_ops::InnerGradZ {
+                eps: INNER_LN_EPS as f32,
+            };
+            return z
+                .contiguous()?
+                .apply_op3(&shifted, &ln.weight.contiguous()?, op);
+        }
         let (xhat, inv_std) = normalize(&z)?;
         let ln_out = ln.apply(&xhat)?;
         let g = (ln_out - target)?.broadcast_mul(&ln.weight)?; // ∂ℓ/∂x̂
@@ -410,7 +419,15 @@ impl TttLinear {
     fn output(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let mut y = y;
         if let Some((w, b)) = &self.post_norm {
-            y = normalized(&y)?.broadcast_mul(w)?.broadcast_add(b)?;
+            y = if ttt_ops::fused(&y) && ttt_ops::fused(w) {
+                let op = ttt_ops::AffineLayerNorm {
+                    eps: INNER_LN_EPS as f32,
+                };
+                y.contiguous()?
+                    .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?
+            } else {
+                normalized(&y)?.broadcast_mul(w)?.broadcast_add(b)?
+            };
         }
         if let Some(m) = &self.mamba {
             y = (y * m.gate.forward(x)?.gelu()?)?; // GELU (tanh form), as the authors'
@@ -490,7 +507,9 @@ impl TttLinear {
         let mask = Tensor::tril2(m, q.dtype(), q.device())?;
         // (candle's matmul takes at most two batch dims: N and B go together.)
         let flat = |x: &Tensor| x.reshape((n * b, h, m, d));
-        let qk = flat(&qn)?.matmul(&flat(&kn)?.t()?)?.reshape((n, b, h, m, m))?;
+        let qk = flat(&qn)?
+            .matmul(&flat(&kn)?.t()?)?
+            .reshape((n, b, h, m, m))?;
         let mut scores = (qk + 1.0)?
             .broadcast_mul(&mask)?
             .broadcast_mul(&en.transpose(3, 4)?)?;
@@ -724,6 +743,115 @@ mod tests {
                 dy < 1e-5 && dg < 1e-5,
                 "{name}: value {dy:e}, gradient {dg:e}"
             );
+        }
+        Ok(())
+    }
+
+    /// The fused inner gradient (f32) against the composed one (f64): value and the gradients to Z, the
+    /// target, γ and β (its backward is the inner loss's second derivative, written by hand).
+    #[test]
+    fn fused_inner_gradient_matches_the_composed_one() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let (_vm, l) = layer(DType::F64, 4, WeightKind::Float)?;
+        let shape = (2, 4, 4, 8);
+        let draw = |seed, mean, std| {
+            crate::model::init::seeded_randn(seed, mean, std, shape, DType::F64, &dev)
+        };
+        let (k64, t64, g64, b64, w64) = (
+            draw(41, 0.0, 1.0)?,
+            draw(42, 0.0, 1.0)?,
+            draw(43, 1.0, 0.3)?,
+            draw(44, 0.0, 0.3)?,
+            draw(45, 0.0, 1.0)?,
+        );
+        let wb = crate::model::init::seeded_randn(46, 0.0, 0.5, (2, 4, 8, 8), DType::F64, &dev)?;
+        let bb = crate::model::init::seeded_randn(47, 0.0, 0.5, (2, 4, 1, 8), DType::F64, &dev)?;
+        let mut got = Vec::new();
+        for dtype in [DType::F32, DType::F64] {
+            let vars: Vec<Var> = [&k64, &t64, &g64, &b64, &wb]
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()))
+                .collect::<Result<_>>()?;
+            let ln = LnParams {
+                weight: vars[2].as_tensor().clone(),
+                bias: vars[3].as_tensor().clone(),
+            };
+            let dz = l.inner_grad_z(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[4].as_tensor(),
+                &bb.to_dtype(dtype)?,
+                &ln,
+            )?;
+            let grads = (&dz * w64.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let mut out = vec![dz.to_dtype(DType::F64)?];
+            for v in &vars {
+                out.push(
+                    grads
+                        .get(v.as_tensor())
+                        .expect("gradient")
+                        .to_dtype(DType::F64)?,
+                );
+            }
+            got.push(out);
+        }
+        for (i, name) in ["value", "∂k", "∂target", "∂γ", "∂β", "∂W"]
+            .iter()
+            .enumerate()
+        {
+            let r = max_rel_diff(&got[0][i], &got[1][i])?;
+            assert!(r < 1e-4, "{name}: fused vs composed rel diff {r:e}");
+        }
+        Ok(())
+    }
+
+    /// The fused post-norm (f32) against the composed one (f64): value and gradients to x, scale, shift.
+    #[test]
+    fn fused_post_norm_matches_the_composed_one() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let x64 = crate::model::init::seeded_randn(51, 0.5, 2.0, (3, 70, 16), DType::F64, &dev)?;
+        let w64 = crate::model::init::seeded_randn(52, 1.0, 0.3, 16, DType::F64, &dev)?;
+        let b64 = crate::model::init::seeded_randn(53, 0.0, 0.3, 16, DType::F64, &dev)?;
+        let up = crate::model::init::seeded_randn(54, 0.0, 1.0, (3, 70, 16), DType::F64, &dev)?;
+        let mut got = Vec::new();
+        for dtype in [DType::F32, DType::F64] {
+            let vars: Vec<Var> = [&x64, &w64, &b64]
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()))
+                .collect::<Result<_>>()?;
+            let (x, w, b) = (
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+            );
+            let y = if dtype == DType::F32 {
+                x.apply_op3(
+                    w,
+                    b,
+                    ttt_ops::AffineLayerNorm {
+                        eps: INNER_LN_EPS as f32,
+                    },
+                )?
+            } else {
+                normalized(x)?.broadcast_mul(w)?.broadcast_add(b)?
+            };
+            let grads = (&y * up.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let mut out = vec![y.to_dtype(DType::F64)?];
+            for v in &vars {
+                out.push(
+                    grads
+                        .get(v.as_tensor())
+                        .expect("gradient")
+                        .to_dtype(DType::F64)?,
+                );
+            }
+            got.push(out);
+        }
+        for (i, name) in ["value", "∂x", "∂w", "∂b"].iter().enumerate() {
+            let r = max_rel_diff(&got[0][i], &got[1][i])?;
+            assert!(r < 1e-5, "{name}: fused vs composed rel diff {r:e}");
         }
         Ok(())
     }

@@ -131,3 +131,260 @@ impl CustomOp1 for Normalize {
 pub fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
+
+/// ∂ℓ/∂Z of the inner loss ℓ = ½‖γ ⊙ x̂(Z) − t‖² per row (t = target − β): g = (γ ⊙ x̂ − t) ⊙ γ,
+/// ∂ℓ/∂Z = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ — forward in one pass, and its backward (the inner loss's
+/// second derivative) in one more, instead of some twenty graph nodes each way. Operands: Z, t, γ, all of
+/// the same shape.
+pub struct InnerGradZ {
+    pub eps: f32,
+}
+
+const GRAD_OP: &str = "ttt inner gradient";
+
+impl candle_core::CustomOp3 for InnerGradZ {
+    fn name(&self) -> &'static str {
+        "ttt-inner-grad-z"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (z, t, gamma) = (
+            cpu_f32::slice(s1, l1, GRAD_OP)?,
+            cpu_f32::slice(s2, l2, GRAD_OP)?,
+            cpu_f32::slice(s3, l3, GRAD_OP)?,
+        );
+        if z.len() != t.len() || z.len() != gamma.len() {
+            candle_core::bail!("{GRAD_OP}: operands of different sizes");
+        }
+        let d = *l1.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; z.len()];
+        out.par_chunks_mut(d * ROWS)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let o = c * d * ROWS;
+                let mut x = vec![0f32; d];
+                let mut g = vec![0f32; d];
+                for (r, out) in out.chunks_exact_mut(d).enumerate() {
+                    let a = o + r * d;
+                    let (z, t, gm) = (&z[a..a + d], &t[a..a + d], &gamma[a..a + d]);
+                    row_forward(z, t, gm, self.eps, &mut x, &mut g, out);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        z: &Tensor,
+        t: &Tensor,
+        gamma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (shape, dev) = (z.shape().clone(), z.device().clone());
+        let d = *shape.dims().last().unwrap_or(&1);
+        let views = [
+            cpu_f32::view(z),
+            cpu_f32::view(t),
+            cpu_f32::view(gamma),
+            cpu_f32::view(&grad),
+        ];
+        let z = views[0].slice(GRAD_OP)?;
+        let t = views[1].slice(GRAD_OP)?;
+        let gamma = views[2].slice(GRAD_OP)?;
+        let up = views[3].slice(GRAD_OP)?;
+        let n = z.len();
+        let (mut dz, mut dt, mut dg) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        dz.par_chunks_mut(d * ROWS)
+            .zip(dt.par_chunks_mut(d * ROWS).zip(dg.par_chunks_mut(d * ROWS)))
+            .enumerate()
+            .for_each(|(c, (dz, (dt, dg)))| {
+                let o = c * d * ROWS;
+                let mut x = vec![0f32; d];
+                let mut g = vec![0f32; d];
+                let mut u = vec![0f32; d];
+                let mut big_a = vec![0f32; d];
+                let mut big_x = vec![0f32; d];
+                for (r, ((dz, dt), dg)) in dz
+                    .chunks_exact_mut(d)
+                    .zip(dt.chunks_exact_mut(d))
+                    .zip(dg.chunks_exact_mut(d))
+                    .enumerate()
+                {
+                    let a0 = o + r * d;
+                    let (z, t, gm, up) = (
+                        &z[a0..a0 + d],
+                        &t[a0..a0 + d],
+                        &gamma[a0..a0 + d],
+                        &up[a0..a0 + d],
+                    );
+                    // Forward again: x̂, g, h = mean(g ⊙ x̂), u = g − mean(g) − x̂ h, 1/σ.
+                    let rs = row_forward(z, t, gm, self.eps, &mut x, &mut g, &mut u);
+                    let inv_d = 1.0 / d as f32;
+                    let h = g.iter().zip(&x).map(|(g, x)| g * x).sum::<f32>() * inv_d;
+                    // out = r·u/…: row_forward wrote r·u into u; recover u.
+                    for v in u.iter_mut() {
+                        *v /= rs;
+                    }
+                    // a = r·G, s_r = Σ G ⊙ u.
+                    let s_r: f32 = up.iter().zip(&u).map(|(g, u)| g * u).sum();
+                    let mean_a = up.iter().sum::<f32>() * rs * inv_d;
+                    let p = up.iter().zip(&x).map(|(g, x)| g * x).sum::<f32>() * rs * inv_d;
+                    for i in 0..d {
+                        let a = rs * up[i];
+                        big_a[i] = a - mean_a - x[i] * p; // ∂L/∂g
+                        big_x[i] = big_a[i] * gm[i] * gm[i] - a * h - g[i] * p; // ∂L/∂x̂
+                        dt[i] = -big_a[i] * gm[i];
+                        dg[i] = big_a[i] * (2.0 * gm[i] * x[i] - t[i]);
+                    }
+                    let mx = big_x.iter().sum::<f32>() * inv_d;
+                    let mxx = big_x.iter().zip(&x).map(|(a, b)| a * b).sum::<f32>() * inv_d;
+                    for i in 0..d {
+                        dz[i] = rs * (big_x[i] - mx - x[i] * mxx) - s_r * rs * rs * x[i] * inv_d;
+                    }
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dz, shape.clone(), &dev)?),
+            Some(Tensor::from_vec(dt, shape.clone(), &dev)?),
+            Some(Tensor::from_vec(dg, shape, &dev)?),
+        ))
+    }
+}
+
+/// One row of [`InnerGradZ`]: fills x̂ and g, writes ∂ℓ/∂Z into `out`, returns 1/σ.
+#[inline(always)]
+fn row_forward(
+    z: &[f32],
+    t: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    x: &mut [f32],
+    g: &mut [f32],
+    out: &mut [f32],
+) -> f32 {
+    let d = z.len();
+    let (mu, r) = moments(z, eps);
+    for i in 0..d {
+        x[i] = (z[i] - mu) * r;
+        g[i] = (gamma[i] * x[i] - t[i]) * gamma[i];
+    }
+    let gm = g.iter().sum::<f32>() / d as f32;
+    let gxm = g.iter().zip(x.iter()).map(|(g, x)| g * x).sum::<f32>() / d as f32;
+    for i in 0..d {
+        out[i] = (g[i] - gm - x[i] * gxm) * r;
+    }
+    r
+}
+
+/// LayerNorm with scale and shift over the last dim, y = x̂ ⊙ w + b (the TTT post-norm): forward and
+/// backward fused, the ∂w, ∂b row sums in fixed blocks (the result does not depend on the thread count).
+pub struct AffineLayerNorm {
+    pub eps: f32,
+}
+
+const LN_OP: &str = "ttt post-norm";
+
+impl candle_core::CustomOp3 for AffineLayerNorm {
+    fn name(&self) -> &'static str {
+        "ttt-post-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            cpu_f32::slice(s1, l1, LN_OP)?,
+            cpu_f32::slice(s2, l2, LN_OP)?,
+            cpu_f32::slice(s3, l3, LN_OP)?,
+        );
+        let d = w.len();
+        if l1.dims().last() != Some(&d) || b.len() != d {
+            candle_core::bail!("{LN_OP}: input {:?} against a scale of {d}", l1.dims());
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS)
+            .zip(x.par_chunks(d * ROWS))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                    let (mu, r) = moments(x, self.eps);
+                    for i in 0..d {
+                        y[i] = (x[i] - mu) * r * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (shape, dev) = (x.shape().clone(), x.device().clone());
+        let (xv, wv, gv) = (cpu_f32::view(x), cpu_f32::view(w), cpu_f32::view(&dy));
+        let (x, w, g) = (xv.slice(LN_OP)?, wv.slice(LN_OP)?, gv.slice(LN_OP)?);
+        let d = w.len();
+        let mut dx = vec![0f32; x.len()];
+        // ∂x = (u − mean(u) − x̂ · mean(u ⊙ x̂)) / σ with u = ∂y ⊙ w;  ∂w = Σ ∂y ⊙ x̂;  ∂b = Σ ∂y.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(d * ROWS)
+            .zip(x.par_chunks(d * ROWS).zip(g.par_chunks(d * ROWS)))
+            .map(|(dx, (x, g))| {
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                let mut xhat = vec![0f32; d];
+                for (dx, (x, g)) in dx
+                    .chunks_exact_mut(d)
+                    .zip(x.chunks_exact(d).zip(g.chunks_exact(d)))
+                {
+                    let (mu, r) = moments(x, self.eps);
+                    let (mut um, mut uxm) = (0f32, 0f32);
+                    for i in 0..d {
+                        xhat[i] = (x[i] - mu) * r;
+                        let u = g[i] * w[i];
+                        um += u;
+                        uxm += u * xhat[i];
+                        dw[i] += g[i] * xhat[i];
+                        db[i] += g[i];
+                    }
+                    let (um, uxm) = (um / d as f32, uxm / d as f32);
+                    for i in 0..d {
+                        dx[i] = (g[i] * w[i] - um - xhat[i] * uxm) * r;
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pw, pb) in &partial {
+            for i in 0..d {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, shape, &dev)?),
+            Some(Tensor::from_vec(dw, d, &dev)?),
+            Some(Tensor::from_vec(db, d, &dev)?),
+        ))
+    }
+}
