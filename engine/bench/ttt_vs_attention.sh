@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Training-step time of the TTT block against attention, side by side in one run (alternating rounds):
+# Bit-Llama with the authors' TTT-Linear (the default keys), the engine's first TTT definition (legacy), the
+# Mamba backbone, attention with BitLinear, and float attention (Llama). Each row is `engine bench-train`
+# at D=256 N=4 H=4 B=8 T=128, vocab 16,384 (the shape of train_vs_torch.sh). Prints medians and the ratio
+# of each to float attention.
+#
+#   bash engine/bench/ttt_vs_attention.sh [ROUNDS]
+#
+# ENGINE_BEFORE=/path/to/an/older/engine adds that binary's TTT and float attention rows, with its own
+# definitions (e.g. one built from the commit before the authors' TTT keys: `--ttt` is not passed to it).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+rounds=${1:-3}
+threads=${THREADS:-$(nproc)}
+cargo build --release -q -p engine
+out=$(mktemp)
+rows=("ours bitttt authors" "ours bitttt legacy" "ours bitttt mamba" "ours attention authors" "ours llama authors")
+if [ -n "${ENGINE_BEFORE:-}" ]; then rows+=("before bitttt -" "before llama -"); fi
+for r in $(seq "$rounds"); do
+  for row in "${rows[@]}"; do
+    read -r who arch ttt <<<"$row"
+    bin=./target/release/engine
+    flags=(--ttt "$ttt")
+    [ "$who" = before ] && bin=$ENGINE_BEFORE && flags=()
+    RAYON_NUM_THREADS=$threads "$bin" bench-train --arch "$arch" "${flags[@]}" --steps 8 --warmup 2 \
+      | sed "s/^{/{\"who\":\"$who\",\"arch\":\"$arch\",\"ttt\":\"$ttt\",\"round\":$r,/" | tee -a "$out"
+  done
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+med = {}
+for r in rows:
+    key = (r["who"], r["arch"], r["ttt"] if r["arch"] == "bitttt" else "-")
+    if r["who"] == "before" and r["arch"] == "llama":
+        key = ("before", "llama", "-")
+    med.setdefault(key, []).append(r)
+ref = {who: statistics.median(x["ms_per_step"] for x in med[(who, "llama", "-")])
+       for who in {k[0] for k in med} if (who, "llama", "-") in med}
+print("\nwho     arch       ttt      ms/step  forward  backward  tok/s   vs float attention (same binary)")
+for (who, arch, ttt), rs in med.items():
+    ms = statistics.median(x["ms_per_step"] for x in rs)
+    f = statistics.median(x["forward_ms"] for x in rs)
+    b = statistics.median(x["backward_ms"] for x in rs)
+    tps = statistics.median(x["tokens_per_s"] for x in rs)
+    print(f"{who:<7} {arch:<10} {ttt:<8} {ms:7.1f}  {f:7.1f}  {b:8.1f}  {tps:6.0f}  {ms / ref[who]:.3f}×")
+PY
