@@ -8,8 +8,11 @@
 //! Tokens before a chunk's start come from the carried tail (the last k−1 inputs), zeros at the start of a
 //! sequence, so a sequence fed in chunks — or token by token — gives what one call gives.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
+
+use crate::cpu_f32;
 
 #[derive(Debug, Clone)]
 pub struct CausalConv {
@@ -49,6 +52,14 @@ impl CausalConv {
 
     /// y (B,T,D) from a padded input (B,T+k−1,D) (see [`CausalConv::pad`]).
     pub fn forward_padded(&self, padded: &Tensor) -> Result<Tensor> {
+        let f32_cpu = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
+        if f32_cpu(padded) && f32_cpu(&self.weight) {
+            return padded.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &self.bias.contiguous()?,
+                FusedCausalConv,
+            );
+        }
         let t = padded.dim(1)? + 1 - self.kernel;
         let mut y = self.bias.clone();
         for j in 0..self.kernel {
@@ -67,11 +78,136 @@ impl CausalConv {
     }
 }
 
+/// The convolution on CPU in f32, forward and backward one pass each (the composed form is k broadcast
+/// multiply-adds, each with a reduction in its backward). Operands: padded input (B, T+k−1, D), kernel
+/// (D, k), bias (D).
+struct FusedCausalConv;
+
+const OP: &str = "causal conv";
+
+impl candle_core::CustomOp3 for FusedCausalConv {
+    fn name(&self) -> &'static str {
+        "causal-depthwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            cpu_f32::slice(s1, l1, OP)?,
+            cpu_f32::slice(s2, l2, OP)?,
+            cpu_f32::slice(s3, l3, OP)?,
+        );
+        let (bs, tp, d) = l1.shape().dims3()?;
+        let k = w.len() / d.max(1);
+        let t = tp + 1 - k;
+        let mut y = vec![0f32; bs * t * d];
+        y.par_chunks_mut(t * d)
+            .zip(x.par_chunks(tp * d))
+            .for_each(|(y, x)| {
+                for (n, y) in y.chunks_exact_mut(d).enumerate() {
+                    for c in 0..d {
+                        let mut v = b[c];
+                        for j in 0..k {
+                            v += x[(n + j) * d + c] * w[c * k + j];
+                        }
+                        y[c] = v;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((bs, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (bs, tp, d) = x.dims3()?;
+        let dev = x.device().clone();
+        let (xv, wv, gv) = (cpu_f32::view(x), cpu_f32::view(w), cpu_f32::view(&dy));
+        let (x, w, g) = (xv.slice(OP)?, wv.slice(OP)?, gv.slice(OP)?);
+        let k = w.len() / d.max(1);
+        let t = tp + 1 - k;
+        let mut dx = vec![0f32; x.len()];
+        // Per sequence: ∂x and partial ∂w, ∂b (summed below in sequence order: thread-count independent).
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(tp * d)
+            .zip(x.par_chunks(tp * d).zip(g.par_chunks(t * d)))
+            .map(|(dx, (x, g))| {
+                let (mut dw, mut db) = (vec![0f32; d * k], vec![0f32; d]);
+                for n in 0..t {
+                    for c in 0..d {
+                        let gy = g[n * d + c];
+                        db[c] += gy;
+                        for j in 0..k {
+                            dx[(n + j) * d + c] += w[c * k + j] * gy;
+                            dw[c * k + j] += x[(n + j) * d + c] * gy;
+                        }
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; d * k], vec![0f32; d]);
+        for (pw, pb) in &partial {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        Ok((
+            Some(Tensor::from_vec(dx, (bs, tp, d), &dev)?),
+            Some(Tensor::from_vec(dw, (d, k), &dev)?),
+            Some(Tensor::from_vec(db, d, &dev)?),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use candle_nn::VarMap;
+
+    /// The fused f32 convolution against the composed one in f64: value and gradients.
+    #[test]
+    fn fused_matches_composed() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let x64 = crate::model::init::seeded_randn(61, 0.0, 1.0, (2, 9, 5), DType::F64, &dev)?;
+        let up = crate::model::init::seeded_randn(62, 0.0, 1.0, (2, 6, 5), DType::F64, &dev)?;
+        let mut got = Vec::new();
+        for dtype in [DType::F32, DType::F64] {
+            let vm = VarMap::new();
+            let vb = crate::model::init::seeded_var_builder(&vm, 3, dtype, &dev);
+            let conv = CausalConv::new(5, 4, vb.pp("c"))?;
+            let x = Var::from_tensor(&x64.to_dtype(dtype)?)?;
+            let y = conv.forward_padded(x.as_tensor())?;
+            let grads = (&y * up.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let mut out = vec![y.to_dtype(DType::F64)?];
+            for t in [x.as_tensor(), &conv.weight, &conv.bias] {
+                out.push(grads.get(t).expect("gradient").to_dtype(DType::F64)?);
+            }
+            got.push(out);
+        }
+        for (i, name) in ["value", "∂x", "∂w", "∂b"].iter().enumerate() {
+            let diff = (&got[0][i] - &got[1][i])?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(diff < 1e-5, "{name}: fused vs composed differ by {diff:e}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn equals_the_direct_sum_and_chunks_carry_the_tail() -> Result<()> {
