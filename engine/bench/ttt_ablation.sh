@@ -9,10 +9,11 @@
 # Variants (default: all): authors legacy no_token_eta no_lr_bias no_inner_rope no_post_norm legacy_eps mamba
 # attention_ternary attention_float. Model: D=256 N=4 H=4, vocab 4,096, batch 16 × context 128, lr 3e-3
 # (cosine to 3e-4 over the steps the seconds allow is not known in advance: the rate stays at lr after warm-up),
-# seed 0; the final eval covers 16 batches of 8 held-out windows. Needs ../shared (the sample).
+# seed $SEED (default 0); the final eval covers 16 batches of 8 held-out windows. Needs ../shared (the sample).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds=${1:-240}
+seed=${SEED:-0}
 shift || true
 variants=("${@:-authors legacy no_token_eta no_lr_bias no_inner_rope no_post_norm legacy_eps mamba attention_ternary attention_float}")
 read -r -a variants <<<"${variants[*]}"
@@ -44,13 +45,13 @@ keys() {
 }
 
 train() {
-  local v=$1 dir=$work/runs/$1
+  local v=$1 dir=$work/runs-s$seed/$1
   rm -rf "$dir" && mkdir -p "$dir"
   {
     echo "data_dir = \"$data\""
     echo 'dim = 256'; echo 'n_layers = 4'; echo 'n_heads = 4'; echo 'batch_size = 16'; echo 'context_len = 128'
     echo "max_seconds = $seconds"; echo 'lr = 0.003'; echo 'warmup_steps = 30'; echo 'min_lr = 0.0003'
-    echo 'eval_every = 1000000'; echo 'eval_batches = 16'; echo 'checkpoint_every = 1000000'; echo 'seed = 0'
+    echo 'eval_every = 1000000'; echo 'eval_batches = 16'; echo 'checkpoint_every = 1000000'; echo "seed = $seed"
     keys "$v"
   } >"$dir/run.toml"
   RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 ./target/release/engine train --config "$dir/run.toml" \
@@ -64,7 +65,7 @@ for ((i = 0; i < ${#variants[@]}; i += 2)); do
   wait
 done
 
-python3 - "$work/runs" "$seconds" "${variants[@]}" <<'PY'
+python3 - "$work/runs-s$seed" "$seconds" "${variants[@]}" <<'PY'
 import json, sys
 root, seconds, names = sys.argv[1], sys.argv[2], sys.argv[3:]
 rows = {}
@@ -77,7 +78,7 @@ for n in names:
     d = done[-1]
     rows[n] = (d["val_loss"], d["val_bpb"], d["step"], start[0].get("params") if start else None)
 ref = rows.get("attention_float")
-print(f"\nheld-out after {seconds} s of training each (2 runs at a time, 1 core each)")
+print(f"\nheld-out after {seconds} s of training each (2 runs at a time, 1 core each), {root}")
 print("| variant | steps | val loss | val bits/byte | vs float attention |")
 print("|---|---|---|---|---|")
 for n, (loss, bpb, step, params) in rows.items():
