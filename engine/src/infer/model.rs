@@ -17,7 +17,6 @@ use crate::model::{MixerKind, ModelConfig, TokenEta};
 /// ε of the TTT inner layer norm and post-norm, and RoPE's bases: training's own constants.
 const INNER_LN_EPS: f32 = crate::model::ttt_linear::INNER_LN_EPS as f32;
 use crate::model::attention::ROPE_THETA;
-use crate::model::ttt_linear::INNER_ROPE_THETA;
 
 /// A depthwise causal convolution (the Mamba backbone): kernel D × k (oldest tap first), bias D.
 struct Conv {
@@ -494,18 +493,11 @@ fn rope_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// cos, sin (b × d/2) of the inner RoPE at every mini-batch position, as training computes them.
+/// cos, sin (b × d/2) of the inner RoPE at every mini-batch position: training's tables.
 fn inner_rope_tables(mini_batch: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut cos = Vec::with_capacity(mini_batch * d / 2);
-    let mut sin = Vec::with_capacity(mini_batch * d / 2);
-    for p in 0..mini_batch {
-        for j in 0..d / 2 {
-            let angle = p as f64 * INNER_ROPE_THETA.powf(-((2 * j) as f64) / d as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
+    let (cos, sin) = crate::model::ttt_linear::inner_rope_angles(mini_batch, 0, mini_batch, d);
+    let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (f32s(cos), f32s(sin))
 }
 
 /// cos, sin of RoPE at one position ("rotate half" layout, head size d), as training computes them.
@@ -1002,7 +994,7 @@ mod tests {
             ] {
                 for c in variants(cfg(mixer, weights, tie)) {
                     let (vm, model) = build_seeded(&c, 5, DType::F32, &Device::Cpu)?;
-                    perturb_optional_parameters(&vm)?;
+                    crate::model::init::perturb_constant_inits(&vm)?;
                     let ids = tokens(11, 61);
                     let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
                     let want: Vec<f32> = model.forward(&x)?.flatten_all()?.to_vec1()?;
@@ -1039,28 +1031,6 @@ mod tests {
                         assert_eq!(st.position(), 11);
                     }
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Move the parameters that start at a constant (token-η offsets, θ_lr bias, post-norm) off it, so that
-    /// a test sees each of them used.
-    fn perturb_optional_parameters(vm: &candle_nn::VarMap) -> anyhow::Result<()> {
-        for (name, var) in vm.data().lock().expect("varmap").iter() {
-            if ["token_eta", "lr.bias", "post_norm"]
-                .iter()
-                .any(|p| name.contains(p))
-            {
-                let noise = crate::model::init::seeded_randn(
-                    name.len() as u64,
-                    0.0,
-                    0.3,
-                    var.shape(),
-                    DType::F32,
-                    &Device::Cpu,
-                )?;
-                var.set(&(var.as_tensor() + noise)?)?;
             }
         }
         Ok(())

@@ -108,8 +108,14 @@ impl Block {
         x: &Tensor,
         state: Option<MixerState>,
     ) -> Result<(Tensor, MixerState)> {
-        let (x, state) = match (&self.pre_conv, state) {
-            (Some(pre), Some(MixerState::Ttt(mut s))) => {
+        // Mamba backbone: x = x + Conv(RMSNorm(x)), its input tail carried in the TTT state.
+        let (x, state) = match (&self.pre_conv, &self.mixer) {
+            (Some(pre), Mixer::Ttt(m)) => {
+                let mut s = match state {
+                    Some(MixerState::Ttt(s)) => s,
+                    None => m.initial_state(x.dim(0)?)?,
+                    Some(_) => candle_core::bail!("mixer state does not match the mixer kind"),
+                };
                 let (padded, tail) = pre.conv.pad(&pre.norm.forward(x)?, s.pre_tail.take())?;
                 s.pre_tail = Some(tail);
                 (
@@ -117,19 +123,7 @@ impl Block {
                     Some(MixerState::Ttt(s)),
                 )
             }
-            (Some(pre), None) => {
-                let (padded, tail) = pre.conv.pad(&pre.norm.forward(x)?, None)?;
-                let Mixer::Ttt(m) = &self.mixer else {
-                    candle_core::bail!("the Mamba backbone needs a TTT mixer")
-                };
-                let mut s = m.initial_state(x.dim(0)?)?;
-                s.pre_tail = Some(tail);
-                (
-                    (x + pre.conv.forward_padded(&padded)?)?,
-                    Some(MixerState::Ttt(s)),
-                )
-            }
-            (_, state) => (x.clone(), state),
+            _ => (x.clone(), state),
         };
         let (mixed, state) = self
             .mixer

@@ -8,7 +8,7 @@
 //! Tokens before a chunk's start come from the carried tail (the last k−1 inputs), zeros at the start of a
 //! sequence, so a sequence fed in chunks — or token by token — gives what one call gives.
 
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
@@ -52,8 +52,7 @@ impl CausalConv {
 
     /// y (B,T,D) from a padded input (B,T+k−1,D) (see [`CausalConv::pad`]).
     pub fn forward_padded(&self, padded: &Tensor) -> Result<Tensor> {
-        let f32_cpu = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
-        if f32_cpu(padded) && f32_cpu(&self.weight) {
+        if cpu_f32::is_cpu_f32(padded) && cpu_f32::is_cpu_f32(&self.weight) {
             return padded.contiguous()?.apply_op3(
                 &self.weight.contiguous()?,
                 &self.bias.contiguous()?,
@@ -159,11 +158,8 @@ impl candle_core::CustomOp3 for FusedCausalConv {
                 (dw, db)
             })
             .collect();
-        let (mut dw, mut db) = (vec![0f32; d * k], vec![0f32; d]);
-        for (pw, pb) in &partial {
-            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-        }
+        let dw = cpu_f32::sum_in_order(partial.iter().map(|p| &p.0), d * k);
+        let db = cpu_f32::sum_in_order(partial.iter().map(|p| &p.1), d);
         Ok((
             Some(Tensor::from_vec(dx, (bs, tp, d), &dev)?),
             Some(Tensor::from_vec(dw, (d, k), &dev)?),
@@ -175,7 +171,7 @@ impl candle_core::CustomOp3 for FusedCausalConv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
     /// The fused f32 convolution against the composed one in f64: value and gradients.

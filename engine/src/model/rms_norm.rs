@@ -117,12 +117,7 @@ impl CustomOp2 for FusedRmsNorm {
                 dg
             })
             .collect();
-        let mut dg = vec![0f32; d];
-        for p in &partial_dg {
-            for (a, b) in dg.iter_mut().zip(p) {
-                *a += b;
-            }
-        }
+        let dg = cpu_f32::sum_in_order(&partial_dg, d);
         Ok((
             Some(Tensor::from_vec(dx, shape, &dev)?),
             Some(Tensor::from_vec(dg, d, &dev)?),

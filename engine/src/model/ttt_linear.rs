@@ -18,13 +18,16 @@
 //! Mamba backbone (`ttt_backbone = "mamba"`) takes Q and K from one projection through two causal
 //! convolutions and gates the output with GELU(θ_G x).
 
-use candle_core::{Module, Result, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{CustomOp1, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::bit_linear::BitLinear;
 use super::causal_conv::CausalConv;
 use super::config::{ModelConfig, TokenEta};
 use super::ttt_ops;
+use crate::cpu_f32::is_cpu_f32;
 
 /// ε of the inner model's layer norm and of the post-norm (the authors').
 pub const INNER_LN_EPS: f64 = 1e-6;
@@ -135,7 +138,7 @@ impl LnParams {
 
 /// x̂ = (z − μ)/σ over the last dim (one fused op on CPU in f32).
 fn normalized(z: &Tensor) -> Result<Tensor> {
-    if ttt_ops::fused(z) {
+    if is_cpu_f32(z) {
         return z.contiguous()?.apply_op1(ttt_ops::Normalize {
             eps: INNER_LN_EPS as f32,
         });
@@ -152,8 +155,14 @@ fn normalize(z: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((centered.broadcast_mul(&inv_std)?, inv_std))
 }
 
-/// cos, sin (T × d/2) of the inner RoPE for tokens at mini-batch positions (first + i) mod b.
-fn inner_rope_angles(t: usize, first: usize, mini_batch: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
+/// cos, sin (T × d/2) of the inner RoPE for tokens at mini-batch positions (first + i) mod b (training and
+/// the inference path use these same tables).
+pub(crate) fn inner_rope_angles(
+    t: usize,
+    first: usize,
+    mini_batch: usize,
+    d: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let half = d / 2;
     let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
     for i in 0..t {
@@ -167,27 +176,43 @@ fn inner_rope_angles(t: usize, first: usize, mini_batch: usize, d: usize) -> (Ve
     (cos, sin)
 }
 
-/// RoPE on interleaved pairs (x₂ᵢ, x₂ᵢ₊₁) of x (B,H,T,d) at mini-batch positions from `first` — the
-/// authors' `permute_qk`, rotate-half RoPE, `undo_permute_qk` in one.
-fn apply_inner_rope(x: &Tensor, first: usize, mini_batch: usize) -> Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
-    let (cos, sin) = inner_rope_angles(t, first, mini_batch, d);
-    if ttt_ops::fused(x) {
-        let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
-        let op = ttt_ops::PairRotation {
-            cos: f32s(cos),
-            sin: f32s(sin),
-        };
-        return x.contiguous()?.apply_op1(op);
+/// RoPE on interleaved pairs (x₂ᵢ, x₂ᵢ₊₁) of (B,H,T,d) tensors at mini-batch positions — the authors'
+/// `permute_qk`, rotate-half RoPE, `undo_permute_qk` in one. The tables are made once for Q and K.
+enum InnerRope {
+    /// The fused CPU op (f32), shared by the Q and K nodes of the graph.
+    Fused(Arc<Box<dyn CustomOp1 + Send + Sync>>),
+    /// cos, sin as (T, d/2, 1) tensors for the composed form.
+    Composed(Tensor, Tensor),
+}
+
+impl InnerRope {
+    fn new(t: usize, first: usize, mini_batch: usize, d: usize, like: &Tensor) -> Result<Self> {
+        let (cos, sin) = inner_rope_angles(t, first, mini_batch, d);
+        if is_cpu_f32(like) {
+            let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+            return Ok(Self::Fused(Arc::new(Box::new(ttt_ops::PairRotation {
+                cos: f32s(cos),
+                sin: f32s(sin),
+            }))));
+        }
+        let table =
+            |v: Vec<f64>| Tensor::from_vec(v, (t, d / 2, 1), like.device())?.to_dtype(like.dtype());
+        Ok(Self::Composed(table(cos)?, table(sin)?))
     }
-    let table = |v: Vec<f64>| Tensor::from_vec(v, (t, d / 2, 1), x.device())?.to_dtype(x.dtype());
-    let (cos, sin) = (table(cos)?, table(sin)?);
-    let pairs = x.reshape((b, h, t, d / 2, 2))?;
-    let even = pairs.narrow(4, 0, 1)?;
-    let odd = pairs.narrow(4, 1, 1)?;
-    let re = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
-    let im = (even.broadcast_mul(&sin)? + odd.broadcast_mul(&cos)?)?;
-    Tensor::cat(&[&re, &im], 4)?.reshape((b, h, t, d))
+
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (cos, sin) = match self {
+            Self::Fused(op) => return x.contiguous()?.apply_op1_arc(op.clone()),
+            Self::Composed(cos, sin) => (cos, sin),
+        };
+        let (b, h, t, d) = x.dims4()?;
+        let pairs = x.reshape((b, h, t, d / 2, 2))?;
+        let even = pairs.narrow(4, 0, 1)?;
+        let odd = pairs.narrow(4, 1, 1)?;
+        let re = (even.broadcast_mul(cos)? - odd.broadcast_mul(sin)?)?;
+        let im = (even.broadcast_mul(sin)? + odd.broadcast_mul(cos)?)?;
+        Tensor::cat(&[&re, &im], 4)?.reshape((b, h, t, d))
+    }
 }
 
 impl TttLinear {
@@ -301,7 +326,7 @@ impl TttLinear {
         ln: &LnParams,
     ) -> Result<Tensor> {
         let z = k.matmul(w_base)?.broadcast_add(b_base)?;
-        if ttt_ops::fused(&z) && ln.weight.dims() == z.dims() {
+        if is_cpu_f32(&z) && ln.weight.dims() == z.dims() {
             let shifted = (target - &ln.bias)?.contiguous()?;
             let op = ttt_ops::InnerGradZ {
                 eps: INNER_LN_EPS as f32,
@@ -397,8 +422,9 @@ impl TttLinear {
         };
         let (mut q, mut k) = (heads(q)?, heads(k)?);
         if self.inner_rope {
-            q = apply_inner_rope(&q, first, self.mini_batch)?;
-            k = apply_inner_rope(&k, first, self.mini_batch)?;
+            let rope = InnerRope::new(t, first, self.mini_batch, self.head_dim, x)?;
+            q = rope.apply(&q)?;
+            k = rope.apply(&k)?;
         }
         let v = heads(self.v.forward(x)?)?;
         // η(x) = η_base · sigmoid(θ_lr x + β_lr) / d
@@ -419,7 +445,7 @@ impl TttLinear {
     fn output(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let mut y = y;
         if let Some((w, b)) = &self.post_norm {
-            y = if ttt_ops::fused(&y) && ttt_ops::fused(w) {
+            y = if is_cpu_f32(&y) && is_cpu_f32(w) {
                 let op = ttt_ops::AffineLayerNorm {
                     eps: INNER_LN_EPS as f32,
                 };
@@ -662,23 +688,7 @@ mod tests {
         // A large std so that the inner loop actually moves W and the test is sensitive.
         let l = TttLinear::new(cfg, 0.2, 0.2, vb.pp("ttt"))?;
         // Non-zero token-η offsets, θ_lr bias and post-norm parameters, so that each one is exercised.
-        let vars = varmap.data().lock().expect("varmap").clone();
-        for (name, var) in vars {
-            if name.contains("token_eta") || name.contains("lr.bias") || name.contains("post_norm")
-            {
-                let n = var.as_tensor().elem_count();
-                let noise = crate::model::init::seeded_randn(
-                    name.len() as u64,
-                    0.0,
-                    0.3,
-                    n,
-                    dtype,
-                    &Device::Cpu,
-                )?
-                .reshape(var.shape())?;
-                var.set(&(var.as_tensor() + noise)?)?;
-            }
-        }
+        crate::model::init::perturb_constant_inits(&varmap)?;
         Ok((varmap, l))
     }
 
@@ -712,36 +722,56 @@ mod tests {
         ]
     }
 
+    /// `f` on `inputs` in f32 (where the fused CPU ops run) and in f64 (the composed ops), through the loss
+    /// Σ f(…) ⊙ `up`: the max relative difference of the value and of each input's gradient.
+    fn fused_vs_composed(
+        inputs: &[&Tensor],
+        up: &Tensor,
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Vec<f64>> {
+        use candle_core::Var;
+        let mut got = Vec::new();
+        for dtype in [DType::F32, DType::F64] {
+            let vars = inputs
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dtype)?))
+                .collect::<Result<Vec<_>>>()?;
+            let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&args)?;
+            let grads = (&y * up.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let mut out = vec![y.to_dtype(DType::F64)?];
+            for v in &vars {
+                let g = grads.get(v.as_tensor()).expect("gradient");
+                out.push(g.to_dtype(DType::F64)?);
+            }
+            got.push(out);
+        }
+        got[0]
+            .iter()
+            .zip(&got[1])
+            .map(|(a, b)| max_rel_diff(a, b))
+            .collect()
+    }
+
     /// The fused f32 ops (inner RoPE, normalisation) against the composed ones (taken in f64): values and
     /// gradients.
     #[test]
     fn fused_ops_match_the_composed_ones() -> Result<()> {
-        use candle_core::Var;
         let dev = Device::Cpu;
-        let x64 = crate::model::init::seeded_randn(31, 0.0, 1.0, (2, 3, 10, 8), DType::F64, &dev)?;
-        let w64 = crate::model::init::seeded_randn(32, 0.0, 1.0, (2, 3, 10, 8), DType::F64, &dev)?;
+        let x = crate::model::init::seeded_randn(31, 0.0, 1.0, (2, 3, 10, 8), DType::F64, &dev)?;
+        let up = crate::model::init::seeded_randn(32, 0.0, 1.0, (2, 3, 10, 8), DType::F64, &dev)?;
         type Op = fn(&Tensor) -> Result<Tensor>;
         let ops: [(&str, Op); 2] = [
-            ("inner rope", |x| apply_inner_rope(x, 3, 4)),
+            ("inner rope", |x| InnerRope::new(10, 3, 4, 8, x)?.apply(x)),
             ("normalize", normalized),
         ];
         for (name, op) in ops {
-            let mut got = Vec::new();
-            for dtype in [DType::F32, DType::F64] {
-                let x = Var::from_tensor(&x64.to_dtype(dtype)?)?;
-                let y = op(x.as_tensor())?;
-                let grads = (&y * w64.to_dtype(dtype)?)?.sum_all()?.backward()?;
-                let gx = grads.get(x.as_tensor()).expect("gradient").clone();
-                got.push((y.to_dtype(DType::F64)?, gx.to_dtype(DType::F64)?));
-            }
-            let (fused, composed) = (&got[0], &got[1]);
-            let (dy, dg) = (
-                max_rel_diff(&fused.0, &composed.0)?,
-                max_rel_diff(&fused.1, &composed.1)?,
-            );
+            let r = fused_vs_composed(&[&x], &up, |a| op(&a[0]))?;
             assert!(
-                dy < 1e-5 && dg < 1e-5,
-                "{name}: value {dy:e}, gradient {dg:e}"
+                r[0] < 1e-5 && r[1] < 1e-5,
+                "{name}: value {:e}, gradient {:e}",
+                r[0],
+                r[1]
             );
         }
         Ok(())
@@ -751,56 +781,31 @@ mod tests {
     /// target, γ and β (its backward is the inner loss's second derivative, written by hand).
     #[test]
     fn fused_inner_gradient_matches_the_composed_one() -> Result<()> {
-        use candle_core::Var;
         let dev = Device::Cpu;
         let (_vm, l) = layer(DType::F64, 4, WeightKind::Float)?;
-        let shape = (2, 4, 4, 8);
-        let draw = |seed, mean, std| {
+        let draw = |seed, mean, std, shape: (usize, usize, usize, usize)| {
             crate::model::init::seeded_randn(seed, mean, std, shape, DType::F64, &dev)
         };
-        let (k64, t64, g64, b64, w64) = (
-            draw(41, 0.0, 1.0)?,
-            draw(42, 0.0, 1.0)?,
-            draw(43, 1.0, 0.3)?,
-            draw(44, 0.0, 0.3)?,
-            draw(45, 0.0, 1.0)?,
+        let shape = (2, 4, 4, 8);
+        let (k, target, gamma, beta) = (
+            draw(41, 0.0, 1.0, shape)?,
+            draw(42, 0.0, 1.0, shape)?,
+            draw(43, 1.0, 0.3, shape)?,
+            draw(44, 0.0, 0.3, shape)?,
         );
-        let wb = crate::model::init::seeded_randn(46, 0.0, 0.5, (2, 4, 8, 8), DType::F64, &dev)?;
-        let bb = crate::model::init::seeded_randn(47, 0.0, 0.5, (2, 4, 1, 8), DType::F64, &dev)?;
-        let mut got = Vec::new();
-        for dtype in [DType::F32, DType::F64] {
-            let vars: Vec<Var> = [&k64, &t64, &g64, &b64, &wb]
-                .iter()
-                .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()))
-                .collect::<Result<_>>()?;
+        let (up, w, b) = (
+            draw(45, 0.0, 1.0, shape)?,
+            draw(46, 0.0, 0.5, (2, 4, 8, 8))?,
+            draw(47, 0.0, 0.5, (2, 4, 1, 8))?,
+        );
+        let r = fused_vs_composed(&[&k, &target, &gamma, &beta, &w], &up, |a| {
             let ln = LnParams {
-                weight: vars[2].as_tensor().clone(),
-                bias: vars[3].as_tensor().clone(),
+                weight: a[2].clone(),
+                bias: a[3].clone(),
             };
-            let dz = l.inner_grad_z(
-                vars[0].as_tensor(),
-                vars[1].as_tensor(),
-                vars[4].as_tensor(),
-                &bb.to_dtype(dtype)?,
-                &ln,
-            )?;
-            let grads = (&dz * w64.to_dtype(dtype)?)?.sum_all()?.backward()?;
-            let mut out = vec![dz.to_dtype(DType::F64)?];
-            for v in &vars {
-                out.push(
-                    grads
-                        .get(v.as_tensor())
-                        .expect("gradient")
-                        .to_dtype(DType::F64)?,
-                );
-            }
-            got.push(out);
-        }
-        for (i, name) in ["value", "∂k", "∂target", "∂γ", "∂β", "∂W"]
-            .iter()
-            .enumerate()
-        {
-            let r = max_rel_diff(&got[0][i], &got[1][i])?;
+            l.inner_grad_z(&a[0], &a[1], &a[4], &b.to_dtype(a[0].dtype())?, &ln)
+        })?;
+        for (name, r) in ["value", "∂k", "∂target", "∂γ", "∂β", "∂W"].iter().zip(r) {
             assert!(r < 1e-4, "{name}: fused vs composed rel diff {r:e}");
         }
         Ok(())
@@ -809,48 +814,23 @@ mod tests {
     /// The fused post-norm (f32) against the composed one (f64): value and gradients to x, scale, shift.
     #[test]
     fn fused_post_norm_matches_the_composed_one() -> Result<()> {
-        use candle_core::Var;
         let dev = Device::Cpu;
-        let x64 = crate::model::init::seeded_randn(51, 0.5, 2.0, (3, 70, 16), DType::F64, &dev)?;
-        let w64 = crate::model::init::seeded_randn(52, 1.0, 0.3, 16, DType::F64, &dev)?;
-        let b64 = crate::model::init::seeded_randn(53, 0.0, 0.3, 16, DType::F64, &dev)?;
+        let x = crate::model::init::seeded_randn(51, 0.5, 2.0, (3, 70, 16), DType::F64, &dev)?;
+        let w = crate::model::init::seeded_randn(52, 1.0, 0.3, 16, DType::F64, &dev)?;
+        let b = crate::model::init::seeded_randn(53, 0.0, 0.3, 16, DType::F64, &dev)?;
         let up = crate::model::init::seeded_randn(54, 0.0, 1.0, (3, 70, 16), DType::F64, &dev)?;
-        let mut got = Vec::new();
-        for dtype in [DType::F32, DType::F64] {
-            let vars: Vec<Var> = [&x64, &w64, &b64]
-                .iter()
-                .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()))
-                .collect::<Result<_>>()?;
-            let (x, w, b) = (
-                vars[0].as_tensor(),
-                vars[1].as_tensor(),
-                vars[2].as_tensor(),
-            );
-            let y = if dtype == DType::F32 {
-                x.apply_op3(
-                    w,
-                    b,
-                    ttt_ops::AffineLayerNorm {
-                        eps: INNER_LN_EPS as f32,
-                    },
-                )?
+        let r = fused_vs_composed(&[&x, &w, &b], &up, |a| {
+            let (x, w, b) = (&a[0], &a[1], &a[2]);
+            if x.dtype() == DType::F32 {
+                let op = ttt_ops::AffineLayerNorm {
+                    eps: INNER_LN_EPS as f32,
+                };
+                x.apply_op3(w, b, op)
             } else {
-                normalized(x)?.broadcast_mul(w)?.broadcast_add(b)?
-            };
-            let grads = (&y * up.to_dtype(dtype)?)?.sum_all()?.backward()?;
-            let mut out = vec![y.to_dtype(DType::F64)?];
-            for v in &vars {
-                out.push(
-                    grads
-                        .get(v.as_tensor())
-                        .expect("gradient")
-                        .to_dtype(DType::F64)?,
-                );
+                normalized(x)?.broadcast_mul(w)?.broadcast_add(b)
             }
-            got.push(out);
-        }
-        for (i, name) in ["value", "∂x", "∂w", "∂b"].iter().enumerate() {
-            let r = max_rel_diff(&got[0][i], &got[1][i])?;
+        })?;
+        for (name, r) in ["value", "∂x", "∂w", "∂b"].iter().zip(r) {
             assert!(r < 1e-5, "{name}: fused vs composed rel diff {r:e}");
         }
         Ok(())

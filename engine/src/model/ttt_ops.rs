@@ -2,7 +2,7 @@
 //! pairs) and layer-norm's normalisation x̂ = (z − μ)/σ. Elsewhere (CUDA, f64) the layer composes them from
 //! candle ops; unit tests check the two against each other, values and gradients.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_f32;
@@ -127,11 +127,6 @@ impl CustomOp1 for Normalize {
     }
 }
 
-/// Whether the fused ops apply to `x`.
-pub fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
-}
-
 /// ∂ℓ/∂Z of the inner loss ℓ = ½‖γ ⊙ x̂(Z) − t‖² per row (t = target − β): g = (γ ⊙ x̂ − t) ⊙ γ,
 /// ∂ℓ/∂Z = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ — forward in one pass, and its backward (the inner loss's
 /// second derivative) in one more, instead of some twenty graph nodes each way. Operands: Z, t, γ, all of
@@ -175,7 +170,8 @@ impl candle_core::CustomOp3 for InnerGradZ {
                 for (r, out) in out.chunks_exact_mut(d).enumerate() {
                     let a = o + r * d;
                     let (z, t, gm) = (&z[a..a + d], &t[a..a + d], &gamma[a..a + d]);
-                    row_forward(z, t, gm, self.eps, &mut x, &mut g, out);
+                    let (r, _) = row_forward(z, t, gm, self.eps, &mut x, &mut g, out);
+                    out.iter_mut().for_each(|o| *o *= r);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -227,14 +223,9 @@ impl candle_core::CustomOp3 for InnerGradZ {
                         &gamma[a0..a0 + d],
                         &up[a0..a0 + d],
                     );
-                    // Forward again: x̂, g, h = mean(g ⊙ x̂), u = g − mean(g) − x̂ h, 1/σ.
-                    let rs = row_forward(z, t, gm, self.eps, &mut x, &mut g, &mut u);
+                    // Forward again: x̂, g, u = g − mean(g) − x̂ h with h = mean(g ⊙ x̂), and 1/σ.
+                    let (rs, h) = row_forward(z, t, gm, self.eps, &mut x, &mut g, &mut u);
                     let inv_d = 1.0 / d as f32;
-                    let h = g.iter().zip(&x).map(|(g, x)| g * x).sum::<f32>() * inv_d;
-                    // out = r·u/…: row_forward wrote r·u into u; recover u.
-                    for v in u.iter_mut() {
-                        *v /= rs;
-                    }
                     // a = r·G, s_r = Σ G ⊙ u.
                     let s_r: f32 = up.iter().zip(&u).map(|(g, u)| g * u).sum();
                     let mean_a = up.iter().sum::<f32>() * rs * inv_d;
@@ -261,7 +252,8 @@ impl candle_core::CustomOp3 for InnerGradZ {
     }
 }
 
-/// One row of [`InnerGradZ`]: fills x̂ and g, writes ∂ℓ/∂Z into `out`, returns 1/σ.
+/// One row of [`InnerGradZ`]: fills x̂ and g, writes u = g − mean(g) − x̂·mean(g ⊙ x̂) into `u` (∂ℓ/∂Z is
+/// u/σ), returns (1/σ, mean(g ⊙ x̂)).
 #[inline(always)]
 fn row_forward(
     z: &[f32],
@@ -270,8 +262,8 @@ fn row_forward(
     eps: f32,
     x: &mut [f32],
     g: &mut [f32],
-    out: &mut [f32],
-) -> f32 {
+    u: &mut [f32],
+) -> (f32, f32) {
     let d = z.len();
     let (mu, r) = moments(z, eps);
     for i in 0..d {
@@ -281,9 +273,9 @@ fn row_forward(
     let gm = g.iter().sum::<f32>() / d as f32;
     let gxm = g.iter().zip(x.iter()).map(|(g, x)| g * x).sum::<f32>() / d as f32;
     for i in 0..d {
-        out[i] = (g[i] - gm - x[i] * gxm) * r;
+        u[i] = g[i] - gm - x[i] * gxm;
     }
-    r
+    (r, gxm)
 }
 
 /// LayerNorm with scale and shift over the last dim, y = x̂ ⊙ w + b (the TTT post-norm): forward and
@@ -374,13 +366,8 @@ impl candle_core::CustomOp3 for AffineLayerNorm {
                 (dw, db)
             })
             .collect();
-        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-        for (pw, pb) in &partial {
-            for i in 0..d {
-                dw[i] += pw[i];
-                db[i] += pb[i];
-            }
-        }
+        let dw = cpu_f32::sum_in_order(partial.iter().map(|p| &p.0), d);
+        let db = cpu_f32::sum_in_order(partial.iter().map(|p| &p.1), d);
         Ok((
             Some(Tensor::from_vec(dx, shape, &dev)?),
             Some(Tensor::from_vec(dw, d, &dev)?),
