@@ -316,28 +316,28 @@ impl TttLinear {
     }
 
     /// ∂ℓ/∂Z of the inner loss ℓ = ½‖LN(Z) − (v − k)‖² at Z = k W_base + b_base (the reconstruction
-    /// target is v − k because f has a residual connection), through the layer norm's backward.
+    /// target is v − k because f has a residual connection), through the layer norm's backward. With
+    /// LN(Z) = γ ⊙ x̂ + β the loss is ½‖γ ⊙ x̂ − t‖² with t = (v − k) − β: callers pass that shifted target
+    /// (made once for a whole chunk) and γ.
     fn inner_grad_z(
         &self,
         k: &Tensor,
-        target: &Tensor,
+        shifted: &Tensor,
         w_base: &Tensor,
         b_base: &Tensor,
-        ln: &LnParams,
+        gamma: &Tensor,
     ) -> Result<Tensor> {
         let z = k.matmul(w_base)?.broadcast_add(b_base)?;
-        if is_cpu_f32(&z) && ln.weight.dims() == z.dims() {
-            let shifted = (target - &ln.bias)?.contiguous()?;
+        if is_cpu_f32(&z) && gamma.dims() == z.dims() {
             let op = ttt_ops::InnerGradZ {
                 eps: INNER_LN_EPS as f32,
             };
             return z
                 .contiguous()?
-                .apply_op3(&shifted, &ln.weight.contiguous()?, op);
+                .apply_op3(&shifted.contiguous()?, &gamma.contiguous()?, op);
         }
         let (xhat, inv_std) = normalize(&z)?;
-        let ln_out = ln.apply(&xhat)?;
-        let g = (ln_out - target)?.broadcast_mul(&ln.weight)?; // ∂ℓ/∂x̂
+        let g = (xhat.broadcast_mul(gamma)? - shifted)?.broadcast_mul(gamma)?; // ∂ℓ/∂x̂
         let g_mean = g.mean_keepdim(D::Minus1)?;
         let gx_mean = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
         // ∂ℓ/∂Z = (g − mean(g) − x̂·mean(g ⊙ x̂)) / σ
@@ -361,7 +361,8 @@ impl TttLinear {
         ln: &LnParams,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let m = q.dim(2)?;
-        let dz = self.inner_grad_z(k, &(v - k)?, &state.w_base, &state.b_base, ln)?;
+        let shifted = (v - k)?.broadcast_sub(&ln.bias)?;
+        let dz = self.inner_grad_z(k, &shifted, &state.w_base, &state.b_base, &ln.weight)?;
         // Dual form (Sec. 2.5): Z_q = Q W + b − τ ⊙ (tril(Q Kᵀ + 1) ⊙ η_sᵀ) ∇Z, causal inside the mini-batch,
         // with W, b the state at the mini-batch start less what its earlier tokens already added.
         let mask = Tensor::tril2(m, q.dtype(), q.device())?;
@@ -542,12 +543,20 @@ impl TttLinear {
         if let Some(tau) = tau {
             scores = scores.broadcast_mul(tau)?;
         }
-        let targets = (&vn - &kn)?;
-        let ln = LnParams::of(self).broadcast((b, h, m, d))?;
+        // The inner loss's targets less the LN shift, (v − k) − β (see `inner_grad_z`).
+        let targets = (&vn - &kn)?.broadcast_sub(&self.ln_bias)?;
+        // γ broadcast once for all mini-batches (its gradient is then summed over the batch once).
+        let gamma = self.ln_weight.broadcast_as((b, h, m, d))?.contiguous()?;
         let mut zs = Vec::with_capacity(n);
         for i in 0..n {
             let (ki, ei) = (kn.get(i)?, en.get(i)?);
-            let dz = self.inner_grad_z(&ki, &targets.get(i)?, &state.w_base, &state.b_base, &ln)?;
+            let dz = self.inner_grad_z(
+                &ki,
+                &targets.get(i)?,
+                &state.w_base,
+                &state.b_base,
+                &gamma,
+            )?;
             zs.push(
                 qn.get(i)?
                     .matmul(&state.w_base)?
@@ -799,11 +808,8 @@ mod tests {
             draw(47, 0.0, 0.5, (2, 4, 1, 8))?,
         );
         let r = fused_vs_composed(&[&k, &target, &gamma, &beta, &w], &up, |a| {
-            let ln = LnParams {
-                weight: a[2].clone(),
-                bias: a[3].clone(),
-            };
-            l.inner_grad_z(&a[0], &a[1], &a[4], &b.to_dtype(a[0].dtype())?, &ln)
+            let shifted = (&a[1] - &a[3])?; // target − β
+            l.inner_grad_z(&a[0], &shifted, &a[4], &b.to_dtype(a[0].dtype())?, &a[2])
         })?;
         for (name, r) in ["value", "∂k", "∂target", "∂γ", "∂β", "∂W"].iter().zip(r) {
             assert!(r < 1e-4, "{name}: fused vs composed rel diff {r:e}");
