@@ -550,13 +550,8 @@ impl TttLinear {
         let mut zs = Vec::with_capacity(n);
         for i in 0..n {
             let (ki, ei) = (kn.get(i)?, en.get(i)?);
-            let dz = self.inner_grad_z(
-                &ki,
-                &targets.get(i)?,
-                &state.w_base,
-                &state.b_base,
-                &gamma,
-            )?;
+            let dz =
+                self.inner_grad_z(&ki, &targets.get(i)?, &state.w_base, &state.b_base, &gamma)?;
             zs.push(
                 qn.get(i)?
                     .matmul(&state.w_base)?
