@@ -6,6 +6,7 @@ pub mod bit_linear;
 pub mod block;
 pub mod causal_conv;
 pub mod config;
+pub mod dual_scan;
 pub mod init;
 pub mod precision;
 pub mod rms_norm;

@@ -26,6 +26,7 @@ use candle_nn::{Init, VarBuilder};
 use super::bit_linear::BitLinear;
 use super::causal_conv::CausalConv;
 use super::config::{ModelConfig, TokenEta};
+use super::dual_scan::DualScan;
 use super::ttt_ops;
 use crate::cpu_f32::is_cpu_f32;
 
@@ -520,6 +521,9 @@ impl TttLinear {
         tau: Option<&Tensor>,
         mut state: TttState,
     ) -> Result<(Tensor, TttState)> {
+        if is_cpu_f32(q) {
+            return self.scan_fused(q, k, v, eta, tau, state);
+        }
         let (b, h, t, d) = q.dims4()?;
         let (m, n) = (self.mini_batch, t / self.mini_batch);
         // (B,H,T,w) → (N,B,H,b,w): each mini-batch one contiguous slab.
@@ -567,6 +571,55 @@ impl TttLinear {
         let out = (&qn + LnParams::of(self).layer_norm(&Tensor::stack(&zs, 0)?)?)?;
         let out = out.permute((1, 2, 0, 3, 4))?.reshape((b, h, t, d))?;
         Ok((out, state))
+    }
+
+    /// [`Self::scan_whole`] on the CPU in f32: the sequential part is one fused op ([`DualScan`]); the dual
+    /// form's scores, the targets and the output LN are made around it for all mini-batches at once.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_fused(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        eta: &Tensor,
+        tau: Option<&Tensor>,
+        mut state: TttState,
+    ) -> Result<(Tensor, TttState)> {
+        let (b, h, t, d) = q.dims4()?;
+        let (m, n) = (self.mini_batch, t / self.mini_batch);
+        // S = τ ⊙ tril(Q Kᵀ + 1) ⊙ η_sᵀ per mini-batch (Sec. 2.5), as (B,H,T,b).
+        let per_mini_batch = |x: &Tensor| -> Result<Tensor> {
+            let w = x.dim(3)?;
+            x.reshape((b * h * n, m, w))
+        };
+        let mask = Tensor::tril2(m, q.dtype(), q.device())?;
+        let mut scores = (per_mini_batch(q)?.matmul(&per_mini_batch(k)?.t()?)? + 1.0)?
+            .broadcast_mul(&mask)?
+            .broadcast_mul(&per_mini_batch(eta)?.transpose(1, 2)?)?;
+        // η̄ = τ_b η: each token's weight in the mini-batch's state update (eq. 6).
+        let mut eta_update = eta.clone();
+        if let Some(tau) = tau {
+            scores = scores.broadcast_mul(tau)?;
+            eta_update = eta.broadcast_mul(&tau.narrow(0, m - 1, 1)?.squeeze(1)?)?;
+        }
+        let scores = scores.reshape((b, h, t, m))?;
+        // The inner loss's targets less the LN shift, (v − k) − β (see `inner_grad_z`).
+        let targets = (v - k)?.broadcast_sub(&self.ln_bias)?;
+        let gamma = self.ln_weight.unsqueeze(0)?.broadcast_as((b, h, 1, d))?;
+        let out = Tensor::cat(&[q, k, &targets], 3)?.contiguous()?.apply_op3(
+            &Tensor::cat(&[&scores, &eta_update], 3)?.contiguous()?,
+            &Tensor::cat(&[&state.w_base, &state.b_base, &gamma], 2)?.contiguous()?,
+            DualScan {
+                mini_batch: m,
+                eps: INNER_LN_EPS as f32,
+            },
+        )?;
+        let last = t + (n - 1) * (d + 1);
+        state.w_base = out.narrow(2, last, d)?.contiguous()?;
+        state.b_base = out.narrow(2, last + d, 1)?.contiguous()?;
+        // f(q) = q + LN(Z_q), eq. 5.
+        let zq = out.narrow(2, 0, t)?;
+        Ok(((q + LnParams::of(self).layer_norm(&zq)?)?, state))
     }
 
     /// Any chunk, continuing `state` anywhere inside a mini-batch (chunked prompts, decoding): mini-batch
@@ -833,6 +886,71 @@ mod tests {
         })?;
         for (name, r) in ["value", "∂x", "∂w", "∂b"].iter().zip(r) {
             assert!(r < 1e-5, "{name}: fused vs composed rel diff {r:e}");
+        }
+        Ok(())
+    }
+
+    /// The fused scan (f32, [`DualScan`]) against the composed one (f64) through a whole layer, for every
+    /// variant: outputs of two chunks (the second starting from the first's state) and the state after them,
+    /// and the gradients of a loss on all three to the input and to every parameter.
+    #[test]
+    fn fused_scan_matches_the_composed_one() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        for cfg in variants(4, WeightKind::Float) {
+            let mut got: Vec<Vec<(String, Tensor)>> = Vec::new();
+            for dtype in [DType::F32, DType::F64] {
+                let (vm, l) = layer_with(&cfg, dtype)?;
+                // The inner LN's scale and shift away from 1 and 0.
+                for (name, var) in vm.data().lock().expect("varmap").iter() {
+                    if name.contains("ttt.ln.") {
+                        let noise = crate::model::init::seeded_randn(
+                            5,
+                            0.0,
+                            0.3,
+                            var.shape(),
+                            dtype,
+                            &dev,
+                        )?;
+                        var.set(&(var.as_tensor() + noise)?)?;
+                    }
+                }
+                let draw = |seed, shape: (usize, usize, usize)| {
+                    crate::model::init::seeded_randn(seed, 0.0, 1.0, shape, dtype, &dev)
+                };
+                let x = Var::from_tensor(&draw(61, (2, 12, 32))?)?;
+                let (y1, s) = l.forward_with_state(&x.narrow(1, 0, 8)?, None)?;
+                let (y2, s) = l.forward_with_state(&x.narrow(1, 8, 4)?, Some(s))?;
+                let loss = (&y1 * draw(62, (2, 8, 32))?)?.sum_all()?;
+                let loss = (loss + (&y2 * draw(63, (2, 4, 32))?)?.sum_all()?)?;
+                let w_up = draw(64, (8, 8, 8))?.reshape(s.w_base.shape())?;
+                let loss = (loss + (&s.w_base * w_up)?.sum_all()? + s.b_base.sum_all()?)?;
+                let grads = loss.backward()?;
+                let mut out = vec![
+                    ("y".to_string(), Tensor::cat(&[&y1, &y2], 1)?),
+                    ("W".to_string(), s.w_base.clone()),
+                    (
+                        "∂x".to_string(),
+                        grads.get(x.as_tensor()).expect("∂x").clone(),
+                    ),
+                ];
+                let data = vm.data().lock().expect("varmap");
+                let mut names: Vec<_> = data.keys().cloned().collect();
+                names.sort();
+                for name in names {
+                    let g = grads.get(data[&name].as_tensor()).expect("gradient");
+                    out.push((format!("∂{name}"), g.clone()));
+                }
+                got.push(out);
+            }
+            for ((name, a), (_, b)) in got[0].iter().zip(&got[1]) {
+                let r = max_rel_diff(a, b)?;
+                assert!(
+                    r < 1e-4,
+                    "{:?} {name}: fused vs composed rel diff {r:e}",
+                    cfg.ttt_backbone
+                );
+            }
         }
         Ok(())
     }

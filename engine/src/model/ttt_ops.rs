@@ -165,13 +165,11 @@ impl candle_core::CustomOp3 for InnerGradZ {
             .enumerate()
             .for_each(|(c, out)| {
                 let o = c * d * ROWS;
-                let mut x = vec![0f32; d];
-                let mut g = vec![0f32; d];
+                let mut scratch = RowScratch::new(d);
                 for (r, out) in out.chunks_exact_mut(d).enumerate() {
                     let a = o + r * d;
                     let (z, t, gm) = (&z[a..a + d], &t[a..a + d], &gamma[a..a + d]);
-                    let (r, _) = row_forward(z, t, gm, self.eps, &mut x, &mut g, out);
-                    out.iter_mut().for_each(|o| *o *= r);
+                    inner_grad_row(z, t, gm, self.eps, &mut scratch, out);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -205,43 +203,18 @@ impl candle_core::CustomOp3 for InnerGradZ {
             .enumerate()
             .for_each(|(c, (dz, (dt, dg)))| {
                 let o = c * d * ROWS;
-                let mut x = vec![0f32; d];
-                let mut g = vec![0f32; d];
-                let mut u = vec![0f32; d];
-                let mut big_a = vec![0f32; d];
-                let mut big_x = vec![0f32; d];
+                let mut scratch = RowScratch::new(d);
                 for (r, ((dz, dt), dg)) in dz
                     .chunks_exact_mut(d)
                     .zip(dt.chunks_exact_mut(d))
                     .zip(dg.chunks_exact_mut(d))
                     .enumerate()
                 {
-                    let a0 = o + r * d;
-                    let (z, t, gm, up) = (
-                        &z[a0..a0 + d],
-                        &t[a0..a0 + d],
-                        &gamma[a0..a0 + d],
-                        &up[a0..a0 + d],
-                    );
-                    // Forward again: x̂, g, u = g − mean(g) − x̂ h with h = mean(g ⊙ x̂), and 1/σ.
-                    let (rs, h) = row_forward(z, t, gm, self.eps, &mut x, &mut g, &mut u);
-                    let inv_d = 1.0 / d as f32;
-                    // a = r·G, s_r = Σ G ⊙ u.
-                    let s_r: f32 = up.iter().zip(&u).map(|(g, u)| g * u).sum();
-                    let mean_a = up.iter().sum::<f32>() * rs * inv_d;
-                    let p = up.iter().zip(&x).map(|(g, x)| g * x).sum::<f32>() * rs * inv_d;
-                    for i in 0..d {
-                        let a = rs * up[i];
-                        big_a[i] = a - mean_a - x[i] * p; // ∂L/∂g
-                        big_x[i] = big_a[i] * gm[i] * gm[i] - a * h - g[i] * p; // ∂L/∂x̂
-                        dt[i] = -big_a[i] * gm[i];
-                        dg[i] = big_a[i] * (2.0 * gm[i] * x[i] - t[i]);
-                    }
-                    let mx = big_x.iter().sum::<f32>() * inv_d;
-                    let mxx = big_x.iter().zip(&x).map(|(a, b)| a * b).sum::<f32>() * inv_d;
-                    for i in 0..d {
-                        dz[i] = rs * (big_x[i] - mx - x[i] * mxx) - s_r * rs * rs * x[i] * inv_d;
-                    }
+                    let a = o + r * d;
+                    let r = a..a + d;
+                    let (z, t, gm) = (&z[r.clone()], &t[r.clone()], &gamma[r.clone()]);
+                    let up = &up[r];
+                    inner_grad_row_backward(z, t, gm, up, self.eps, &mut scratch, dz, dt, dg);
                 }
             });
         Ok((
@@ -276,6 +249,86 @@ fn row_forward(
         u[i] = g[i] - gm - x[i] * gxm;
     }
     (r, gxm)
+}
+
+/// Scratch rows for [`inner_grad_row_backward`].
+pub(crate) struct RowScratch {
+    x: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    big_a: Vec<f32>,
+    big_x: Vec<f32>,
+}
+
+impl RowScratch {
+    pub(crate) fn new(d: usize) -> Self {
+        let row = || vec![0f32; d];
+        Self {
+            x: row(),
+            g: row(),
+            u: row(),
+            big_a: row(),
+            big_x: row(),
+        }
+    }
+}
+
+/// ∂ℓ/∂Z of one row (see [`InnerGradZ`]): writes it into `out`.
+#[inline]
+pub(crate) fn inner_grad_row(
+    z: &[f32],
+    t: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    scratch: &mut RowScratch,
+    out: &mut [f32],
+) {
+    let (r, _) = row_forward(z, t, gamma, eps, &mut scratch.x, &mut scratch.g, out);
+    out.iter_mut().for_each(|o| *o *= r);
+}
+
+/// The backward of one row of [`InnerGradZ`] (the inner loss's second derivative): given ∂L/∂G in `up`,
+/// writes ∂L/∂z into `dz` and ∂L/∂t into `dt`, and adds ∂L/∂γ into `dgamma`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn inner_grad_row_backward(
+    z: &[f32],
+    t: &[f32],
+    gm: &[f32],
+    up: &[f32],
+    eps: f32,
+    scratch: &mut RowScratch,
+    dz: &mut [f32],
+    dt: &mut [f32],
+    dgamma: &mut [f32],
+) {
+    let d = z.len();
+    let RowScratch {
+        x,
+        g,
+        u,
+        big_a,
+        big_x,
+    } = scratch;
+    // Forward again: x̂, g, u = g − mean(g) − x̂ h with h = mean(g ⊙ x̂), and 1/σ.
+    let (rs, h) = row_forward(z, t, gm, eps, x, g, u);
+    let inv_d = 1.0 / d as f32;
+    // a = r·G, s_r = Σ G ⊙ u.
+    let s_r: f32 = up.iter().zip(u.iter()).map(|(g, u)| g * u).sum();
+    let mean_a = up.iter().sum::<f32>() * rs * inv_d;
+    let p = up.iter().zip(x.iter()).map(|(g, x)| g * x).sum::<f32>() * rs * inv_d;
+    for i in 0..d {
+        let a = rs * up[i];
+        big_a[i] = a - mean_a - x[i] * p; // ∂L/∂g
+        big_x[i] = big_a[i] * gm[i] * gm[i] - a * h - g[i] * p; // ∂L/∂x̂
+        dt[i] = -big_a[i] * gm[i];
+        dgamma[i] += big_a[i] * (2.0 * gm[i] * x[i] - t[i]);
+    }
+    let mx = big_x.iter().sum::<f32>() * inv_d;
+    let mxx = big_x.iter().zip(x.iter()).map(|(a, b)| a * b).sum::<f32>() * inv_d;
+    for i in 0..d {
+        dz[i] = rs * (big_x[i] - mx - x[i] * mxx) - s_r * rs * rs * x[i] * inv_d;
+    }
 }
 
 /// LayerNorm with scale and shift over the last dim, y = x̂ ⊙ w + b (the TTT post-norm): forward and
