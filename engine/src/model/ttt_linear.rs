@@ -573,8 +573,8 @@ impl TttLinear {
         Ok((out, state))
     }
 
-    /// [`Self::scan_whole`] on the CPU in f32: the sequential part is one fused op ([`DualScan`]); the dual
-    /// form's scores, the targets and the output LN are made around it for all mini-batches at once.
+    /// [`Self::scan_whole`] on the CPU in f32: the whole dual form, from Q, K, V, η, τ and the state to f(Q)
+    /// and the state after the chunk, is one fused op ([`DualScan`]).
     #[allow(clippy::too_many_arguments)]
     fn scan_fused(
         &self,
@@ -587,39 +587,24 @@ impl TttLinear {
     ) -> Result<(Tensor, TttState)> {
         let (b, h, t, d) = q.dims4()?;
         let (m, n) = (self.mini_batch, t / self.mini_batch);
-        // S = τ ⊙ tril(Q Kᵀ + 1) ⊙ η_sᵀ per mini-batch (Sec. 2.5), as (B,H,T,b).
-        let per_mini_batch = |x: &Tensor| -> Result<Tensor> {
-            let w = x.dim(3)?;
-            x.reshape((b * h * n, m, w))
+        // τ_t at every token, (B,H,T,1).
+        let tau = match tau {
+            Some(tau) => tau.unsqueeze(0)?.broadcast_as((n, m, 1))?.reshape((t, 1))?,
+            None => Tensor::ones((t, 1), q.dtype(), q.device())?,
         };
-        let mask = Tensor::tril2(m, q.dtype(), q.device())?;
-        let mut scores = (per_mini_batch(q)?.matmul(&per_mini_batch(k)?.t()?)? + 1.0)?
-            .broadcast_mul(&mask)?
-            .broadcast_mul(&per_mini_batch(eta)?.transpose(1, 2)?)?;
-        // η̄ = τ_b η: each token's weight in the mini-batch's state update (eq. 6).
-        let mut eta_update = eta.clone();
-        if let Some(tau) = tau {
-            scores = scores.broadcast_mul(tau)?;
-            eta_update = eta.broadcast_mul(&tau.narrow(0, m - 1, 1)?.squeeze(1)?)?;
-        }
-        let scores = scores.reshape((b, h, t, m))?;
-        // The inner loss's targets less the LN shift, (v − k) − β (see `inner_grad_z`).
-        let targets = (v - k)?.broadcast_sub(&self.ln_bias)?;
-        let gamma = self.ln_weight.unsqueeze(0)?.broadcast_as((b, h, 1, d))?;
-        let out = Tensor::cat(&[q, k, &targets], 3)?.contiguous()?.apply_op3(
-            &Tensor::cat(&[&scores, &eta_update], 3)?.contiguous()?,
-            &Tensor::cat(&[&state.w_base, &state.b_base, &gamma], 2)?.contiguous()?,
-            DualScan {
-                mini_batch: m,
-                eps: INNER_LN_EPS as f32,
-            },
+        let mixing = Tensor::cat(&[eta, &tau.broadcast_as((b, h, t, 1))?], 3)?;
+        let per_head = |p: &Tensor| p.unsqueeze(0)?.broadcast_as((b, h, 1, d));
+        let (gamma, beta) = (per_head(&self.ln_weight)?, per_head(&self.ln_bias)?);
+        let (y, after) = DualScan::apply(
+            &Tensor::cat(&[q, k, v], 3)?.contiguous()?,
+            &mixing.contiguous()?,
+            &Tensor::cat(&[&state.w_base, &state.b_base, &gamma, &beta], 2)?.contiguous()?,
+            m,
+            INNER_LN_EPS as f32,
         )?;
-        let last = t + (n - 1) * (d + 1);
-        state.w_base = out.narrow(2, last, d)?.contiguous()?;
-        state.b_base = out.narrow(2, last + d, 1)?.contiguous()?;
-        // f(q) = q + LN(Z_q), eq. 5.
-        let zq = out.narrow(2, 0, t)?;
-        Ok(((q + LnParams::of(self).layer_norm(&zq)?)?, state))
+        state.w_base = after.narrow(2, 0, d)?.contiguous()?;
+        state.b_base = after.narrow(2, d, 1)?.contiguous()?;
+        Ok((y, state))
     }
 
     /// Any chunk, continuing `state` anywhere inside a mini-batch (chunked prompts, decoding): mini-batch

@@ -62,7 +62,7 @@ pub struct Normalize {
 }
 
 /// (mean, 1/σ) of one row.
-fn moments(z: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn moments(z: &[f32], eps: f32) -> (f32, f32) {
     let n = z.len() as f32;
     let mu = z.iter().sum::<f32>() / n;
     let var = z.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / n;
