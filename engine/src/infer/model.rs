@@ -17,6 +17,7 @@ use crate::model::{MixerKind, ModelConfig, TokenEta};
 /// ε of the TTT inner layer norm and post-norm, and RoPE's bases: training's own constants.
 const INNER_LN_EPS: f32 = crate::model::ttt_linear::INNER_LN_EPS as f32;
 use crate::model::attention::ROPE_THETA;
+use crate::model::ttt_ops::gelu;
 
 /// A depthwise causal convolution (the Mamba backbone): kernel D × k (oldest tap first), bias D.
 struct Conv {
@@ -299,13 +300,6 @@ fn vec_mat(x: &[f32], w: &[f32], b: &[f32], z: &mut [f32]) {
             *zj += xi * wij;
         }
     }
-}
-
-/// GELU, tanh form (candle's `gelu`).
-#[inline(always)]
-fn gelu(v: f32) -> f32 {
-    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
-    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
 }
 
 /// The per-head state a token step reads and updates.

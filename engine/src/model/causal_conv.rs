@@ -77,6 +77,16 @@ impl CausalConv {
     }
 }
 
+/// The kernel (D, k) as taps (k, D): tap j of every channel contiguous, so the loops run over channels.
+fn taps(w: &[f32], d: usize, k: usize) -> Vec<f32> {
+    (0..k * d).map(|i| w[(i % d) * k + i / d]).collect()
+}
+
+/// Taps (k, D) back to the kernel's (D, k) layout.
+fn taps_back(t: &[f32], d: usize, k: usize) -> Vec<f32> {
+    (0..d * k).map(|i| t[(i % k) * d + i / k]).collect()
+}
+
 /// The convolution on CPU in f32, forward and backward one pass each (the composed form is k broadcast
 /// multiply-adds, each with a reduction in its backward). Operands: padded input (B, T+k−1, D), kernel
 /// (D, k), bias (D).
@@ -106,17 +116,18 @@ impl candle_core::CustomOp3 for FusedCausalConv {
         let (bs, tp, d) = l1.shape().dims3()?;
         let k = w.len() / d.max(1);
         let t = tp + 1 - k;
+        let taps = taps(w, d, k);
         let mut y = vec![0f32; bs * t * d];
         y.par_chunks_mut(t * d)
             .zip(x.par_chunks(tp * d))
             .for_each(|(y, x)| {
                 for (n, y) in y.chunks_exact_mut(d).enumerate() {
-                    for c in 0..d {
-                        let mut v = b[c];
-                        for j in 0..k {
-                            v += x[(n + j) * d + c] * w[c * k + j];
+                    y.copy_from_slice(b);
+                    for (j, tap) in taps.chunks_exact(d).enumerate() {
+                        let x = &x[(n + j) * d..(n + j + 1) * d];
+                        for ((y, x), w) in y.iter_mut().zip(x).zip(tap) {
+                            *y += x * w;
                         }
-                        y[c] = v;
                     }
                 }
             });
@@ -140,22 +151,31 @@ impl candle_core::CustomOp3 for FusedCausalConv {
         let t = tp + 1 - k;
         let mut dx = vec![0f32; x.len()];
         // Per sequence: ∂x and partial ∂w, ∂b (summed below in sequence order: thread-count independent).
+        let taps = taps(w, d, k);
         let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(tp * d)
             .zip(x.par_chunks(tp * d).zip(g.par_chunks(t * d)))
             .map(|(dx, (x, g))| {
-                let (mut dw, mut db) = (vec![0f32; d * k], vec![0f32; d]);
-                for n in 0..t {
-                    for c in 0..d {
-                        let gy = g[n * d + c];
-                        db[c] += gy;
-                        for j in 0..k {
-                            dx[(n + j) * d + c] += w[c * k + j] * gy;
-                            dw[c * k + j] += x[(n + j) * d + c] * gy;
+                // ∂w as (k, D) like the taps, transposed back below.
+                let (mut dw, mut db) = (vec![0f32; k * d], vec![0f32; d]);
+                for (n, g) in g.chunks_exact(d).enumerate() {
+                    db.iter_mut().zip(g).for_each(|(db, g)| *db += g);
+                    for (j, (tap, dw)) in
+                        taps.chunks_exact(d).zip(dw.chunks_exact_mut(d)).enumerate()
+                    {
+                        let r = (n + j) * d..(n + j + 1) * d;
+                        for (((dx, x), (w, dw)), g) in dx[r.clone()]
+                            .iter_mut()
+                            .zip(&x[r])
+                            .zip(tap.iter().zip(dw.iter_mut()))
+                            .zip(g)
+                        {
+                            *dx += w * g;
+                            *dw += x * g;
                         }
                     }
                 }
-                (dw, db)
+                (taps_back(&dw, d, k), db)
             })
             .collect();
         let dw = cpu_f32::sum_in_order(partial.iter().map(|p| &p.0), d * k);

@@ -458,7 +458,14 @@ impl TttLinear {
             };
         }
         if let Some(m) = &self.mamba {
-            y = (y * m.gate.forward(x)?.gelu()?)?; // GELU (tanh form), as the authors'
+            // y ⊙ GELU(θ_G x), the tanh form, as the authors'.
+            let g = m.gate.forward(x)?;
+            y = match is_cpu_f32(&y) {
+                true => y
+                    .contiguous()?
+                    .apply_op2(&g.contiguous()?, ttt_ops::GeluGate)?,
+                false => (y * g.gelu()?)?,
+            };
         }
         self.o.forward(&y)
     }
@@ -846,6 +853,24 @@ mod tests {
         })?;
         for (name, r) in ["value", "∂k", "∂target", "∂γ", "∂β", "∂W"].iter().zip(r) {
             assert!(r < 1e-4, "{name}: fused vs composed rel diff {r:e}");
+        }
+        Ok(())
+    }
+
+    /// The fused Mamba gate y ⊙ GELU(g) (f32) against candle's (f64): value and gradients to y and g.
+    #[test]
+    fn fused_gate_matches_the_composed_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let draw = |seed, std| {
+            crate::model::init::seeded_randn(seed, 0.0, std, (3, 70, 16), DType::F64, &dev)
+        };
+        let (y, g, up) = (draw(55, 1.0)?, draw(56, 2.5)?, draw(57, 1.0)?);
+        let r = fused_vs_composed(&[&y, &g], &up, |a| match a[0].dtype() {
+            DType::F32 => a[0].apply_op2(&a[1], ttt_ops::GeluGate),
+            _ => &a[0] * a[1].gelu()?,
+        })?;
+        for (name, r) in ["value", "∂y", "∂g"].iter().zip(r) {
+            assert!(r < 1e-5, "{name}: fused vs composed rel diff {r:e}");
         }
         Ok(())
     }
