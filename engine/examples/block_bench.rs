@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use engine::model::ttt_linear::TttLinear;
 use engine::model::{attention::Attention, Backbone, Block, MixerKind, ModelConfig, WeightKind};
 
