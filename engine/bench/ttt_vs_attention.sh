@@ -10,12 +10,16 @@
 #
 # ENGINE_BEFORE=/path/to/an/older/engine adds that binary's TTT and float attention rows, with its own
 # definitions (e.g. one built from the commit before the authors' TTT keys: `--ttt` is not passed to it).
+#
+# A second table times one block and its mixer alone (forward and backward at the same shape, no embedding,
+# head or optimizer around them: `engine/examples/block_bench.rs`), once per round, BLOCKS=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
 threads=${THREADS:-$(nproc)}
-cargo build --release -q -p engine
+cargo build --release -q -p engine --bin engine --example block_bench
 out=$(mktemp)
+blocks=$(mktemp)
 rows=("ours bitttt authors" "ours bitttt legacy" "ours bitttt mamba" "ours attention authors" "ours llama authors")
 if [ -n "${ENGINE_BEFORE:-}" ]; then rows+=("before bitttt -" "before llama -"); fi
 for r in $(seq "$rounds"); do
@@ -27,8 +31,11 @@ for r in $(seq "$rounds"); do
     RAYON_NUM_THREADS=$threads "$bin" bench-train --arch "$arch" "${flags[@]}" --steps 8 --warmup 2 \
       | sed "s/^{/{\"who\":\"$who\",\"arch\":\"$arch\",\"ttt\":\"$ttt\",\"round\":$r,/" | tee -a "$out"
   done
+  if [ "${BLOCKS:-1}" != 0 ]; then
+    RAYON_NUM_THREADS=$threads ./target/release/examples/block_bench | tee -a "$blocks"
+  fi
 done
-python3 - "$out" <<'PY'
+python3 - "$out" "$blocks" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 med = {}
@@ -48,4 +55,17 @@ for (who, arch, ttt), rs in med.items():
     tps = statistics.median(x["tokens_per_s"] for x in rs)
     best = min(x["ms_per_step"] for x in rs)
     print(f"{who:<7} {arch:<10} {ttt:<8} {ms:7.1f}  {f:7.1f}  {b:8.1f}  {tps:6.0f}  {ms / ref[who]:.3f}×  {best / fastest[who]:.3f}×")
+blocks = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
+if blocks:
+    by = {}
+    for r in blocks:
+        by.setdefault((r["variant"], r["part"]), []).append(r)
+    mid = lambda rs, k: statistics.median(x[k] for x in rs)
+    print("\none block / its mixer alone, B=8 T=128 D=256 H=4 (medians over rounds of per-round medians; ms)")
+    print("variant          part    forward  backward  fwd+bwd  vs attention-float (same part)")
+    for (variant, part), rs in by.items():
+        f, b = mid(rs, "forward_ms"), mid(rs, "backward_ms")
+        ref = by[("attention-float", part)]
+        total_ref = mid(ref, "forward_ms") + mid(ref, "backward_ms")
+        print(f"{variant:<16} {part:<6} {f:8.2f}  {b:8.2f}  {f + b:7.2f}  {(f + b) / total_ref:.3f}×")
 PY
