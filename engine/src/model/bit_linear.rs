@@ -81,7 +81,23 @@ fn ternary_inv(gamma: f64, eps: QuantEps) -> f32 {
 
 /// RoundClip(w / γ̂, −1, 1) given 1 / γ̂.
 fn ternary_level(w: f32, inv: f32) -> f32 {
-    (w * inv).round().clamp(-1.0, 1.0)
+    round_clip(w * inv, -1.0, 1.0)
+}
+
+/// `y.round().clamp(lo, hi)` bit for bit (ties away from zero, NaN stays NaN) for integral bounds of
+/// magnitude below 2²¹, in a form the compiler vectorises (`f32::round` is a libm call per element): y is
+/// first clamped to [lo − 1, hi + 1], which cannot change the result, then rounded with the 1.5·2²³ trick
+/// (ties to even) and ties moved away from zero.
+#[inline(always)]
+pub(crate) fn round_clip(y: f32, lo: f32, hi: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: (y + MAGIC) − MAGIC rounds |y| < 2²² to an integer
+    let y = y.clamp(lo - 1.0, hi + 1.0);
+    let even = (y + MAGIC) - MAGIC;
+    let r = match (y - even).abs() == 0.5 {
+        true => y + 0.5f32.copysign(y),
+        false => even,
+    };
+    r.copysign(y).clamp(lo, hi)
 }
 
 /// γ·W̃ with a straight-through backward, in one pass on CPU (the composed form makes nine full-size
@@ -160,7 +176,7 @@ impl candle_core::CustomOp1 for FakeQuantActivations {
             let absmax = r.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = (self.0.guard(absmax as f64) / 127.0) as f32;
             for v in r.iter_mut() {
-                *v = (*v / scale).round().clamp(-128.0, 127.0) * scale;
+                *v = round_clip(*v / scale, -128.0, 127.0) * scale;
             }
         });
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
@@ -272,6 +288,47 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
+
+    /// The vectorisable RoundClip equals `round().clamp()` bit for bit: every tie, both sides of each, zeros,
+    /// NaN, infinities, and a sweep of ordinary and huge values.
+    #[test]
+    fn round_clip_equals_round_then_clamp() {
+        let mut ys = vec![
+            0.0f32,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            4194304.5,
+        ];
+        for i in -300..=300 {
+            let tie = i as f32 + 0.5;
+            ys.extend([
+                tie,
+                f32::from_bits(tie.to_bits() + 1),
+                f32::from_bits(tie.to_bits() - 1),
+                i as f32,
+            ]);
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ys.push(f32::from_bits(state as u32));
+        }
+        for (lo, hi) in [(-1.0, 1.0), (-128.0, 127.0), (-31.0, 31.0)] {
+            for &y in &ys {
+                let (want, got) = (y.round().clamp(lo, hi), round_clip(y, lo, hi));
+                assert!(
+                    want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
+                    "{y:e} in [{lo}, {hi}]: {want} vs {got}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn quantized_weights_take_three_values() -> Result<()> {

@@ -11,7 +11,7 @@
 //!
 //! Composed from candle ops this is some twenty graph nodes per mini-batch and three times as many in the
 //! backward, each on a (B,H,b,d) slab; here every head runs its whole scan, forward or backward, as one task
-//! of small GEMMs, and the backward recomputes each mini-batch's inner gradient from the recorded states.
+//! of small GEMMs; the forward records each mini-batch's state and intermediates for the backward.
 //!
 //! Operands (B,H = batch, heads; T = N·b tokens; d = head dim):
 //! - `tokens` (B,H,T,3d): the rows [q | k | v];
@@ -32,7 +32,8 @@ use crate::cpu_f32;
 
 const OP: &str = "ttt dual-form scan";
 
-/// The states after every mini-batch of every head, (B,H,N,d+1,d): what the forward leaves for the backward.
+/// Per head and mini-batch, the state after it and its intermediates ([`MiniBatch`]): what the forward
+/// leaves for the backward.
 type Record = Arc<Mutex<Option<Vec<f32>>>>;
 
 /// Which of the scan's two results an op instance yields.
@@ -139,8 +140,12 @@ impl Dims {
     fn after(&self) -> usize {
         (self.d + 1) * self.d
     }
+    /// One mini-batch's share of the record: the state after it, then its intermediates.
+    fn slot(&self) -> usize {
+        self.after() + 5 * self.m * self.d + 2 * self.m * self.m
+    }
     fn record(&self) -> usize {
-        self.n * self.after()
+        self.n * self.slot()
     }
 
     /// Head h's part of the three operands.
@@ -334,6 +339,36 @@ impl MiniBatch {
         );
     }
 
+    /// The intermediates, in order, for [`Self::load`] (`Dims::slot` less the state).
+    fn buffers(&mut self) -> [&mut Vec<f32>; 7] {
+        [
+            &mut self.target,
+            &mut self.zk,
+            &mut self.g,
+            &mut self.e,
+            &mut self.qk,
+            &mut self.s,
+            &mut self.z,
+        ]
+    }
+
+    fn save(&mut self, to: &mut [f32]) {
+        let mut at = 0;
+        for b in self.buffers() {
+            to[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+    }
+
+    fn load(&mut self, from: &[f32]) {
+        let mut at = 0;
+        for b in self.buffers() {
+            let n = b.len();
+            b.copy_from_slice(&from[at..at + n]);
+            at += n;
+        }
+    }
+
     /// W ← W − Kᵀ E, b ← b − Σ_s E_s.
     fn update(&self, Dims { m, d, .. }: Dims, tok: &[f32], w: &mut [f32], b: &mut [f32]) {
         mm(
@@ -379,9 +414,11 @@ fn forward_head(
             }
         }
         mb.update(dims, tok, &mut w, &mut b);
-        let after = &mut record[i * dims.after()..(i + 1) * dims.after()];
+        let slot = &mut record[i * dims.slot()..(i + 1) * dims.slot()];
+        let (after, saved) = slot.split_at_mut(dims.after());
         after[..d * d].copy_from_slice(&w);
         after[d * d..].copy_from_slice(&b);
+        mb.save(saved);
     }
 }
 
@@ -399,7 +436,7 @@ fn backward_head(
     d_state: &mut [f32],
 ) {
     let Dims { m, n, d, .. } = dims;
-    let (w0, b0, gamma, beta) = split_state(state, d);
+    let (w0, _, gamma, _) = split_state(state, d);
     let (dw0, rest) = d_state.split_at_mut(d * d);
     let (db0, rest) = rest.split_at_mut(d);
     let (d_gamma, d_beta) = rest.split_at_mut(d);
@@ -418,14 +455,11 @@ fn backward_head(
         let dtok = &mut d_tokens[i * m * 3 * d..(i + 1) * m * 3 * d];
         let dmix = &mut d_mixing[i * m * 2..(i + 1) * m * 2];
         // W_i, b_i at the start of mini-batch i: the input state, or the one recorded after i − 1.
-        let (wi, bi) = match i {
-            0 => (w0, b0),
-            _ => {
-                let after = &record[(i - 1) * dims.after()..i * dims.after()];
-                after.split_at(d * d)
-            }
+        let wi = match i {
+            0 => w0,
+            _ => &record[(i - 1) * dims.slot()..][..d * d],
         };
-        mb.run(dims, eps, (tok, mix), (wi, bi, gamma, beta));
+        mb.load(&record[i * dims.slot()..(i + 1) * dims.slot()][dims.after()..]);
         let (q, k) = (tok, &tok[d..]);
         // W_i+1 = W_i − Kᵀ E, b_i+1 = b_i − Σ E, with dw, db = ∂L/∂W_i+1, ∂L/∂b_i+1:
         // ∂E = −K ∂W_i+1 − 1 ∂b_i+1ᵀ,  ∂K = −E ∂W_i+1ᵀ.
@@ -602,10 +636,10 @@ impl CustomOp3 for DualScan {
                     Some(rec) => rec,
                     None => self.forward_all(dims, ops).1,
                 };
-                let last = (dims.n - 1) * dims.after();
+                let last = (dims.n - 1) * dims.slot();
                 let after: Vec<f32> = rec
                     .chunks_exact(dims.record())
-                    .flat_map(|r| r[last..].iter().copied())
+                    .flat_map(|r| r[last..last + dims.after()].iter().copied())
                     .collect();
                 *record = Some(rec);
                 Ok((

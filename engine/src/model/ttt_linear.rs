@@ -17,6 +17,10 @@
 //! the mini-batch (`ttt_inner_rope`), the output passes a LayerNorm before θ_O (`ttt_post_norm`), and the
 //! Mamba backbone (`ttt_backbone = "mamba"`) takes Q and K from one projection through two causal
 //! convolutions and gates the output with GELU(θ_G x).
+//!
+//! Training's case — whole mini-batches from a mini-batch start — runs on the CPU in f32 as one fused op
+//! with a hand-written backward ([`super::dual_scan`]); elsewhere (CUDA, f64, chunks that start or end inside
+//! a mini-batch) the same equations are composed from candle ops, and tests hold the two to each other.
 
 use std::sync::Arc;
 
