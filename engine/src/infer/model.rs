@@ -17,7 +17,7 @@ use crate::model::{MixerKind, ModelConfig, TokenEta};
 /// ε of the TTT inner layer norm and post-norm, and RoPE's bases: training's own constants.
 const INNER_LN_EPS: f32 = crate::model::ttt_linear::INNER_LN_EPS as f32;
 use crate::model::attention::ROPE_THETA;
-use crate::model::ttt_ops::gelu;
+use crate::model::gate::gelu;
 
 /// A depthwise causal convolution (the Mamba backbone): kernel D × k (oldest tap first), bias D.
 struct Conv {

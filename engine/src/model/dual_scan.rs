@@ -632,16 +632,16 @@ impl CustomOp3 for DualScan {
                 ))
             }
             Output::State => {
-                let rec = match record.take() {
+                // The Mixed op of the same scan has run first (see `apply`); on its own this one runs it.
+                let rec = match &mut *record {
                     Some(rec) => rec,
-                    None => self.forward_all(dims, ops).1,
+                    empty => empty.insert(self.forward_all(dims, ops).1),
                 };
                 let last = (dims.n - 1) * dims.slot();
                 let after: Vec<f32> = rec
                     .chunks_exact(dims.record())
                     .flat_map(|r| r[last..last + dims.after()].iter().copied())
                     .collect();
-                *record = Some(rec);
                 Ok((
                     CpuStorage::F32(after),
                     Shape::from((bsz, h, dims.d + 1, dims.d)),

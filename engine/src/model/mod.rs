@@ -7,6 +7,7 @@ pub mod block;
 pub mod causal_conv;
 pub mod config;
 pub mod dual_scan;
+pub mod gate;
 pub mod init;
 pub mod precision;
 pub mod rms_norm;

@@ -31,6 +31,7 @@ use super::bit_linear::BitLinear;
 use super::causal_conv::CausalConv;
 use super::config::{ModelConfig, TokenEta};
 use super::dual_scan::DualScan;
+use super::gate::{gate, Gelu};
 use super::ttt_ops;
 use crate::cpu_f32::is_cpu_f32;
 
@@ -463,13 +464,7 @@ impl TttLinear {
         }
         if let Some(m) = &self.mamba {
             // y ⊙ GELU(θ_G x), the tanh form, as the authors'.
-            let g = m.gate.forward(x)?;
-            y = match is_cpu_f32(&y) {
-                true => y
-                    .contiguous()?
-                    .apply_op2(&g.contiguous()?, ttt_ops::GeluGate)?,
-                false => (y * g.gelu()?)?,
-            };
+            y = gate::<Gelu>(&m.gate.forward(x)?, &y)?;
         }
         self.o.forward(&y)
     }
@@ -870,7 +865,7 @@ mod tests {
         };
         let (y, g, up) = (draw(55, 1.0)?, draw(56, 2.5)?, draw(57, 1.0)?);
         let r = fused_vs_composed(&[&y, &g], &up, |a| match a[0].dtype() {
-            DType::F32 => a[0].apply_op2(&a[1], ttt_ops::GeluGate),
+            DType::F32 => gate::<Gelu>(&a[1], &a[0]),
             _ => &a[0] * a[1].gelu()?,
         })?;
         for (name, r) in ["value", "∂y", "∂g"].iter().zip(r) {

@@ -1,5 +1,5 @@
 //! Fused CPU f32 ops of the TTT layer, each with its backward: the inner RoPE (a rotation of interleaved
-//! pairs), layer-norm's normalisation x̂ = (z − μ)/σ, the inner gradient, the post-norm and the Mamba gate. Elsewhere (CUDA, f64) the layer composes them from
+//! pairs), layer-norm's normalisation x̂ = (z − μ)/σ, the inner gradient and the post-norm. Elsewhere (CUDA, f64) the layer composes them from
 //! candle ops; unit tests check the two against each other, values and gradients.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -425,91 +425,6 @@ impl candle_core::CustomOp3 for AffineLayerNorm {
             Some(Tensor::from_vec(dx, shape, &dev)?),
             Some(Tensor::from_vec(dw, d, &dev)?),
             Some(Tensor::from_vec(db, d, &dev)?),
-        ))
-    }
-}
-
-/// GELU, tanh form (candle's `gelu`, bit for bit).
-#[inline(always)]
-pub(crate) fn gelu(v: f32) -> f32 {
-    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
-}
-
-const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
-
-/// GELU and its derivative: with u = √(2/π)(x + 0.044715 x³),
-/// GELU'(x) = ½(1 + tanh u) + ½ x (1 − tanh² u) √(2/π)(1 + 3·0.044715 x²).
-#[inline(always)]
-fn gelu_and_slope(x: f32) -> (f32, f32) {
-    let th = f32::tanh(SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x));
-    let slope = 0.5 * (1.0 + th)
-        + 0.5 * x * (1.0 - th * th) * SQRT_TWO_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
-    (0.5 * x * (1.0 + th), slope)
-}
-
-/// The Mamba backbone's gate y ⊙ GELU(g), forward and backward in one pass each (candle's GELU backward
-/// is some fifteen full-size ops). Operands: y and g of the same shape.
-pub struct GeluGate;
-
-const GATE_OP: &str = "ttt gate";
-
-impl candle_core::CustomOp2 for GeluGate {
-    fn name(&self) -> &'static str {
-        "ttt-gelu-gate"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (
-            cpu_f32::slice(s1, l1, GATE_OP)?,
-            cpu_f32::slice(s2, l2, GATE_OP)?,
-        );
-        if y.len() != g.len() {
-            candle_core::bail!("{GATE_OP}: operands {:?} and {:?}", l1.dims(), l2.dims());
-        }
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(y.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
-            .for_each(|(o, (y, g))| {
-                for ((o, y), g) in o.iter_mut().zip(y).zip(g) {
-                    *o = y * gelu(*g);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        y: &Tensor,
-        g: &Tensor,
-        _res: &Tensor,
-        up: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let up = up.contiguous()?;
-        let (shape, dev) = (y.shape().clone(), y.device().clone());
-        let (yv, gv, uv) = (cpu_f32::view(y), cpu_f32::view(g), cpu_f32::view(&up));
-        let (y, g, up) = (yv.slice(GATE_OP)?, gv.slice(GATE_OP)?, uv.slice(GATE_OP)?);
-        let (mut dy, mut dg) = (vec![0f32; y.len()], vec![0f32; y.len()]);
-        dy.par_chunks_mut(1 << 14)
-            .zip(dg.par_chunks_mut(1 << 14))
-            .enumerate()
-            .for_each(|(c, (dy, dg))| {
-                let r = c << 14..(c << 14) + dy.len();
-                let (y, g, up) = (&y[r.clone()], &g[r.clone()], &up[r]);
-                for i in 0..dy.len() {
-                    let (act, slope) = gelu_and_slope(g[i]);
-                    dy[i] = up[i] * act;
-                    dg[i] = up[i] * y[i] * slope;
-                }
-            });
-        Ok((
-            Some(Tensor::from_vec(dy, shape.clone(), &dev)?),
-            Some(Tensor::from_vec(dg, shape, &dev)?),
         ))
     }
 }
