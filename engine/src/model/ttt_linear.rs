@@ -170,14 +170,21 @@ pub(crate) fn inner_rope_angles(
     d: usize,
 ) -> (Vec<f64>, Vec<f64>) {
     let half = d / 2;
+    // One row per position inside a mini-batch (at most b distinct ones), then one row per token.
+    let rows = mini_batch.min(t);
+    let (mut cos_b, mut sin_b) = (vec![0f64; mini_batch * half], vec![0f64; mini_batch * half]);
+    for i in 0..rows {
+        let p = (first + i) % mini_batch;
+        for j in 0..half {
+            let angle = p as f64 * INNER_ROPE_THETA.powf(-((2 * j) as f64) / d as f64);
+            (cos_b[p * half + j], sin_b[p * half + j]) = (angle.cos(), angle.sin());
+        }
+    }
     let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
     for i in 0..t {
-        let pos = ((first + i) % mini_batch) as f64;
-        for j in 0..half {
-            let angle = pos * INNER_ROPE_THETA.powf(-((2 * j) as f64) / d as f64);
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
+        let p = (first + i) % mini_batch;
+        cos.extend_from_slice(&cos_b[p * half..(p + 1) * half]);
+        sin.extend_from_slice(&sin_b[p * half..(p + 1) * half]);
     }
     (cos, sin)
 }
