@@ -2,7 +2,8 @@
 //! side-by-side benchmark against Optuna (`runner/bench/tpe_vs_optuna.sh`): the best value found after
 //! each budget, per seed.
 
-use crate::tpe::{self, Axis, Point, Trial};
+use crate::search::space::Axis;
+use crate::search::tpe::{self, Point, Trial};
 
 /// A synthetic objective to minimise over its space.
 pub struct Objective {

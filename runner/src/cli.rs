@@ -11,8 +11,10 @@ use engine::events::Event;
 use crate::exec::{self, EngineCommand, Summary};
 use crate::ingest;
 use crate::report::{self, ReportRow};
+use crate::search::{Sampler, SweepSearch};
 use crate::spec::{self, Strategy, Sweep, SweepFile};
 use crate::store::{Id, NewRun, RunStatus, RunStore};
+use std::collections::HashMap;
 
 #[derive(Parser)]
 #[command(
@@ -531,20 +533,11 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
             .runs
             .iter()
             .map(|r| {
-                let model = r.config.model_config(vocab);
-                Ok(NewRun {
-                    params: r.params.clone(),
-                    config: r.config.to_toml()?,
-                    param_count: model.param_count() as u64,
-                    mem_estimate: r.config.training_memory_estimate(&model, ranks),
-                    sampler: Some(
-                        match s.strategy {
-                            Strategy::Grid => "grid",
-                            _ => "random",
-                        }
-                        .into(),
-                    ),
-                })
+                let sampler = match s.strategy {
+                    Strategy::Grid => "grid",
+                    _ => "random",
+                };
+                NewRun::planned(r.params.clone(), &r.config, vocab, ranks, sampler)
             })
             .collect::<Result<Vec<_>>>()?;
         planned.push(rows);
@@ -562,7 +555,7 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 out(format_args!(
                     "  tpe: {} trials (the first {} random), seed {}, sampled as results arrive over: {}\n",
                     s.trials,
-                    crate::tpe::STARTUP_TRIALS,
+                    crate::search::tpe::STARTUP_TRIALS,
                     s.seed,
                     axes.join("; ")
                 ));
@@ -604,7 +597,7 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     let store = RunStore::open(home).await?;
     report_recovered(&store).await?;
     let mut sweep_ids = Vec::new();
-    let mut search = exec::SearchPlan::default();
+    let mut search = HashMap::new();
     for (s, rows) in sweeps.iter().zip(&planned) {
         let spec_json = serde_json::to_string(&s.spec)?;
         let id = store
@@ -625,20 +618,13 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 s.spec.early_stop.describe()
             );
         }
-        search.early.insert(id, s.spec.early_stop.clone());
         if s.strategy == Strategy::Tpe {
             eprintln!(
                 "sweep s{id}: tpe over {} trials, sampled as results arrive",
                 s.trials
             );
-            search.samplers.insert(
-                id,
-                exec::Sampler {
-                    sweep: s.clone(),
-                    ranks,
-                },
-            );
         }
+        search.insert(id, sweep_search(s, ranks));
         sweep_ids.push(id);
     }
     let mut runs = Vec::new();
@@ -652,6 +638,21 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
     }
     print_summary(&summary);
     Ok(exit_for(&summary))
+}
+
+/// How sweep `s` searches in this runner: its sampler (TPE samples trials as results arrive) and its
+/// early-stopping rule, if any.
+fn sweep_search(s: &Sweep, ranks: usize) -> SweepSearch {
+    SweepSearch {
+        sampler: match s.strategy {
+            Strategy::Tpe => Sampler::Tpe {
+                sweep: Box::new(s.clone()),
+                ranks,
+            },
+            _ => Sampler::Planned,
+        },
+        early: Some(s.spec.early_stop.clone()).filter(|e| e.enabled()),
+    }
 }
 
 /// Write to stdout; a reader that went away (`runner sweep … | head`) ends the output, not the process:
@@ -705,9 +706,13 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
         Id::Sweep(s) => {
             store.sweep(s).await?;
             let all = store.runs(Some(s)).await?;
+            let count = all.len();
             let todo: Vec<_> = all
                 .into_iter()
                 .filter(|r| match r.status {
+                    // A trial whose values the engine refused when it was planned has nothing to run:
+                    // it stays failed with its reason.
+                    RunStatus::Failed if r.config.is_empty() => false,
                     // Paused runs take part in the search again: promoted if the rule lets them.
                     RunStatus::Queued
                     | RunStatus::Interrupted
@@ -719,7 +724,16 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
                     _ => false,
                 })
                 .collect();
-            if todo.is_empty() {
+            // A TPE sweep with trials left (one was removed, or the runner stopped before it sampled them
+            // all) samples them now.
+            let trials_left = {
+                let spec: SweepFile = serde_json::from_str(&store.sweep_spec(s).await?)
+                    .context("reading the sweep's stored spec")?;
+                let trials = spec.sweep.get("trials").and_then(|t| t.as_integer());
+                spec.sweep.get("strategy").and_then(|v| v.as_str()) == Some("tpe")
+                    && trials.is_some_and(|t| t > count as i64)
+            };
+            if todo.is_empty() && !trials_left {
                 out(format_args!(
                     "sweep s{s}: every run is completed, skipped or running under a live runner; nothing to do\n"
                 ));
@@ -755,9 +769,8 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
         todo.push(r);
     }
     let engine = EngineCommand::detect()?;
-    let mut plan = exec::SearchPlan::default();
+    let mut plan = HashMap::new();
     if search {
-        plan.early.insert(sweep_id, spec.early_stop.clone());
         // A TPE sweep samples its remaining trials from everything recorded so far (the trial number fixes
         // the random stream, so the search continues as it would have).
         let file = PathBuf::from(&sweep.file);
@@ -765,11 +778,8 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("[data] dir {}: {e}", spec.data.dir.display()))?
             .vocab_size;
         let s = Sweep::from_spec(&file, spec.clone(), vocab)?;
-        if s.strategy == Strategy::Tpe {
-            let (ranks, _) = exec::plan(&spec.resources).await;
-            plan.samplers
-                .insert(sweep_id, exec::Sampler { sweep: s, ranks });
-        }
+        let (ranks, _) = exec::plan(&spec.resources).await;
+        plan.insert(sweep_id, sweep_search(&s, ranks));
     }
     let summary = exec::execute(&store, todo, &spec.resources, &engine, plan).await?;
     report_runs(&store, &[Id::Sweep(sweep_id)], "id", Format::Table, None).await?;

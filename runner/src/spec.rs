@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use engine::train::TrainConfig;
 
-pub use crate::tpe::Axis;
+pub use crate::search::space::Axis;
+use crate::search::space::{grid, parse_range, sample_combos, sample_points, MAX_GRID_RUNS};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 /// `[data]`: the data dir every run trains on.
@@ -138,7 +137,7 @@ pub struct SweepFile {
     pub resources: Resources,
     /// Early stopping (ASHA or median) with paused, resumable runs; off by default.
     #[serde(default)]
-    pub early_stop: crate::early_stop::EarlyStop,
+    pub early_stop: crate::search::early_stop::EarlyStop,
 }
 
 /// One run of an expanded sweep: its swept values and full engine config.
@@ -167,7 +166,7 @@ pub struct Sweep {
 /// Keys of `[sweep]` that steer the expansion rather than name a swept setting.
 const SWEEP_CONTROL: [&str; 3] = ["strategy", "trials", "seed"];
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
@@ -239,154 +238,6 @@ impl SweepFile {
         }
         Ok(file)
     }
-}
-
-/// Most runs a grid may expand to.
-const MAX_GRID_RUNS: usize = 100_000;
-
-/// The combination at `index` of the grid's order (the first axis varies slowest).
-fn combo_at(
-    axes: &[(String, Vec<toml::Value>)],
-    mut index: usize,
-) -> BTreeMap<String, toml::Value> {
-    let mut picks = vec![0; axes.len()];
-    for (i, (_, values)) in axes.iter().enumerate().rev() {
-        picks[i] = index % values.len();
-        index /= values.len();
-    }
-    axes.iter()
-        .zip(picks)
-        .map(|((k, values), p)| (k.clone(), values[p].clone()))
-        .collect()
-}
-
-/// `trials` distinct combinations drawn uniformly from the seeded stream, never materialising the space:
-/// exact index sampling when it has a countable size, per-axis draws with rejection of repeats beyond.
-fn sample_combos(
-    axes: &[(String, Vec<toml::Value>)],
-    total: Option<usize>,
-    trials: usize,
-    seed: u64,
-) -> Vec<BTreeMap<String, toml::Value>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    match total {
-        Some(n) if n <= 1 << 24 => rand::seq::index::sample(&mut rng, n, trials.min(n))
-            .into_iter()
-            .map(|i| combo_at(axes, i))
-            .collect(),
-        _ => {
-            // More than 16M combinations: a repeat among `trials` draws is rare, and rejected.
-            let mut seen = std::collections::HashSet::new();
-            let mut out = Vec::with_capacity(trials);
-            while out.len() < trials {
-                let picks: Vec<usize> = axes
-                    .iter()
-                    .map(|(_, v)| rand::Rng::gen_range(&mut rng, 0..v.len()))
-                    .collect();
-                if seen.insert(picks.clone()) {
-                    out.push(
-                        axes.iter()
-                            .zip(&picks)
-                            .map(|((k, v), p)| (k.clone(), v[*p].clone()))
-                            .collect(),
-                    );
-                }
-            }
-            out
-        }
-    }
-}
-
-/// A range of `[sweep]`: `{ uniform = [lo, hi] }`, `{ log_uniform = [lo, hi] }` or
-/// `{ int_uniform = [lo, hi] }`, on a key that takes numbers of that kind.
-fn parse_range(key: &str, t: &toml::Table) -> Result<Axis> {
-    let (kind, bounds) = match t.iter().collect::<Vec<_>>()[..] {
-        [(k, v)] => (k.as_str(), v),
-        _ => bail!("a range is one of {{ uniform = [lo, hi] }}, {{ log_uniform = [lo, hi] }}, {{ int_uniform = [lo, hi] }}"),
-    };
-    let nums: Vec<f64> = match bounds.as_array().map(|a| a.as_slice()) {
-        Some([lo, hi]) => [lo, hi]
-            .iter()
-            .map(|v| v.as_float().or(v.as_integer().map(|i| i as f64)))
-            .collect::<Option<_>>()
-            .ok_or_else(|| anyhow!("{kind}: the bounds must be numbers"))?,
-        _ => bail!("{kind}: give two bounds, e.g. {kind} = [lo, hi]"),
-    };
-    let (lo, hi) = (nums[0], nums[1]);
-    if !(lo.is_finite() && hi.is_finite() && lo < hi) {
-        bail!("{kind} = [{lo}, {hi}]: need finite bounds with lo < hi");
-    }
-    // What the key takes: a range on `mixer` or `device` is refused, a fractional range on an integer key
-    // too.
-    let takes = engine::train::config::key_kind(key);
-    let axis = match (kind, takes) {
-        (_, KeyKind::Text) => {
-            bail!("{key} takes a name, not a number: list the values, e.g. {key} = [\"a\", \"b\"]")
-        }
-        ("int_uniform", _) => {
-            if lo.fract() != 0.0 || hi.fract() != 0.0 {
-                bail!("int_uniform = [{lo}, {hi}]: the bounds must be whole numbers");
-            }
-            Axis::IntUniform {
-                lo: lo as i64,
-                hi: hi as i64,
-            }
-        }
-        ("uniform" | "log_uniform", KeyKind::Integer) => {
-            bail!("{key} takes whole numbers: use {{ int_uniform = [{lo}, {hi}] }}")
-        }
-        ("uniform", _) => Axis::Uniform { lo, hi },
-        ("log_uniform", _) if lo > 0.0 => Axis::LogUniform { lo, hi },
-        ("log_uniform", _) => bail!("log_uniform = [{lo}, {hi}]: the bounds must be above 0"),
-        (other, _) => {
-            bail!("{other:?} is not a range: use uniform, log_uniform or int_uniform")
-        }
-    };
-    Ok(axis)
-}
-
-use engine::train::config::KeyKind;
-
-/// `trials` points drawn from the axes' priors (ranges: uniform or log-uniform; lists: uniform), an exact
-/// repeat drawn again.
-fn sample_points(
-    axes: &[(String, Axis)],
-    trials: usize,
-    seed: u64,
-) -> Vec<BTreeMap<String, toml::Value>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out: Vec<BTreeMap<String, toml::Value>> = Vec::with_capacity(trials);
-    for _ in 0..trials {
-        for _attempt in 0..100 {
-            let p: BTreeMap<String, toml::Value> = axes
-                .iter()
-                .map(|(k, a)| (k.clone(), a.sample(&mut rng)))
-                .collect();
-            if !out.contains(&p) {
-                out.push(p);
-                break;
-            }
-        }
-    }
-    out
-}
-
-/// Cartesian product of the swept lists, in key order.
-fn grid(axes: &[(String, Vec<toml::Value>)]) -> Vec<BTreeMap<String, toml::Value>> {
-    let mut out = vec![BTreeMap::new()];
-    for (key, values) in axes {
-        out = out
-            .into_iter()
-            .flat_map(|partial| {
-                values.iter().map(move |v| {
-                    let mut p = partial.clone();
-                    p.insert(key.clone(), v.clone());
-                    p
-                })
-            })
-            .collect();
-    }
-    out
 }
 
 impl Sweep {
@@ -487,6 +338,9 @@ impl Sweep {
         let (mut trials, mut seed) = (0, 0);
         if strategy != Strategy::Grid {
             trials = match spec.sweep.get("trials") {
+                Some(toml::Value::Integer(n)) if *n <= 0 => {
+                    bail!("{f}: [sweep] trials = {n}: give the number of runs to try, at least 1")
+                }
                 Some(toml::Value::Integer(n)) if *n as u64 > MAX_GRID_RUNS as u64 => bail!(
                     "{f}: [sweep] trials = {n}: at most {MAX_GRID_RUNS} runs per sweep (as for a grid); split the search into several sweeps"
                 ),
@@ -567,12 +421,30 @@ impl Sweep {
         }
         spec.early_stop.validate(&f.to_string())?;
         let mut runs = Vec::with_capacity(combos.len());
-        for params in combos {
-            let config = plan_config(&spec, path, vocab_size, &params)?;
-            runs.push(PlannedRun { params, config });
-        }
         if strategy == Strategy::Tpe {
-            runs.clear();
+            // TPE's trials are sampled as results arrive: a few points of the prior check the base config
+            // now. A space where every one is refused cannot work; where some are, those trials will fail
+            // (each recorded with its values and the reason) while the search goes on.
+            let checked = combos.len();
+            let refused: Vec<anyhow::Error> = combos
+                .iter()
+                .filter_map(|p| plan_config(&spec, path, vocab_size, p).err())
+                .collect();
+            if let Some(first) = refused.first() {
+                if refused.len() == checked {
+                    bail!("{first:#}");
+                }
+                eprintln!(
+                    "warning: {} of {checked} points drawn from the search space are refused by the engine, e.g. {}: such trials fail and the search goes on",
+                    refused.len(),
+                    engine::error_line(first)
+                );
+            }
+        } else {
+            for params in combos {
+                let config = plan_config(&spec, path, vocab_size, &params)?;
+                runs.push(PlannedRun { params, config });
+            }
         }
         Ok(Self {
             file: path.to_path_buf(),

@@ -5,28 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{ok, runner, Reaped};
-
-/// A sweep file over a synthetic data dir inside `dir`.
-fn sweep_file(dir: &Path, name: &str, steps: u64, sweep: &str) -> PathBuf {
-    let text = format!(
-        "name = \"{name}\"\n[data]\ndir = \"{}\"\nsynth_stories = 200\nvocab_size = 300\n\
-         [base]\ndim = 16\nn_heads = 2\nttt_mini_batch = 4\nsteps = {steps}\nlog_every = 1\neval_every = 5\neval_batches = 1\n\
-         checkpoint_every = 5\nwarmup_steps = 2\n[sweep]\n{sweep}\n[resources]\ndevices = [\"cpu\"]\nmax_parallel = 2\n",
-        dir.join("data").display()
-    );
-    let p = dir.join(format!("{name}.toml"));
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn report_json(home: &Path, sweep: &str) -> Vec<serde_json::Value> {
-    let out = runner(home)
-        .args(["report", sweep, "--format", "json"])
-        .output()
-        .unwrap();
-    serde_json::from_str(&ok(&out)).unwrap()
-}
+use common::{ok, report_json, runner, search_file, sweep_file, Reaped};
 
 fn sqlite_steps(home: &Path, run: i64) -> Vec<i64> {
     // The step history as stored in SQLite's `metrics` table.
@@ -801,34 +780,13 @@ extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
-/// A sweep file of tiny runs (batch 4 × context 16, `steps`) over `sweep`, with `extra` appended (an
-/// `[early_stop]` section) and `replace` pairs applied.
-fn search_file(
-    dir: &Path,
-    name: &str,
-    steps: u64,
-    sweep: &str,
-    replace: &[(&str, &str)],
-    extra: &str,
-) -> PathBuf {
-    let file = sweep_file(dir, name, steps, sweep);
-    let mut text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("[base]\n", "[base]\nbatch_size = 4\ncontext_len = 16\n");
-    for (from, to) in replace {
-        text = text.replace(from, to);
-    }
-    std::fs::write(&file, text + extra).unwrap();
-    file
-}
-
 /// ASHA over 9 tiny configurations, eta = 3, one run at a time: runs pause at their rungs (192 and 576
 /// tokens of 1,728) and the rule promotes them from their checkpoints. The order in which rung results
 /// arrive is exactly what the rule implies for one worker; the runs never promoted end `pruned`; the
 /// winner's weights equal its configuration trained straight through; a pruned run resumes to the end.
 #[test]
 fn asha_pauses_and_promotes_runs_by_the_rule() {
-    use runner::early_stop::{next_promotion, Method};
+    use runner::search::early_stop::{next_promotion, Method};
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     let file = search_file(
@@ -876,7 +834,7 @@ fn asha_pauses_and_promotes_runs_by_the_rule() {
         // Rung 2 is the end of the run: no rung result, nothing to decide.
         if rung < 2 {
             order.push((run, rung));
-            seen.push(runner::early_stop::RungResult {
+            seen.push(runner::search::early_stop::RungResult {
                 run,
                 rung,
                 value: value(run, rung),

@@ -407,3 +407,49 @@ fn the_dashboard_refuses_a_missing_home_and_a_taken_port() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("is in use"), "{err}");
 }
+
+/// `--host localhost` is a name for loopback (resolved, not refused); a malformed query value is a JSON 400
+/// like every other API error, and an unknown run a JSON 404.
+#[test]
+fn the_dashboard_takes_a_host_name_and_answers_bad_queries_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        runner::store::RunStore::open(&home).await.unwrap();
+    });
+    let mut child = runner(&home)
+        .args(["ui", "--host", "localhost", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ui = Reaped(Some(child));
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .and_then(|a| a.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("--host localhost: unexpected first line {line:?}"))
+        .to_string();
+    assert!(
+        addr.starts_with("127.0.0.1:") || addr.starts_with("[::1]:"),
+        "{addr}"
+    );
+    let (code, body) = get(&addr, "/api/runs/1/metrics?name=loss&after=notanumber");
+    assert_eq!(code, 400, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{body}"));
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("after")),
+        "{v}"
+    );
+    let (code, body) = get(&addr, "/api/runs/999");
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body).is_ok(),
+        "{body}"
+    );
+    drop(ui);
+}

@@ -314,73 +314,95 @@ impl ModelConfig {
 
     /// SwiGLU hidden size: `mlp_hidden`, or 4·D rounded up to a multiple of 64.
     pub fn mlp_hidden(&self) -> usize {
-        self.mlp_hidden.unwrap_or((4 * self.dim).div_ceil(64) * 64)
+        self.mlp_hidden
+            .unwrap_or(self.dim.saturating_mul(4).div_ceil(64).saturating_mul(64))
     }
 
-    /// Parameters of one block's mixer.
-    fn mixer_params(&self) -> usize {
-        let (d_model, h, d) = (self.dim, self.n_heads, self.head_dim());
+    /// Parameters of one block's mixer. Counted in f64, exact below 2^53 (every term is a non-negative
+    /// integer no larger than the sum), so that sizes no machine holds saturate instead of wrapping.
+    fn mixer_params(&self) -> f64 {
+        let (d_model, h, d) = (self.dim as f64, self.n_heads as f64, self.head_dim() as f64);
         match self.mixer {
             // θ_Q, θ_K, θ_V, θ_O + θ_lr (D→H) + W0 (H·d·d) + b0 (H·d) + inner LN γ, β (2·H·d), and the
             // options: θ_lr bias (H), token-η offsets (b), post-LN γ, β (2·D); Mamba: no θ_K but a gate
             // (D·D), Q and K convolutions (2·(D·k + D)) and the pre-convolution sub-block (D + D·k + D).
             MixerKind::Ttt => {
-                let k = self.ttt_conv_kernel;
-                let mut n = 4 * d_model * d_model + d_model * h + h * d * d + 3 * h * d;
-                n += if self.ttt_lr_bias { h } else { 0 };
+                let k = self.ttt_conv_kernel as f64;
+                let mut n = 4.0 * d_model * d_model + d_model * h + h * d * d + 3.0 * h * d;
+                n += if self.ttt_lr_bias { h } else { 0.0 };
                 n += match self.ttt_token_eta {
-                    TokenEta::Index => self.ttt_mini_batch,
-                    TokenEta::None => 0,
+                    TokenEta::Index => self.ttt_mini_batch as f64,
+                    TokenEta::None => 0.0,
                 };
-                n += if self.ttt_post_norm { 2 * d_model } else { 0 };
+                n += if self.ttt_post_norm {
+                    2.0 * d_model
+                } else {
+                    0.0
+                };
                 if self.mamba() {
-                    n += 2 * (d_model * k + d_model) + 2 * d_model + d_model * k;
+                    n += 2.0 * (d_model * k + d_model) + 2.0 * d_model + d_model * k;
                 }
                 n
             }
-            MixerKind::Attention => 4 * d_model * d_model,
+            MixerKind::Attention => 4.0 * d_model * d_model,
         }
     }
 
-    /// Exact number of trainable scalars (equals the element count of the model's VarMap).
+    /// Exact number of trainable scalars (equals the element count of the model's VarMap); a size past
+    /// `usize` (no such model can be built) is `usize::MAX`.
     pub fn param_count(&self) -> usize {
-        let d_model = self.dim;
-        let block = 2 * d_model + self.mixer_params() + 3 * d_model * self.mlp_hidden();
-        let head = if self.tie_embeddings {
-            0
+        let n = self.param_count_f64();
+        if n < (1u64 << 53) as f64 {
+            n as usize
         } else {
-            self.vocab_size * d_model
+            usize::MAX
+        }
+    }
+
+    /// [`Self::param_count`] in f64 (exact below 2^53).
+    fn param_count_f64(&self) -> f64 {
+        let d_model = self.dim as f64;
+        let vocab = self.vocab_size as f64;
+        let block = 2.0 * d_model + self.mixer_params() + 3.0 * d_model * self.mlp_hidden() as f64;
+        let head = if self.tie_embeddings {
+            0.0
+        } else {
+            vocab * d_model
         };
-        self.vocab_size * d_model + self.n_layers * block + d_model + head
+        vocab * d_model + self.n_layers as f64 * block + d_model + head
     }
 
     /// Rough peak memory in bytes of one training step at (batch, context, dtype): weights, gradients and
     /// AdamW moments in f32 plus the activations kept for backward. An estimate (within ~2×), meant for
     /// refusing configurations that cannot fit a device, not for accounting.
     pub fn training_memory_estimate(&self, batch: usize, context: usize, dtype: &str) -> u64 {
-        let p = self.param_count() as u64;
-        let act_bytes = dtype_bytes(dtype) as u64;
+        // In f64 (exact below 2^53 bytes), saturating to u64::MAX: an absurd size is an absurd estimate
+        // (the run is skipped), never a wrap to a small one.
+        let p = self.param_count_f64();
+        let act_bytes = dtype_bytes(dtype) as f64;
         // f32 master weights + grads + two Adam moments, plus a low-precision copy when not f32.
-        let states = p * 16 + if act_bytes < 4 { p * act_bytes } else { 0 };
-        let (b, t, d) = (batch as u64, context as u64, self.dim as u64);
-        let hidden = self.mlp_hidden() as u64;
-        let h = self.n_heads as u64;
-        let hd = self.head_dim() as u64;
+        let states = p * 16.0 + if act_bytes < 4.0 { p * act_bytes } else { 0.0 };
+        let (b, t, d) = (batch as f64, context as f64, self.dim as f64);
+        let hidden = self.mlp_hidden() as f64;
+        let h = self.n_heads as f64;
+        let hd = self.head_dim() as f64;
         // Per block, activations saved for backward (counted in elements): norms, projections,
         // quantised copies, SwiGLU intermediates, and the mixer's own.
         let mixer = match self.mixer {
             MixerKind::Ttt => {
-                let mb = self.ttt_mini_batch as u64;
+                let mb = (self.ttt_mini_batch as f64).max(1.0);
                 // Q, K, V, targets, inner LN intermediates, and per mini-batch the b×b attention-like
                 // matrix plus the carried d×d state.
-                b * t * d * 14 + b * h * t * mb * 3 + b * h * t.div_ceil(mb) * hd * hd * 2
+                b * t * d * 14.0 + b * h * t * mb * 3.0 + b * h * (t / mb).ceil() * hd * hd * 2.0
             }
-            MixerKind::Attention => b * t * d * 8 + b * h * t * t * 3,
+            MixerKind::Attention => b * t * d * 8.0 + b * h * t * t * 3.0,
         };
-        let block = b * t * d * 10 + b * t * hidden * 6 + mixer;
-        let logits = b * t * self.vocab_size as u64 * 3;
-        let activations = (self.n_layers as u64 * block + b * t * d * 4) * act_bytes + logits * 4;
-        states + activations
+        let block = b * t * d * 10.0 + b * t * hidden * 6.0 + mixer;
+        let logits = b * t * self.vocab_size as f64 * 3.0;
+        let activations =
+            (self.n_layers as f64 * block + b * t * d * 4.0) * act_bytes + logits * 4.0;
+        // `as` saturates (and maps NaN to 0, which no finite size gives).
+        (states + activations) as u64
     }
 }
 
@@ -435,5 +457,13 @@ mod tests {
         assert!(small > c.param_count() as u64 * 16);
         assert!(c.training_memory_estimate(16, 128, "f32") > small);
         assert!(c.training_memory_estimate(8, 256, "f32") > small);
+        // Sizes past any machine saturate instead of wrapping around to small (or negative) numbers.
+        let absurd = ModelConfig {
+            dim: 1 << 62,
+            n_heads: 1,
+            ..Default::default()
+        };
+        assert_eq!(absurd.param_count(), usize::MAX);
+        assert_eq!(absurd.training_memory_estimate(8, 128, "f32"), u64::MAX);
     }
 }

@@ -208,7 +208,9 @@ pub fn known_keys() -> Vec<String> {
 pub enum KeyKind {
     Integer,
     Float,
-    /// A name, a path or a flag: only listed values make sense.
+    /// A flag: only `[true, false]` make sense.
+    Bool,
+    /// A name or a path: only listed values make sense.
     Text,
 }
 
@@ -217,6 +219,7 @@ pub fn key_kind(key: &str) -> KeyKind {
     match full_table().get(key) {
         Some(toml::Value::Integer(_)) => KeyKind::Integer,
         Some(toml::Value::Float(_)) => KeyKind::Float,
+        Some(toml::Value::Boolean(_)) => KeyKind::Bool,
         _ => KeyKind::Text,
     }
 }

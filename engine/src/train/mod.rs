@@ -139,6 +139,19 @@ pub fn train(args: &TrainArgs) -> Result<Outcome> {
 }
 
 fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
+    // Stop signals first: a SIGTERM or a runner's death during set-up (loading data, a checkpoint) is a
+    // stop at the first step, never a kill or an engine left training without its runner.
+    let stop = install_signal_handlers()?;
+    install_sigbus_message();
+    die_with_parent(&stop);
+    // A test hook: a slow set-up (a big data set, a cold filesystem), so that tests can stop or lose
+    // the runner at this moment on purpose.
+    if let Some(ms) = std::env::var("BITLLAMA_TEST_SETUP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let dist = DistEnv::from_env()?;
     let world = dist.world_size;
     let leader = dist.is_leader();
@@ -295,9 +308,6 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         device: cfg.device.clone(),
         world_size: world,
     })?;
-    let stop = install_signal_handlers()?;
-    install_sigbus_message();
-    die_with_parent();
     let t = cfg.context_len;
     // eval_batches, bounded by what the val split holds (more would score the same tokens again).
     let eval_batches = cfg.eval_batches.min(data.max_val_batches(VAL_BATCH, t));

@@ -97,12 +97,45 @@ impl Signals {
     }
 }
 
+/// The variable a launcher sets to its own pid so that an engine can tell whether it is still its parent.
+pub const PARENT_PID_VAR: &str = "BITLLAMA_PARENT_PID";
+
 /// Ask the kernel to signal this process when the launching process (e.g. the runner) dies, so no engine
 /// outlives its runner as an orphan: it checkpoints and stops as on SIGTERM (see `PARENT_DEATH_SIGNAL`).
-pub fn die_with_parent() {
+/// A launcher that died before this call sends no signal: when it named itself in `BITLLAMA_PARENT_PID`
+/// and this process has another parent by now (it was re-parented), the stop is asked for here.
+pub fn die_with_parent(signals: &Signals) {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and has no memory effects.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL);
+    }
+    if parent_gone(std::env::var(PARENT_PID_VAR).ok().as_deref()) {
+        signals.parent.store(true, Ordering::SeqCst);
+        signals.any.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Whether the launcher named by `expected` (a pid) is no longer this process's parent.
+fn parent_gone(expected: Option<&str>) -> bool {
+    let Some(pid) = expected.and_then(|p| p.trim().parse::<i32>().ok()) else {
+        return false;
+    };
+    // SAFETY: getppid(2) has no arguments and cannot fail.
+    unsafe { libc::getppid() != pid }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parent_that_is_not_ours_any_more_asks_for_a_stop() {
+        // SAFETY: getppid(2) cannot fail.
+        let ours = unsafe { libc::getppid() };
+        assert!(!parent_gone(None), "no launcher named: nothing to check");
+        assert!(!parent_gone(Some("not a pid")));
+        assert!(!parent_gone(Some(&ours.to_string())));
+        assert!(parent_gone(Some(&(ours + 1).to_string())));
     }
 }

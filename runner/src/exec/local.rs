@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use super::{prepare_run_dir, EngineCommand, Executor, Interrupt, Launch, Update};
 use crate::display::Display;
 use crate::ingest::Msg;
+use crate::search::Pause;
 use crate::spec::{Devices, Resources};
 use crate::store::{RunRow, RunStatus, RunStore};
 use engine::train::budget::PauseAt;
@@ -301,7 +302,8 @@ impl Executor for Local {
         self.mem_limit_gib.map(|l| (l, limit_text(l)))
     }
 
-    async fn launch(&mut self, run: RunRow, pause_at: Option<PauseAt>) -> Result<Launch> {
+    async fn launch(&mut self, run: RunRow, pause: Option<Pause>) -> Result<Launch> {
+        let pause_at = pause.map(|p| p.at);
         let Some(devs) = self.slots.take() else {
             // Free here but held by another runner: try again after the next update or a pause.
             self.busy_retry = true;
@@ -309,7 +311,11 @@ impl Executor for Local {
         };
         self.busy_retry = false;
         let place = devs.join(",");
-        if !self.store.claim(run.id, &place).await? {
+        if !self
+            .store
+            .claim(&run, &place, pause.map(|p| p.rung))
+            .await?
+        {
             self.slots.give(devs);
             return Ok(Launch::Taken);
         }
@@ -445,22 +451,13 @@ async fn follow(
     // One rank per GPU, or `procs_per_run` CPU ranks (one per CPU slot handed to this run).
     let world = devices.len().max(1);
     let device = if gpus.is_empty() { "cpu" } else { "cuda:0" };
-    let mut args: Vec<std::ffi::OsString> = ctx.engine.prefix.iter().map(Into::into).collect();
-    args.push("train".into());
-    if resume {
-        args.extend(["--resume".into(), run_dir.clone().into_os_string()]);
-    } else {
-        args.extend([
-            "--config".into(),
-            run_dir.join("run.toml").into_os_string(),
-            "--out".into(),
-            run_dir.clone().into_os_string(),
-        ]);
+    let args = super::TrainCommand {
+        engine: &ctx.engine,
+        run_dir: &run_dir,
+        device,
+        pause_at,
     }
-    args.extend(["--set".into(), format!("device=\"{device}\"").into()]);
-    if let Some(p) = pause_at {
-        args.extend(["--pause-at".into(), p.to_string().into()]);
-    }
+    .args(resume);
     let port = if world > 1 { free_port()? } else { 0 };
     let mut children = Vec::with_capacity(world);
     for rank in 0..world {
@@ -481,6 +478,11 @@ async fn follow(
         ] {
             cmd.env_remove(var);
         }
+        // The engine stops by itself if this runner is gone before it could arm its parent-death signal.
+        cmd.env(
+            engine::train::process::PARENT_PID_VAR,
+            std::process::id().to_string(),
+        );
         cmd.env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_RANK", rank.to_string());
@@ -515,6 +517,10 @@ async fn follow(
         .lock()
         .expect("pids lock")
         .insert(id, rank_pids.clone());
+    // A Ctrl-C that came while the ranks were starting found no pid to signal: pass it on now.
+    if ctx.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        terminate(&rank_pids);
+    }
     if let Err(e) = ctx.store.set_pid(id, rank_pids[0]).await {
         terminate(&rank_pids);
         return Err(e);
@@ -628,9 +634,17 @@ async fn follow(
             *e = true;
         }
         let status = status?;
+        // Killed by the SIGTERM this runner forwarded (a Ctrl-C right after the launch, before the engine
+        // could install its handlers): stopped, not failed; its last checkpoint, if any, is intact.
+        let our_sigterm = {
+            use std::os::unix::process::ExitStatusExt;
+            status.signal() == Some(libc::SIGTERM)
+                && ctx.stopping.load(std::sync::atomic::Ordering::SeqCst)
+        };
         match status.code() {
             Some(0) => {}
             Some(EXIT_INTERRUPTED) => any_interrupted = true,
+            None if our_sigterm => any_interrupted = true,
             _ => {
                 all_ok = false;
                 if failure.is_none() {

@@ -7,7 +7,6 @@
 pub mod local;
 pub mod slurm;
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -15,8 +14,8 @@ use engine::events::Event;
 use tokio::sync::mpsc;
 
 use crate::display::Display;
-use crate::early_stop::{next_promotion, EarlyStop};
 use crate::ingest::{self, Msg};
+use crate::search::{Next, Pause, Sampler, Search, SweepSearch};
 use crate::spec::{Backend, Resources};
 use crate::store::{RunRow, RunStatus, RunStore};
 use engine::train::budget::PauseAt;
@@ -50,6 +49,72 @@ impl EngineCommand {
             program: std::env::current_exe().context("locating the runner binary")?,
             prefix: vec!["engine".into()],
         })
+    }
+}
+
+/// One `engine train` command line for a run dir: resume it if it holds an engine's `config.toml`, else
+/// start it from the runner's `run.toml`; on `device`, pausing at `pause_at`. Rendered as arguments for a
+/// process started here ([`Self::args`]) or as a shell line that makes the resume-or-start choice when it
+/// runs ([`Self::shell`], a batch script resubmitted as is).
+pub struct TrainCommand<'a> {
+    pub engine: &'a EngineCommand,
+    pub run_dir: &'a Path,
+    pub device: &'a str,
+    pub pause_at: Option<PauseAt>,
+}
+
+impl TrainCommand<'_> {
+    /// The words after `train`'s mode: `--set device=…` and `--pause-at …`.
+    fn options(&self) -> Vec<String> {
+        let mut out = vec!["--set".to_string(), format!("device=\"{}\"", self.device)];
+        if let Some(p) = self.pause_at {
+            out.extend(["--pause-at".to_string(), p.to_string()]);
+        }
+        out
+    }
+
+    /// The engine's arguments (after the program), `resume` deciding the mode.
+    pub fn args(&self, resume: bool) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = self.engine.prefix.iter().map(Into::into).collect();
+        args.push("train".into());
+        let dir = self.run_dir.as_os_str().to_owned();
+        if resume {
+            args.extend(["--resume".into(), dir]);
+        } else {
+            args.extend([
+                "--config".into(),
+                self.run_dir.join("run.toml").into_os_string(),
+                "--out".into(),
+                dir,
+            ]);
+        }
+        args.extend(self.options().into_iter().map(Into::into));
+        args
+    }
+
+    /// Shell lines that run the engine under `launcher` (e.g. `srun …`), choosing resume or start by
+    /// whether the run dir holds a `config.toml` at that moment.
+    pub fn shell(&self, launcher: &str) -> String {
+        let q = slurm::sh_quote(&self.run_dir.display().to_string());
+        let mut engine = vec![slurm::sh_quote(&self.engine.program.display().to_string())];
+        engine.extend(self.engine.prefix.iter().map(|p| slurm::sh_quote(p)));
+        // Plain words stay bare (`--set`, `--pause-at`, `tokens=192`); anything else is quoted.
+        let word = |w: &String| {
+            if w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:+".contains(c))
+            {
+                w.clone()
+            } else {
+                slurm::sh_quote(w)
+            }
+        };
+        let options: Vec<String> = self.options().iter().map(word).collect();
+        format!(
+            "if [ -f {q}/config.toml ]; then\n  set -- --resume {q}\nelse\n  set -- --config {q}/run.toml --out {q}\nfi\n\
+             exec {launcher} {} train \"$@\" {}\n",
+            engine.join(" "),
+            options.join(" ")
+        )
     }
 }
 
@@ -152,8 +217,9 @@ pub trait Executor {
     /// The memory one run may use, in GiB, and what that limit is (for the skip reason).
     fn memory_limit(&self) -> Option<(f64, String)>;
     /// Start `run` (already `queued`/`interrupted`/`failed`/`paused`/`pruned` in the store; the backend
-    /// claims it), to stop at `pause_at` (an early-stopping rung) or run to its end.
-    async fn launch(&mut self, run: RunRow, pause_at: Option<PauseAt>) -> Result<Launch>;
+    /// claims it as it is, recording `pause`'s rung with the claim), to stop at `pause` (an early-stopping
+    /// rung) or run to its end.
+    async fn launch(&mut self, run: RunRow, pause: Option<Pause>) -> Result<Launch>;
     /// Wait until there may be updates. Must be cancel-safe: the driver races it against signals.
     async fn wait(&mut self);
     /// What happened since the last call.
@@ -185,58 +251,35 @@ pub async fn plan(res: &Resources) -> (usize, Option<(f64, String)>) {
     }
 }
 
-/// Run `runs` (already `queued`/`interrupted`/`failed` in the store) with the backend of `res`.
-/// A sweep whose trials are sampled as results arrive (`strategy = "tpe"`), and the ranks of a run (for
-/// a new trial's memory estimate).
-pub struct Sampler {
-    pub sweep: crate::spec::Sweep,
-    pub ranks: usize,
-}
-
-/// How the sweeps being run search: `early` maps a sweep id to its `[early_stop]` (sweeps without one, or
-/// a run resumed on its own to full length, have none); `samplers` the sweeps that sample their trials.
-#[derive(Default)]
-pub struct SearchPlan {
-    pub early: HashMap<i64, EarlyStop>,
-    pub samplers: HashMap<i64, Sampler>,
-}
-
+/// Run `runs` (already `queued`/`interrupted`/`failed`/`paused` in the store) with the backend of `res`,
+/// searching `sweeps` as each says (its sampler, its early-stopping rule).
 pub async fn execute(
     store: &RunStore,
     runs: Vec<RunRow>,
     res: &Resources,
     engine: &EngineCommand,
-    plan: SearchPlan,
+    sweeps: HashMap<i64, SweepSearch>,
 ) -> Result<Summary> {
     let (writer, writer_task) = ingest::spawn_writer(store.clone());
     let mut total = runs.len();
-    for (sweep, s) in &plan.samplers {
-        total += s
-            .sweep
-            .trials
-            .saturating_sub(store.runs(Some(*sweep)).await?.len());
+    for (id, s) in &sweeps {
+        if let Sampler::Tpe { sweep, .. } = &s.sampler {
+            total += sweep
+                .trials
+                .saturating_sub(store.runs(Some(*id)).await?.len());
+        }
     }
     let mut display = Display::new(total);
-    let search = Search {
-        store: store.clone(),
-        samplers: plan.samplers,
-        early: plan
-            .early
-            .into_iter()
-            .filter(|(_, e)| e.enabled())
-            .collect(),
-        runs: HashMap::new(),
-        active: Default::default(),
-        taken: Default::default(),
-    };
+    let search = Search::new(store, sweeps, runs);
+    search.join().await?;
     let result = match res.backend {
         Backend::Local => {
             let exec = local::Local::new(store, res, engine.clone(), writer.clone())?;
-            drive(store, runs, exec, search, &writer, &mut display).await
+            drive(store, exec, search, &writer, &mut display).await
         }
         Backend::Slurm => {
             let exec = slurm::Slurm::new(store, res, engine.clone(), writer.clone()).await?;
-            drive(store, runs, exec, search, &writer, &mut display).await
+            drive(store, exec, search, &writer, &mut display).await
         }
     };
     ingest::flush(&writer).await;
@@ -246,288 +289,48 @@ pub async fn execute(
     result
 }
 
-/// The early-stopping state the driver keeps: which sweeps search, and for each launched run its sweep and
-/// the rung it was sent to (everything else is in the store, so a resumed runner continues the search).
-struct Search {
-    store: RunStore,
-    early: HashMap<i64, EarlyStop>,
-    samplers: HashMap<i64, Sampler>,
-    /// run → (sweep, config, rung it will pause at when it pauses).
-    runs: HashMap<i64, (i64, engine::train::TrainConfig, usize)>,
-    /// Runs whose engine has not ended yet (a paused one may still be exiting): not promotable.
-    active: std::collections::HashSet<i64>,
-    /// Runs another runner claimed first: not offered again in this loop.
-    taken: std::collections::HashSet<i64>,
-}
-
-impl Search {
-    /// Where `run` stops next: its next rung, or `None` for the end (or without early stopping).
-    fn pause_at(&mut self, run: &RunRow) -> Option<PauseAt> {
-        let es = self.early.get(&run.sweep_id)?;
-        let cfg = engine::train::TrainConfig::from_table(&run.config.parse().ok()?).ok()?;
-        let pause = es.pause_at(&cfg, run.rung);
-        let next = run.rung.map_or(0, |r| r as usize + 1);
-        self.runs.insert(run.id, (run.sweep_id, cfg, next));
-        pause
-    }
-
-    /// Record what a run's event says about its rung: a `paused` event is the result at the rung it was
-    /// sent to; a `done` one the result at the full length (the last rung).
-    async fn record(&self, run: i64, ev: &Event) -> Result<()> {
-        let Some((sweep, cfg, rung)) = self.runs.get(&run) else {
-            return Ok(());
-        };
-        let es = &self.early[sweep];
-        let value = |loss: f64, bpb: f64| match es.metric {
-            crate::early_stop::Metric::ValLoss => loss,
-            crate::early_stop::Metric::ValBpb => bpb,
-        };
-        match ev {
-            Event::Paused {
-                step,
-                tokens,
-                elapsed_s,
-                val_loss,
-                val_bpb,
-            } => {
-                let used = es.budget.used(*step, *tokens, *elapsed_s);
-                self.store
-                    .record_rung(run, *sweep, *rung, (used, value(*val_loss, *val_bpb)), true)
-                    .await
-            }
-            // The end of the run: its rung column says so; no rung result (a full length is not the same
-            // budget across configurations, so it is not compared).
-            Event::Done { .. } => {
-                let top = es.rungs_of(cfg).map(|r| r.len()).unwrap_or(*rung);
-                self.store.set_rung(run, top).await
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// The paused run the rule promotes next, over every searching sweep (a run being launched is not
-    /// paused any more in the store). `end`: nothing runs or waits to start, so the search would end here;
-    /// a sweep none of whose runs completed then continues its best run at the highest rung reached (with
-    /// fewer than eta runs at a rung, the rule alone would keep none of them).
-    async fn promotion(&self, end: bool) -> Result<Option<RunRow>> {
-        for (sweep, es) in &self.early {
-            let results = self.store.rung_results(*sweep).await?;
-            let runs = self.store.runs(Some(*sweep)).await?;
-            let paused: Vec<(i64, usize)> = runs
-                .iter()
-                .filter(|r| r.status == RunStatus::Paused)
-                .filter(|r| !self.active.contains(&r.id) && !self.taken.contains(&r.id))
-                .filter_map(|r| Some((r.id, r.rung? as usize)))
-                .collect();
-            let mut id = next_promotion(es.method, es.reduction_factor, &results, &paused);
-            if id.is_none() && end && !runs.iter().any(|r| r.status == RunStatus::Completed) {
-                id = crate::early_stop::best_waiting(&results, &paused);
-            }
-            if let Some(id) = id {
-                return Ok(runs.into_iter().find(|r| r.id == id));
-            }
-        }
-        Ok(None)
-    }
-
-    /// A new trial of a sampling sweep, recorded `queued` (with the sampler that chose it), while its budget
-    /// lasts: the point TPE suggests from the trials so far — completed ones by their final metric,
-    /// paused and pruned ones by their last rung's, running ones as pending.
-    async fn new_trial(&self) -> Result<Option<RunRow>> {
-        for (sweep, sm) in &self.samplers {
-            loop {
-                let runs = self.store.runs(Some(*sweep)).await?;
-                if runs.len() >= sm.sweep.trials {
-                    break;
-                }
-                let metric = self.early.get(sweep).map(|e| e.metric);
-                let rung_values = self.store.rung_results(*sweep).await?;
-                let point_of = |r: &RunRow| -> crate::tpe::Point {
-                    serde_json::from_value(r.params.clone()).unwrap_or_default()
-                };
-                let (mut history, mut pending) = (Vec::new(), Vec::new());
-                for r in &runs {
-                    let value = match r.status {
-                        RunStatus::Completed => match metric {
-                            Some(crate::early_stop::Metric::ValBpb) => r.val_bpb,
-                            _ => r.val_loss,
-                        },
-                        // Stopped at a rung (for now, or for good): judged by its last rung's value,
-                        // as Optuna judges pruned trials by their intermediate values.
-                        RunStatus::Pruned | RunStatus::Paused => rung_values
-                            .iter()
-                            .filter(|x| x.run == r.id)
-                            .max_by_key(|x| x.rung)
-                            .map(|x| x.value),
-                        RunStatus::Queued | RunStatus::Running | RunStatus::Interrupted => {
-                            pending.push(point_of(r));
-                            continue;
-                        }
-                        RunStatus::Failed | RunStatus::SkippedOom => None,
-                    };
-                    if let Some(value) = value.filter(|v| v.is_finite()) {
-                        history.push(crate::tpe::Trial {
-                            point: point_of(r),
-                            value,
-                        });
-                    }
-                }
-                let trial = runs.len() as u64;
-                let point =
-                    crate::tpe::suggest(&sm.sweep.space, &history, &pending, sm.sweep.seed, trial);
-                let sampler = if history.len() < crate::tpe::STARTUP_TRIALS {
-                    "random"
-                } else {
-                    "tpe"
-                };
-                let planned = crate::spec::plan_config(
-                    &sm.sweep.spec,
-                    &sm.sweep.file,
-                    sm.sweep.vocab,
-                    &point,
-                );
-                let row = match &planned {
-                    Ok(cfg) => {
-                        let model = cfg.model_config(sm.sweep.vocab);
-                        crate::store::NewRun {
-                            params: point.clone(),
-                            config: cfg.to_toml()?,
-                            param_count: model.param_count() as u64,
-                            mem_estimate: cfg.training_memory_estimate(&model, sm.ranks),
-                            sampler: Some(sampler.into()),
-                        }
-                    }
-                    Err(_) => crate::store::NewRun {
-                        params: point.clone(),
-                        config: String::new(),
-                        param_count: 0,
-                        mem_estimate: 0,
-                        sampler: Some(sampler.into()),
-                    },
-                };
-                let ids = self
-                    .store
-                    .add_runs(*sweep, &[row], sm.sweep.spec.resources.runs_dir.as_deref())
-                    .await?;
-                match planned {
-                    Ok(_) => return Ok(Some(self.store.run(ids[0]).await?)),
-                    // A point the engine would refuse (a dim n_heads does not divide): a failed trial.
-                    Err(e) => {
-                        self.store
-                            .set_status(ids[0], RunStatus::Failed, &engine::error_line(&e))
-                            .await?
-                    }
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// A run that recorded its result at a rung and then ended `interrupted` or `failed` (its engine's
-    /// teardown, its job's end) without going past that rung: it is paused there, waiting for the rule —
-    /// resuming it towards its next rung would skip the decision.
-    async fn still_at_rung(&self, run: &RunRow) -> Result<bool> {
-        let (Some(es), Some(rung)) = (self.early.get(&run.sweep_id), run.rung) else {
-            return Ok(false);
-        };
-        if !matches!(run.status, RunStatus::Interrupted | RunStatus::Failed) {
-            return Ok(false);
-        }
-        let recorded = self.store.rung_budget(run.id, rung as usize).await?;
-        let used = es
-            .budget
-            .used(run.step as u64, run.tokens as u64, run.wall_s);
-        Ok(recorded.is_some_and(|b| used <= b * (1.0 + 1e-9)))
-    }
-
-    /// The search is over: every run still paused can never be promoted; it becomes `pruned`.
-    async fn prune_rest(&self, display: &mut Display, summary: &mut Summary) -> Result<()> {
-        for (sweep, es) in &self.early {
-            for r in self.store.runs(Some(*sweep)).await? {
-                if r.status != RunStatus::Paused {
-                    continue;
-                }
-                let rung = r.rung.unwrap_or(0);
-                let at =
-                    engine::train::TrainConfig::from_table(&r.config.parse().unwrap_or_default())
-                        .ok()
-                        .and_then(|cfg| es.rungs_of(&cfg).ok())
-                        .and_then(|rungs| rungs.get(rung as usize).copied())
-                        .map_or(String::new(), |b| format!(" at {b} {}", es.budget.as_str()));
-                let why = format!(
-                    "{}: not promoted past rung {rung}{at}; checkpoint kept, `runner resume {}` trains it to full length",
-                    es.describe(),
-                    r.id
-                );
-                self.store.set_status(r.id, RunStatus::Pruned, &why).await?;
-                display.line(format!("run {}: pruned ({why})", r.id));
-                summary.count(RunStatus::Pruned);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The loop every backend shares.
+/// The loop every backend shares: launch what the search says while there is room, follow the runs,
+/// tell the search what happened.
 async fn drive<E: Executor>(
     store: &RunStore,
-    runs: Vec<RunRow>,
     mut exec: E,
     mut search: Search,
     writer: &mpsc::UnboundedSender<Msg>,
     display: &mut Display,
 ) -> Result<Summary> {
     let mut summary = Summary::default();
-    // Paused runs wait for the rule (also one that ended badly right after its rung result was
-    // recorded); everything else is launched in order.
-    let mut waiting = Vec::new();
-    for r in runs {
-        if search.still_at_rung(&r).await? {
-            let why = "its rung result was recorded before it stopped: waiting for the early-stopping rule";
-            store.set_status(r.id, RunStatus::Paused, why).await?;
-            continue;
-        }
-        if r.status != RunStatus::Paused || !search.early.contains_key(&r.sweep_id) {
-            waiting.push(r);
-        }
+    for s in search.reconcile(writer).await? {
+        display.finished(s.run, s.status, &s.why);
+        summary.count(s.status);
     }
-    let runs = waiting;
-    // A run adopted in a live job is registered with the search as it was launched (its next rung), and
-    // counts as active until it ends.
-    let queue: Vec<RunRow> = {
-        let mut pause_of = |r: &RunRow| {
-            search.active.insert(r.id);
-            search.pause_at(r)
-        };
-        exec.adopt(runs, &mut pause_of, display).await?
+    // A run adopted in a live job counts as active until it ends, pausing where its claim sent it.
+    let adopting = search.adopting();
+    let rest = {
+        let mut pause_of = |r: &RunRow| search.pause_of_launched(r);
+        exec.adopt(adopting, &mut pause_of, display).await?
     };
-    for r in &queue {
-        search.active.remove(&r.id);
-    }
-    let mut queue: VecDeque<RunRow> = queue.into();
+    search.adopted(rest);
     let (mut stopping, mut detach) = (false, false);
     let mut busy = false;
-    // Whether the search (promotions, new trials) may have something to launch: its answer changes only
-    // when a run ends or a launch did not happen, so it is asked then, not on every step event.
-    let mut search_due = true;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        // Launch while there is room: a promotion first (ASHA starts new configurations only when nothing
-        // can be promoted), then the queue, then a new trial of a sampling sweep.
         while !stopping && exec.has_room() {
-            let end = exec.active() == 0 && queue.is_empty();
-            let promoted = match search_due {
-                true => search.promotion(end).await?,
-                false => None,
-            };
-            let next = match promoted.or_else(|| queue.pop_front()) {
-                Some(run) => Some(run),
-                None if search_due => search.new_trial().await?,
-                None => None,
-            };
-            let Some(run) = next else {
-                search_due = false;
+            let Some(next) = search.next(exec.active() == 0).await? else {
                 break;
+            };
+            let (run, pause, promoted) = match next {
+                Next::Launch {
+                    run,
+                    pause,
+                    promoted,
+                } => (run, pause, promoted),
+                Next::Refuse { run, reason } => {
+                    search.failed();
+                    store.set_status(run.id, RunStatus::Failed, &reason).await?;
+                    display.finished(run.id, RunStatus::Failed, &reason);
+                    summary.count(RunStatus::Failed);
+                    continue;
+                }
             };
             if let (Some((limit, what)), Some(est)) = (exec.memory_limit(), run.mem_estimate) {
                 let need = est as f64 / (1u64 << 30) as f64;
@@ -545,18 +348,16 @@ async fn drive<E: Executor>(
                 }
             }
             let id = run.id;
-            let was_paused = run.status == RunStatus::Paused;
-            let pause_at = search.pause_at(&run);
-            match exec.launch(run, pause_at).await? {
+            match exec.launch(run, pause).await? {
                 Launch::Started(place) => {
-                    search.active.insert(id);
+                    search.launched(id);
                     busy = false;
-                    let to = pause_at.map_or("to the end".to_string(), |p| format!("to {p}"));
-                    if was_paused {
+                    let to = pause.map_or("to the end".to_string(), |p| format!("to {}", p.at));
+                    if promoted {
                         display.line(format!("run {id}: promoted, continues {to}"));
                     }
-                    match pause_at {
-                        Some(p) => display.started(id, &format!("{place}, until {p}")),
+                    match pause {
+                        Some(p) => display.started(id, &format!("{place}, until {}", p.at)),
                         None => display.started(id, &place),
                     }
                 }
@@ -565,20 +366,15 @@ async fn drive<E: Executor>(
                         display.line("waiting for GPUs that another runner is using…".into());
                     }
                     busy = true;
-                    // A promoted run is asked for again (it is still paused in the store).
-                    search_due = true;
-                    if !was_paused {
-                        queue.push_front(*run);
-                    }
+                    search.busy(*run, promoted);
                     break;
                 }
                 Launch::Taken => {
-                    search_due = true;
-                    search.taken.insert(id);
+                    search.taken(id);
                     display.line(format!("run {id}: taken by another runner, skipping"));
                 }
                 Launch::Failed { reason, stop_all } => {
-                    search_due = true;
+                    search.failed();
                     store.set_status(id, RunStatus::Failed, &reason).await?;
                     display.finished(id, RunStatus::Failed, &reason);
                     summary.count(RunStatus::Failed);
@@ -607,14 +403,13 @@ async fn drive<E: Executor>(
         for update in exec.updates().await? {
             match update {
                 Update::Event(run, ev) => {
-                    search.record(run, &ev).await?;
+                    search.observe(run, &ev).await?;
                     display.event(run, &ev);
                     let _ = writer.send(Msg::Event(run, ev));
                 }
                 Update::Status(run, status, why) => store.set_status(run, status, &why).await?,
                 Update::Ended(run, status, why) => {
-                    search.active.remove(&run);
-                    search_due = true;
+                    search.ended(run);
                     // The run's last events are in the DB before its final status.
                     ingest::flush(writer).await;
                     store.set_status(run, status, &why).await?;
@@ -628,18 +423,16 @@ async fn drive<E: Executor>(
     if detach && exec.active() > 0 {
         summary.interrupted += exec.active();
     }
-    if !stopping && !detach && queue.is_empty() {
-        search.prune_rest(display, &mut summary).await?;
-    }
-    for sweep in search.early.keys() {
+    summary.pruned += search.finish(stopping || detach, display).await?;
+    for sweep in search.searching() {
         summary.paused += store
-            .runs(Some(*sweep))
+            .runs(Some(sweep))
             .await?
             .iter()
             .filter(|r| r.status == RunStatus::Paused)
             .count();
     }
-    summary.left_queued = queue.len();
+    summary.left_queued = search.left_queued();
     Ok(summary)
 }
 

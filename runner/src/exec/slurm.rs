@@ -79,7 +79,7 @@ pub fn parse_scontrol(line: &str) -> Option<JobInfo> {
     (!info.state.is_empty()).then_some(info)
 }
 
-fn sh_quote(s: &str) -> String {
+pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
@@ -143,9 +143,14 @@ pub fn job_script(
         opt(a.clone());
     }
     let q = sh_quote(dir);
-    let mut engine_cmd = vec![sh_quote(&engine.program.display().to_string())];
-    engine_cmd.extend(engine.prefix.iter().map(|p| sh_quote(p)));
     let device = if gpus { "cuda" } else { "cpu" };
+    let command = super::TrainCommand {
+        engine,
+        run_dir: Path::new(dir),
+        device,
+        pause_at,
+    }
+    .shell("srun --kill-on-bad-exit=1");
     s.push_str(&format!(
         r#"# Written by `runner` for run {id}; resubmitted as is after a preemption or timeout.
 set -eu
@@ -155,16 +160,8 @@ cd {q}
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000))
 export RAYON_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"
-if [ -f {q}/config.toml ]; then
-  set -- --resume {q}
-else
-  set -- --config {q}/run.toml --out {q}
-fi
-exec srun --kill-on-bad-exit=1 {engine} train "$@" --set 'device="{device}"'{pause}
-"#,
+{command}"#,
         id = run.id,
-        engine = engine_cmd.join(" "),
-        pause = pause_at.map_or(String::new(), |p| format!(" --pause-at {p}")),
     ));
     s
 }
@@ -567,8 +564,13 @@ impl Executor for Slurm {
         memory_limit(&self.res)
     }
 
-    async fn launch(&mut self, run: RunRow, pause_at: Option<PauseAt>) -> Result<Launch> {
-        if !self.store.claim_for_slurm(run.id).await? {
+    async fn launch(&mut self, run: RunRow, pause: Option<crate::search::Pause>) -> Result<Launch> {
+        let pause_at = pause.map(|p| p.at);
+        if !self
+            .store
+            .claim_for_slurm(&run, pause.map(|p| p.rung))
+            .await?
+        {
             return Ok(Launch::Taken);
         }
         match submit_run(
@@ -912,6 +914,8 @@ mod tests {
             runner_started: None,
             rung: None,
             sampler: None,
+            idx: 0,
+            pause_rung: None,
         };
         let res = Resources {
             gpus_per_run: 8,

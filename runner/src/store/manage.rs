@@ -95,6 +95,15 @@ impl RunStore {
                 "run {id} belongs to runner pid {p}, which is still running: wait for it or stop it first"
             )));
         }
+        // A queued run of a sweep a runner follows is in that runner's queue (or is a trial it made).
+        if run.status == RunStatus::Queued {
+            if let Some(p) = self.sweep_runners(run.sweep_id).await?.first() {
+                return Ok(Some(format!(
+                    "run {id} is queued in sweep s{} that runner pid {p} is running: stop that runner first (Ctrl-C), then `runner rm {id}`",
+                    run.sweep_id
+                )));
+            }
+        }
         Ok(None)
     }
 
@@ -134,13 +143,14 @@ impl RunStore {
 
     /// Remove sweep `id` when no run of it is left.
     pub async fn remove_sweep_if_empty(&self, id: i64) -> Result<()> {
-        sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        for q in [
+            "DELETE FROM sweep_runners WHERE sweep_id = ? AND NOT EXISTS (SELECT 1 FROM runs WHERE sweep_id = ?)",
             "DELETE FROM sweeps WHERE id = ? AND NOT EXISTS (SELECT 1 FROM runs WHERE sweep_id = ?)",
-        )
-        .bind(id)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        ] {
+            sqlx::query(q).bind(id).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -14,6 +14,8 @@ use sqlx::{ConnectOptions, Connection, Row, SqlitePool};
 
 mod apply;
 mod manage;
+
+use crate::search::early_stop::RungResult;
 pub use manage::check_tag;
 
 /// Run statuses, exactly as stored in `runs.status`.
@@ -111,6 +113,12 @@ pub struct RunRow {
     pub rung: Option<i64>,
     /// Which sampler chose its values (`grid`, `random`, `tpe`).
     pub sampler: Option<String>,
+    /// The trial number within its sweep (allocated by the store, never reused).
+    #[serde(rename = "trial")]
+    pub idx: i64,
+    /// The early-stopping rung its engine was last sent to pause at (`None`: its end), set with its claim.
+    #[serde(skip)]
+    pub pause_rung: Option<i64>,
 }
 
 /// A run of a new sweep, as [`RunStore::add_runs`] records it.
@@ -125,6 +133,38 @@ pub struct NewRun {
     pub mem_estimate: u64,
     /// Which sampler chose the values (`grid`, `random`, `tpe`).
     pub sampler: Option<String>,
+}
+
+impl NewRun {
+    /// A run of `config` with the swept values `params`, its size and per-rank memory estimate computed for
+    /// the data's `vocab` and `ranks` ranks.
+    pub fn planned(
+        params: BTreeMap<String, toml::Value>,
+        config: &engine::train::TrainConfig,
+        vocab: usize,
+        ranks: usize,
+        sampler: &str,
+    ) -> Result<Self> {
+        let model = config.model_config(vocab);
+        Ok(Self {
+            params,
+            config: config.to_toml()?,
+            param_count: model.param_count() as u64,
+            mem_estimate: config.training_memory_estimate(&model, ranks),
+            sampler: Some(sampler.into()),
+        })
+    }
+
+    /// A trial whose values the engine refuses: recorded with its values and no config (never launched).
+    pub fn refused(params: BTreeMap<String, toml::Value>, sampler: &str) -> Self {
+        Self {
+            params,
+            config: String::new(),
+            param_count: 0,
+            mem_estimate: 0,
+            sampler: Some(sampler.into()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -257,40 +297,179 @@ pub fn this_host() -> String {
         .unwrap_or_default()
 }
 
-const RUN_COLUMNS: &str = "id, sweep_id, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started, rung, sampler";
+const RUN_COLUMNS: &str = "id, sweep_id, idx, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started, rung, sampler, pause_rung";
 
-fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
-    RunRow {
-        id: r.get(0),
-        sweep_id: r.get(1),
-        status: r.get(2),
-        params: serde_json::from_str(r.get::<&str, _>(3)).unwrap_or(serde_json::Value::Null),
-        config: r.get(4),
-        run_dir: r.get(5),
-        device: r.get(6),
-        pid: r.get(7),
-        step: r.get(8),
-        total_steps: r.get(9),
-        tokens: r.get(10),
-        loss: r.get(11),
-        val_loss: r.get(12),
-        best_val_loss: r.get(13),
-        val_bpb: r.get(14),
-        tokens_per_s: r.get(15),
-        wall_s: r.get(16),
-        checkpoint: r.get(17),
-        param_count: r.get(18),
-        mem_estimate: r.get(19),
-        error: r.get(20),
-        slurm_job: r.get(21),
-        restarts: r.get(22),
-        runner_pid: r.get(23),
-        runner_host: r.get(24),
-        runner_started: r.get(25),
-        rung: r.get(26),
-        sampler: r.get(27),
+impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for RunRow {
+    fn from_row(r: &'r sqlx::sqlite::SqliteRow) -> sqlx::Result<Self> {
+        Ok(RunRow {
+            id: r.try_get("id")?,
+            sweep_id: r.try_get("sweep_id")?,
+            idx: r.try_get("idx")?,
+            status: r.try_get("status")?,
+            params: serde_json::from_str(r.try_get::<&str, _>("params")?)
+                .unwrap_or(serde_json::Value::Null),
+            config: r.try_get("config")?,
+            run_dir: r.try_get("run_dir")?,
+            device: r.try_get("device")?,
+            pid: r.try_get("pid")?,
+            step: r.try_get("step")?,
+            total_steps: r.try_get("total_steps")?,
+            tokens: r.try_get("tokens")?,
+            loss: r.try_get("loss")?,
+            val_loss: r.try_get("val_loss")?,
+            best_val_loss: r.try_get("best_val_loss")?,
+            val_bpb: r.try_get("val_bpb")?,
+            tokens_per_s: r.try_get("tokens_per_s")?,
+            wall_s: r.try_get("wall_s")?,
+            checkpoint: r.try_get("checkpoint")?,
+            param_count: r.try_get("param_count")?,
+            mem_estimate: r.try_get("mem_estimate")?,
+            error: r.try_get("error")?,
+            slurm_job: r.try_get("slurm_job")?,
+            restarts: r.try_get("restarts")?,
+            runner_pid: r.try_get("runner_pid")?,
+            runner_host: r.try_get("runner_host")?,
+            runner_started: r.try_get("runner_started")?,
+            rung: r.try_get("rung")?,
+            sampler: r.try_get("sampler")?,
+            pause_rung: r.try_get("pause_rung")?,
+        })
     }
 }
+
+/// A run or sweep id that names nothing: the dashboard answers 404, the command line says what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotFound {
+    #[error("no run with id {0}: see `runner ls` for the ids")]
+    Run(i64),
+    #[error("no sweep with id s{0}: see `runner ls` for the ids")]
+    Sweep(i64),
+}
+
+/// Allocate the next trial number of `sweep` (never reused, also after `runner rm`).
+async fn next_trial(conn: &mut sqlx::SqliteConnection, sweep: i64) -> Result<i64> {
+    sqlx::query_scalar::<_, i64>(
+        "UPDATE sweeps SET next_trial = next_trial + 1 WHERE id = ? RETURNING next_trial - 1",
+    )
+    .bind(sweep)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| NotFound::Sweep(sweep).into())
+}
+
+/// Insert one `queued` run (trial number `trial`, folder `parent/run-ID`) with its swept values and its
+/// first event; returns its id.
+async fn insert_run(
+    conn: &mut sqlx::SqliteConnection,
+    sweep_id: i64,
+    trial: i64,
+    run: &NewRun,
+    parent: &Path,
+) -> Result<i64> {
+    let NewRun {
+        params,
+        config,
+        param_count,
+        mem_estimate: mem,
+        sampler,
+    } = run;
+    let params_json = serde_json::to_string(params)?;
+    let id = sqlx::query(
+        "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at, sampler) \
+         VALUES (?, ?, 'queued', ?, ?, '', ?, ?, ?, ?)",
+    )
+    .bind(sweep_id)
+    .bind(trial)
+    .bind(&params_json)
+    .bind(config)
+    // Stored as SQLite integers: an estimate past i64 (an absurd size) stays the largest one, never negative.
+    .bind(i64::try_from(*param_count).unwrap_or(i64::MAX))
+    .bind(i64::try_from(*mem).unwrap_or(i64::MAX))
+    .bind(now())
+    .bind(sampler)
+    .execute(&mut *conn)
+    .await?
+    .last_insert_rowid();
+    let run_dir = parent.join(format!("run-{id}"));
+    sqlx::query("UPDATE runs SET run_dir = ? WHERE id = ?")
+        .bind(run_dir.display().to_string())
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    for (k, v) in params {
+        let num = match v {
+            toml::Value::Integer(i) => Some(*i as f64),
+            toml::Value::Float(f) => Some(*f),
+            _ => None,
+        };
+        let text = match v {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        sqlx::query("INSERT INTO run_params (run_id, key, value, num) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(k)
+            .bind(text)
+            .bind(num)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, 'status', 'queued', 'created')")
+        .bind(id)
+        .bind(now())
+        .execute(&mut *conn)
+        .await?;
+    Ok(id)
+}
+
+async fn rung_results_of(conn: &mut sqlx::SqliteConnection, sweep: i64) -> Result<Vec<RungResult>> {
+    let rows = sqlx::query("SELECT run_id, rung, value FROM rungs WHERE sweep_id = ? ORDER BY seq")
+        .bind(sweep)
+        .fetch_all(conn)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| RungResult {
+            run: r.get("run_id"),
+            rung: r.get::<i64, _>("rung") as usize,
+            value: r.get("value"),
+        })
+        .collect())
+}
+
+/// The live runners other than this one registered on `sweep`; registrations of gone runners are deleted.
+async fn live_runners_of(conn: &mut sqlx::SqliteConnection, sweep: i64) -> Result<Vec<i64>> {
+    let rows = sqlx::query("SELECT pid, host, started FROM sweep_runners WHERE sweep_id = ?")
+        .bind(sweep)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut live = Vec::new();
+    for r in rows {
+        let (pid, host, started): (i64, String, Option<i64>) =
+            (r.get("pid"), r.get("host"), r.get("started"));
+        if pid as u32 == std::process::id() && host == this_host() {
+            continue;
+        }
+        if runner_alive(pid, Some(&host), started) {
+            live.push(pid);
+        } else {
+            sqlx::query("DELETE FROM sweep_runners WHERE sweep_id = ? AND pid = ? AND host = ?")
+                .bind(sweep)
+                .bind(pid)
+                .bind(&host)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(live)
+}
+
+/// The condition of a claim, bound as (id, status as read, rung as read): a run in a launchable state (a
+/// paused one only once its engine has exited), not in a Slurm job, and unchanged since it was read.
+const CLAIMABLE: &str = "id = ? AND status = ? AND rung IS ? \
+    AND (status IN ('queued', 'interrupted', 'failed', 'pruned') OR (status = 'paused' AND pid IS NULL)) \
+    AND slurm_job IS NULL";
 
 /// Refuse a `--home` that is a file or holds no `runs.db`, saying what to do (commands that only read).
 pub fn require_db(home: &Path) -> Result<()> {
@@ -440,87 +619,121 @@ impl RunStore {
         let mut tx = self.pool.begin().await?;
         let mut ids = Vec::with_capacity(runs.len());
         for run in runs {
-            let NewRun {
-                params,
-                config,
-                param_count,
-                mem_estimate: mem,
-                sampler,
-            } = run;
-            let params_json = serde_json::to_string(params)?;
-            let id = sqlx::query(
-                // Positions continue after the sweep's runs so far (a TPE sweep adds its trials one by one),
-                // counted in the INSERT itself: a transaction that read first and then wrote could fail at
-                // once ("database is locked") when another runner wrote in between.
-                "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at, sampler) \
-                 VALUES (?, (SELECT COUNT(*) FROM runs WHERE sweep_id = ?), 'queued', ?, ?, '', ?, ?, ?, ?)",
-            )
-            .bind(sweep_id)
-            .bind(sweep_id)
-            .bind(&params_json)
-            .bind(config)
-            .bind(*param_count as i64)
-            .bind(*mem as i64)
-            .bind(now())
-            .bind(sampler)
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
-            let run_dir = parent.join(format!("run-{id}"));
-            sqlx::query("UPDATE runs SET run_dir = ? WHERE id = ?")
-                .bind(run_dir.display().to_string())
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            for (k, v) in params {
-                let num = match v {
-                    toml::Value::Integer(i) => Some(*i as f64),
-                    toml::Value::Float(f) => Some(*f),
-                    _ => None,
-                };
-                let text = match v {
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                sqlx::query("INSERT INTO run_params (run_id, key, value, num) VALUES (?, ?, ?, ?)")
-                    .bind(id)
-                    .bind(k)
-                    .bind(text)
-                    .bind(num)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            sqlx::query("INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, 'status', 'queued', 'created')")
-                .bind(id)
-                .bind(now())
-                .execute(&mut *tx)
-                .await?;
-            ids.push(id);
+            let trial = next_trial(&mut tx, sweep_id).await?;
+            ids.push(insert_run(&mut tx, sweep_id, trial, run, &parent).await?);
         }
         tx.commit().await?;
         Ok(ids)
     }
 
-    /// Claim a queued/interrupted/failed run for this runner: only one runner wins.
-    pub async fn claim(&self, id: i64, device: &str) -> Result<bool> {
+    /// Make the next trial of a sampling sweep (`queued`) in one write transaction, so that runners sharing
+    /// the home never make more than `max` trials between them nor share a trial number: `make(trial, runs,
+    /// rung results)` chooses its values from the sweep as it is inside the transaction. `None` when the
+    /// sweep has `max` runs already.
+    pub async fn add_trial(
+        &self,
+        sweep_id: i64,
+        max: usize,
+        runs_dir: Option<&Path>,
+        make: impl FnOnce(u64, &[RunRow], &[RungResult]) -> Result<NewRun>,
+    ) -> Result<Option<RunRow>> {
+        let parent = std::path::absolute(runs_dir.unwrap_or(&self.home))
+            .context("resolving the runs folder")?;
+        // IMMEDIATE: the write lock first, so that no other runner adds a trial between the read and the
+        // insert (and no read-then-write upgrade fails with "database is locked").
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let runs: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE sweep_id = ? ORDER BY id"
+        ))
+        .bind(sweep_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if runs.len() >= max {
+            return Ok(None);
+        }
+        let results = rung_results_of(&mut tx, sweep_id).await?;
+        let trial = next_trial(&mut tx, sweep_id).await?;
+        let row = make(trial as u64, &runs, &results)?;
+        let id = insert_run(&mut tx, sweep_id, trial, &row, &parent).await?;
+        let run = sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(run))
+    }
+
+    /// Register this runner as following `sweeps` (until [`Self::leave_sweep`]).
+    pub async fn join_sweeps(&self, sweeps: &[i64]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
+        for s in sweeps {
+            sqlx::query(
+                "INSERT OR REPLACE INTO sweep_runners (sweep_id, pid, host, started) VALUES (?, ?, ?, ?)",
+            )
+            .bind(s)
+            .bind(std::process::id() as i64)
+            .bind(this_host())
+            .bind(process_start(std::process::id() as i64))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stop following `sweep`; `true` when no other live runner follows it (this runner was the last, and
+    /// ends the search). Registrations of runners that are gone are dropped on the way. One write
+    /// transaction: of two runners leaving at once, exactly one is the last.
+    pub async fn leave_sweep(&self, sweep: i64) -> Result<bool> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let me = std::process::id() as i64;
+        sqlx::query("DELETE FROM sweep_runners WHERE sweep_id = ? AND pid = ? AND host = ?")
+            .bind(sweep)
+            .bind(me)
+            .bind(this_host())
+            .execute(&mut *tx)
+            .await?;
+        let others = live_runners_of(&mut tx, sweep).await?;
+        tx.commit().await?;
+        Ok(others.is_empty())
+    }
+
+    /// The pids of the live runners (other than this one) following `sweep`.
+    pub async fn sweep_runners(&self, sweep: i64) -> Result<Vec<i64>> {
+        let mut conn = self.pool.acquire().await?;
+        live_runners_of(&mut conn, sweep).await
+    }
+
+    /// Claim `run` for this runner, as it was read: only one runner wins, and only while the run is still
+    /// what the caller saw (its status and rung unchanged: a stale copy of a run another runner has since
+    /// trained and paused claims nothing). `pause_rung` is the rung its engine is sent to pause at, recorded
+    /// in the same transaction: the `paused` event that engine ends with is the result at that rung.
+    pub async fn claim(
+        &self,
+        run: &RunRow,
+        device: &str,
+        pause_rung: Option<usize>,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(&format!(
             "UPDATE runs SET status = 'running', device = ?, runner_pid = ?, runner_host = ?, runner_started = ?, pid = NULL, \
-             error = NULL, started_at = ? WHERE id = ? AND (status IN ('queued', 'interrupted', 'failed', 'pruned') OR (status = 'paused' AND pid IS NULL)) \
-             AND slurm_job IS NULL",
-        )
+             error = NULL, started_at = ?, pause_rung = ? WHERE {CLAIMABLE}"
+        ))
         .bind(device)
         .bind(std::process::id() as i64)
         .bind(this_host())
         .bind(process_start(std::process::id() as i64))
         .bind(now())
-        .bind(id)
+        .bind(pause_rung.map(|r| r as i64))
+        .bind(run.id)
+        .bind(run.status.as_str())
+        .bind(run.rung)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if n == 1 {
             sqlx::query("INSERT INTO events (run_id, time, kind, status, reason) VALUES (?, ?, 'status', 'running', ?)")
-                .bind(id)
+                .bind(run.id)
                 .bind(now())
                 .bind(format!("launched on {device}"))
                 .execute(&mut *tx)
@@ -530,19 +743,20 @@ impl RunStore {
         Ok(n == 1)
     }
 
-    /// Claim a run for a Slurm submission by this runner: it stays `queued` (the job is pending) with
-    /// `slurm_job = 'submitting'` until [`Self::set_slurm_job`] records the id. Only one runner wins.
-    pub async fn claim_for_slurm(&self, id: i64) -> Result<bool> {
-        let n = sqlx::query(
+    /// Claim `run` (as read, see [`Self::claim`]) for a Slurm submission by this runner: it stays `queued`
+    /// (the job is pending) with `slurm_job = 'submitting'` until [`Self::set_slurm_job`] records the id.
+    pub async fn claim_for_slurm(&self, run: &RunRow, pause_rung: Option<usize>) -> Result<bool> {
+        let n = sqlx::query(&format!(
             "UPDATE runs SET status = 'queued', slurm_job = 'submitting', device = 'slurm', runner_pid = ?, runner_host = ?, \
-             runner_started = ?, pid = NULL, error = NULL, restarts = 0 \
-             WHERE id = ? AND (status IN ('queued', 'interrupted', 'failed', 'pruned') OR (status = 'paused' AND pid IS NULL)) \
-             AND slurm_job IS NULL",
-        )
+             runner_started = ?, pid = NULL, error = NULL, restarts = 0, pause_rung = ? WHERE {CLAIMABLE}"
+        ))
         .bind(std::process::id() as i64)
         .bind(this_host())
         .bind(process_start(std::process::id() as i64))
-        .bind(id)
+        .bind(pause_rung.map(|r| r as i64))
+        .bind(run.id)
+        .bind(run.status.as_str())
+        .bind(run.rung)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -768,20 +982,9 @@ impl RunStore {
     }
 
     /// Every rung result of a sweep, in the order they arrived.
-    pub async fn rung_results(&self, sweep: i64) -> Result<Vec<crate::early_stop::RungResult>> {
-        let rows =
-            sqlx::query("SELECT run_id, rung, value FROM rungs WHERE sweep_id = ? ORDER BY seq")
-                .bind(sweep)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .iter()
-            .map(|r| crate::early_stop::RungResult {
-                run: r.get(0),
-                rung: r.get::<i64, _>(1) as usize,
-                value: r.get(2),
-            })
-            .collect())
+    pub async fn rung_results(&self, sweep: i64) -> Result<Vec<RungResult>> {
+        let mut conn = self.pool.acquire().await?;
+        rung_results_of(&mut conn, sweep).await
     }
 
     /// SQLite's own check of the database file ("ok" when intact).
@@ -849,14 +1052,11 @@ impl RunStore {
     }
 
     pub async fn run(&self, id: i64) -> Result<RunRow> {
-        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+        sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(r) => Ok(run_from_row(&r)),
-            None => bail!("no run with id {id}: see `runner ls` for the ids"),
-        }
+            .await?
+            .ok_or_else(|| NotFound::Run(id).into())
     }
 
     pub async fn sweep(&self, id: i64) -> Result<SweepRow> {
@@ -864,10 +1064,7 @@ impl RunStore {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        match row {
-            Some(r) => Ok(r),
-            None => bail!("no sweep with id s{id}: see `runner ls` for the ids"),
-        }
+        row.ok_or_else(|| NotFound::Sweep(id).into())
     }
 
     pub async fn sweeps(&self) -> Result<Vec<SweepRow>> {
@@ -884,16 +1081,11 @@ impl RunStore {
             Some(_) => format!("SELECT {RUN_COLUMNS} FROM runs WHERE sweep_id = ? ORDER BY id"),
             None => format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id"),
         };
-        let mut query = sqlx::query(&q);
+        let mut query = sqlx::query_as(&q);
         if let Some(s) = sweep {
             query = query.bind(s);
         }
-        Ok(query
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(run_from_row)
-            .collect())
+        Ok(query.fetch_all(&self.pool).await?)
     }
 
     /// (step, value) series of one metric of a run.
@@ -998,8 +1190,19 @@ impl RunStore {
     }
 }
 
+/// Whether process `pid` exists and has not exited: a zombie (exited, not yet reaped by its parent) or a
+/// dying process (`Z`, `X` in `/proc/PID/stat`) is gone, though its `/proc` entry is still there.
 pub(crate) fn process_alive(pid: i64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    process_state(pid).is_some_and(|s| !matches!(s, 'Z' | 'X' | 'x'))
+}
+
+/// The state letter of process `pid` (`/proc/PID/stat` field 3), `None` when there is no such process.
+fn process_state(pid: i64) -> Option<char> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 /// Start time of process `pid` in clock ticks after boot (`/proc/PID/stat` field 22).
@@ -1059,7 +1262,7 @@ mod tests {
             .add_runs(s, &[row(), row(), row(), row()], None)
             .await?;
         for id in &ids {
-            assert!(store.claim(*id, "cpu").await?);
+            assert!(store.claim(&store.run(*id).await?, "cpu", None).await?);
         }
         // Both claims' runner is gone (a pid that cannot exist) and neither has an engine.
         sqlx::query("UPDATE runs SET runner_pid = 2147483000")
@@ -1083,6 +1286,59 @@ mod tests {
         Ok(())
     }
 
+    /// Fault 4: a runner that exited but was not reaped yet (a zombie) is gone, though `/proc/PID` exists.
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i64;
+        let t0 = std::time::Instant::now();
+        while process_state(pid) != Some('Z') {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no zombie");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        assert!(!process_alive(pid));
+        assert!(!runner_alive(pid, Some(&this_host()), process_start(pid)));
+        child.wait().unwrap();
+        assert!(process_alive(std::process::id() as i64));
+    }
+
+    /// Fault 1: a stale copy of a run (read while queued) claims nothing once another runner has trained
+    /// and paused it; the claim records the rung the engine is sent to, and a pause is recorded there.
+    #[tokio::test]
+    async fn a_stale_copy_claims_nothing_and_the_claim_holds_the_rung() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let store = RunStore::open(d.path()).await?;
+        let s = store.create_sweep("t", "f.toml", "{}").await?;
+        let ids = store.add_runs(s, &[NewRun::test("dim = 8")], None).await?;
+        let stale = store.run(ids[0]).await?;
+        assert!(store.claim(&stale, "cpu", Some(0)).await?);
+        assert_eq!(store.run(ids[0]).await?.pause_rung, Some(0));
+        store.record_rung(ids[0], s, 0, (10.0, 2.5), true).await?;
+        store
+            .set_status(ids[0], RunStatus::Paused, "paused at its rung")
+            .await?;
+        assert!(
+            !store.claim(&stale, "cpu", None).await?,
+            "a queued copy of a paused run must not launch it unpromoted"
+        );
+        let paused = store.run(ids[0]).await?;
+        assert_eq!((paused.status, paused.rung), (RunStatus::Paused, Some(0)));
+        assert!(store.claim(&paused, "cpu", Some(1)).await?);
+        assert_eq!(store.run(ids[0]).await?.pause_rung, Some(1));
+        // Trial numbers come from the sweep's counter: never reused after a removal.
+        let more = store
+            .add_runs(s, &[NewRun::test("dim = 8"), NewRun::test("dim = 8")], None)
+            .await?;
+        store.set_status(more[1], RunStatus::Failed, "x").await?;
+        store.remove_run(more[1]).await?;
+        let next = store.add_runs(s, &[NewRun::test("dim = 8")], None).await?;
+        let idx: Vec<i64> = store.runs(Some(s)).await?.iter().map(|r| r.idx).collect();
+        assert_eq!(idx, vec![0, 1, 3]);
+        assert_eq!(store.run(next[0]).await?.idx, 3);
+        Ok(())
+    }
+
     #[tokio::test]
     async fn statuses_and_claims() -> Result<()> {
         let d = tempfile::tempdir()?;
@@ -1100,9 +1356,10 @@ mod tests {
                 None,
             )
             .await?;
-        assert!(store.claim(ids[0], "cpu").await?);
+        let queued = store.run(ids[0]).await?;
+        assert!(store.claim(&queued, "cpu", None).await?);
         assert!(
-            !store.claim(ids[0], "cpu").await?,
+            !store.claim(&queued, "cpu", None).await?,
             "a running run cannot be claimed twice"
         );
         store.set_status(ids[0], RunStatus::Failed, "boom").await?;

@@ -16,7 +16,7 @@ pub mod assets;
 use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
-use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,13 +32,31 @@ struct ApiError(StatusCode, String);
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        let msg = engine::error_line(&e);
-        let code = if msg.starts_with("no run with id") || msg.starts_with("no sweep with id") {
+        let code = if e.downcast_ref::<crate::store::NotFound>().is_some() {
             StatusCode::NOT_FOUND
         } else {
             StatusCode::INTERNAL_SERVER_ERROR
         };
-        Self(code, msg)
+        Self(code, engine::error_line(&e))
+    }
+}
+
+/// axum's `Query`, with a malformed query answered as every other API error: 400 with a JSON body.
+struct Query<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for Query<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> std::result::Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(q)| Query(q))
+            .map_err(|e| bad(format!("malformed query: {}", e.body_text())))
     }
 }
 
@@ -237,13 +255,33 @@ pub fn router(store: RunStore, allowed_hosts: Vec<String>) -> Router {
         .layer(middleware::from_fn_with_state(allowed_hosts, guard))
 }
 
+/// The address to listen on for `--host` (an IP address, or a name such as `localhost`, which is resolved
+/// and its first address taken, IPv4 first).
+async fn resolve_host(host: &str, port: u16) -> Result<SocketAddr> {
+    if let Ok(addr) = format!("{host}:{port}")
+        .parse()
+        .or_else(|_| format!("[{host}]:{port}").parse())
+    {
+        return Ok(addr);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map(|a| a.collect())
+        .unwrap_or_default();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .with_context(|| {
+            format!("--host {host}: not an IP address nor a name this machine resolves: give one such as 127.0.0.1 or localhost")
+        })
+}
+
 /// Serve the dashboard over `home` on `host:port` until Ctrl-C, printing the address it bound.
 pub async fn serve(home: &std::path::Path, host: &str, port: u16) -> Result<()> {
     let store = RunStore::open_read_only(home).await?;
-    let addr: SocketAddr = format!("{host}:{port}")
-        .parse()
-        .or_else(|_| format!("[{host}]:{port}").parse())
-        .with_context(|| format!("--host {host}: expected an IP address such as 127.0.0.1"))?;
+    let addr = resolve_host(host, port).await?;
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {

@@ -103,10 +103,20 @@ impl EarlyStop {
         out
     }
 
-    /// The rungs of a run of `cfg` (its full length must be fixed in the budget's unit).
+    /// The rungs of a run of `cfg` (its full length must be fixed in the budget's unit). In steps or
+    /// tokens a run can only pause after a whole step: rungs that fall on the same step are one rung (the
+    /// largest of them), so that a tiny `min_budget` never makes a run pause again and again at one step.
     pub fn rungs_of(&self, cfg: &TrainConfig) -> Result<Vec<f64>> {
+        let per_step = match self.budget {
+            BudgetUnit::Steps => Some(1.0),
+            BudgetUnit::Tokens => Some((cfg.batch_size * cfg.context_len).max(1) as f64),
+            BudgetUnit::Seconds => None,
+        };
         match self.budget.full_length(cfg) {
-            Some(full) => Ok(self.rungs(full)),
+            Some(full) => Ok(match per_step {
+                Some(per_step) => collapse_to_steps(&self.rungs(full), per_step),
+                None => self.rungs(full),
+            }),
             None => bail!(
                 "[early_stop] budget = \"{}\" but the run's length is not set in {} (set {} in [base])",
                 self.budget.as_str(),
@@ -145,6 +155,23 @@ impl EarlyStop {
             self.reduction_factor
         )
     }
+}
+
+/// `rungs` with those that a run reaches at the same step (the first step at or past each, `per_step` of
+/// the unit a step) merged into the largest.
+fn collapse_to_steps(rungs: &[f64], per_step: f64) -> Vec<f64> {
+    let mut out: Vec<f64> = Vec::with_capacity(rungs.len());
+    let mut last_step = None;
+    for &r in rungs {
+        let step = (r / per_step).ceil().max(1.0);
+        if last_step == Some(step) {
+            *out.last_mut().expect("a rung before") = r;
+        } else {
+            out.push(r);
+            last_step = Some(step);
+        }
+    }
+    out
 }
 
 /// A run's result at a rung.
@@ -323,6 +350,20 @@ mod tests {
         assert_eq!(es.pause_at(&cfg, Some(1)).unwrap().value, 900.0);
         assert_eq!(es.pause_at(&cfg, Some(2)), None);
         assert!(es.validate("f").is_ok());
+        // A first rung far below one step: the rungs a run reaches at one step are one rung.
+        let tiny = EarlyStop {
+            min_budget: 1e-300,
+            ..es.clone()
+        };
+        let rungs = tiny.rungs_of(&cfg).unwrap();
+        let steps: Vec<f64> = rungs.iter().map(|r| (r / 27.0).ceil()).collect();
+        let mut distinct = steps.clone();
+        distinct.dedup();
+        assert_eq!(steps, distinct, "one rung per step: {rungs:?}");
+        assert!(
+            rungs.len() < 10 && rungs.iter().all(|r| *r < 2700.0),
+            "{rungs:?}"
+        );
         let bad = EarlyStop {
             reduction_factor: 1.0,
             ..es

@@ -14,38 +14,9 @@ use std::collections::BTreeMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// One axis of the search space.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Axis {
-    /// A list of values (categorical; also ordered numbers, treated as categories as Optuna does).
-    Choice(Vec<toml::Value>),
-    Uniform {
-        lo: f64,
-        hi: f64,
-    },
-    LogUniform {
-        lo: f64,
-        hi: f64,
-    },
-    IntUniform {
-        lo: i64,
-        hi: i64,
-    },
-}
+use super::space::Axis;
 
 impl Axis {
-    /// A value drawn from the prior (uniform over the axis, log-uniform for log ranges).
-    pub fn sample(&self, rng: &mut ChaCha8Rng) -> toml::Value {
-        match self {
-            Axis::Choice(v) => v[rng.gen_range(0..v.len())].clone(),
-            Axis::Uniform { lo, hi } => toml::Value::Float(rng.gen_range(*lo..=*hi)),
-            Axis::LogUniform { lo, hi } => {
-                toml::Value::Float(rng.gen_range(lo.ln()..=hi.ln()).exp())
-            }
-            Axis::IntUniform { lo, hi } => toml::Value::Integer(rng.gen_range(*lo..=*hi)),
-        }
-    }
-
     /// The interval the kernels live in (log space for log ranges; an integer range widened by ½ on each
     /// side so that every integer has the same share), or `None` for a choice.
     fn interval(&self) -> Option<(f64, f64)> {
@@ -332,6 +303,46 @@ fn erf(x: f64) -> f64 {
             * t
             * (-x * x).exp();
     y.copysign(x)
+}
+
+/// The trials of a sweep as TPE sees them: completed runs by their final `metric` (val loss by default),
+/// paused and pruned ones by their last rung's value (as Optuna judges pruned trials by their
+/// intermediate values), queued, running and interrupted ones as pending points; failed ones not at all.
+pub fn history(
+    runs: &[crate::store::RunRow],
+    rung_values: &[super::early_stop::RungResult],
+    metric: Option<super::early_stop::Metric>,
+) -> (Vec<Trial>, Vec<Point>) {
+    use crate::store::RunStatus;
+    let point_of = |r: &crate::store::RunRow| -> Point {
+        serde_json::from_value(r.params.clone()).unwrap_or_default()
+    };
+    let (mut history, mut pending) = (Vec::new(), Vec::new());
+    for r in runs {
+        let value = match r.status {
+            RunStatus::Completed => match metric {
+                Some(super::early_stop::Metric::ValBpb) => r.val_bpb,
+                _ => r.val_loss,
+            },
+            RunStatus::Pruned | RunStatus::Paused => rung_values
+                .iter()
+                .filter(|x| x.run == r.id)
+                .max_by_key(|x| x.rung)
+                .map(|x| x.value),
+            RunStatus::Queued | RunStatus::Running | RunStatus::Interrupted => {
+                pending.push(point_of(r));
+                continue;
+            }
+            RunStatus::Failed | RunStatus::SkippedOom => None,
+        };
+        if let Some(value) = value.filter(|v| v.is_finite()) {
+            history.push(Trial {
+                point: point_of(r),
+                value,
+            });
+        }
+    }
+    (history, pending)
 }
 
 /// The next point to try. `history`: finished and pruned trials (pruned ones with their last rung's

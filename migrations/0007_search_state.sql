@@ -1,0 +1,17 @@
+-- What the search needs to hold across runners and kills, kept where every runner reads it.
+-- Trial numbers (runs.idx) are allocated from a per-sweep counter and never reused: removing a trial does not
+-- hand its number (and so its random stream) to the next one.
+ALTER TABLE sweeps ADD COLUMN next_trial INTEGER NOT NULL DEFAULT 0;
+UPDATE sweeps SET next_trial = COALESCE((SELECT MAX(idx) + 1 FROM runs WHERE runs.sweep_id = sweeps.id), 0);
+-- The early-stopping rung a launched engine was sent to pause at (NULL: its end), written with its claim: a
+-- `paused` event is the result at this rung, whoever reads it (a resumed runner, another runner).
+ALTER TABLE runs ADD COLUMN pause_rung INTEGER;
+-- The runners following a sweep right now (process id, host, start time in clock ticks): queued runs of a
+-- sweep with a live runner are that runner's, and the last runner to leave a search ends it.
+CREATE TABLE sweep_runners (
+    sweep_id INTEGER NOT NULL REFERENCES sweeps(id),
+    pid      INTEGER NOT NULL,
+    host     TEXT    NOT NULL,
+    started  INTEGER,
+    PRIMARY KEY (sweep_id, pid, host)
+);
