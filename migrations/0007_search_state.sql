@@ -15,3 +15,13 @@ CREATE TABLE sweep_runners (
     started  INTEGER,
     PRIMARY KEY (sweep_id, pid, host)
 );
+-- Compute accounting: a run's training FLOPs per token (forward + backward, the engine's formula) and its
+-- parameters outside the token embedding, recorded when the run is planned. FLOPs spent = tokens × this.
+ALTER TABLE runs ADD COLUMN flops_per_token REAL;
+ALTER TABLE runs ADD COLUMN params_non_embedding INTEGER;
+-- The compute budget (training FLOPs) of a run of an IsoFLOP study; NULL for other runs.
+ALTER TABLE runs ADD COLUMN budget REAL;
+-- A run that starts from another run's checkpoint (an IsoFLOP cell reusing a longer run's stable phase):
+-- the run it forks from and the step it forks at; NULL for runs trained from scratch.
+ALTER TABLE runs ADD COLUMN parent_id INTEGER;
+ALTER TABLE runs ADD COLUMN fork_step INTEGER;

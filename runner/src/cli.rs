@@ -86,6 +86,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
     },
+    /// Fit scaling laws to the completed runs of sweeps (an IsoFLOP study: `strategy = "isoflop"`):
+    /// approach 2 (per budget a parabola of final val loss in log N → N_opt(C), D_opt(C), then
+    /// N_opt ∝ C^a, D_opt ∝ C^b) and approach 3 (L(N, D) = E + A/N^α + B/D^β, Huber on log loss, L-BFGS
+    /// from a grid of starts), with bootstrap intervals. N: parameters outside the embedding; D: tokens;
+    /// C: training FLOPs.
+    Scaling {
+        /// Sweeps (s3) whose completed runs are fitted together.
+        #[arg(required = true, value_name = "SWEEP")]
+        ids: Vec<String>,
+        /// Fit each value of this run setting separately and side by side (weights, mixer, ttt_backbone, ...).
+        #[arg(long, value_name = "KEY")]
+        group_by: Option<String>,
+        /// Predict the compute-optimal N, D and loss (with its interval) at this many training FLOPs.
+        #[arg(long, value_name = "FLOPS")]
+        predict: Option<f64>,
+        /// Bootstrap resamples for the intervals.
+        #[arg(long, default_value_t = 200)]
+        resamples: usize,
+        /// table (aligned text) or json.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// List sweeps and runs with their status, tags and notes.
     Ls {
         /// Only runs with this tag (`runner tag`).
@@ -296,6 +318,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ls { tag } => ls(&cli.home, tag.as_deref()).await,
+        Command::Scaling {
+            ids,
+            group_by,
+            predict,
+            resamples,
+            format,
+        } => {
+            scaling(
+                &cli.home,
+                &ids,
+                group_by.as_deref(),
+                predict,
+                resamples,
+                format,
+            )
+            .await
+        }
         Command::Ui { host, port } => {
             crate::ui::serve(&cli.home, &host, port).await?;
             Ok(ExitCode::SUCCESS)
@@ -537,7 +576,16 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                     Strategy::Grid => "grid",
                     _ => "random",
                 };
-                NewRun::planned(r.params.clone(), &r.config, vocab, ranks, sampler)
+                let sampler = if s.strategy == Strategy::IsoFlop {
+                    "isoflop"
+                } else {
+                    sampler
+                };
+                Ok(NewRun {
+                    budget: r.budget,
+                    fork: r.fork,
+                    ..NewRun::planned(r.params.clone(), &r.config, vocab, ranks, sampler)?
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         planned.push(rows);
@@ -550,6 +598,56 @@ async fn sweep(home: &Path, files: &[PathBuf], dry_run: bool, sets: &[String]) -
                 s.file.display(),
                 rows.len()
             ));
+            if s.strategy == Strategy::IsoFlop {
+                // The grid as a scaling study sees it: per cell N (non-embedding parameters), D (tokens),
+                // D/N and the FLOPs it spends, then the total.
+                out(format_args!(
+                    "  isoflop: {:>10}  {:>12}  {:>14}  {:>8}  {:>10}  values\n",
+                    "budget", "N", "D (tokens)", "D/N", "FLOPs"
+                ));
+                let (mut total, mut separate) = (0.0, 0.0);
+                for (r, planned) in rows.iter().zip(&s.runs) {
+                    let flops = r.flops_per_token
+                        * r.params
+                            .get("max_tokens")
+                            .and_then(|v| v.as_integer())
+                            .unwrap_or(0) as f64;
+                    separate += flops;
+                    // A fork trains only from its fork point on.
+                    let per_step = (planned.config.batch_size * planned.config.context_len) as f64;
+                    let fork = r
+                        .fork
+                        .map(|(of, step)| (of, step, r.flops_per_token * per_step * step as f64));
+                    total += flops - fork.map_or(0.0, |f| f.2);
+                    let tokens = r
+                        .params
+                        .get("max_tokens")
+                        .and_then(|v| v.as_integer())
+                        .unwrap_or(0);
+                    let values: Vec<String> = r
+                        .params
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != "max_tokens")
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    let forked = fork.map_or(String::new(), |(of, step, _)| {
+                        format!("  (forks from run #{of} at step {step})")
+                    });
+                    out(format_args!(
+                        "           {:>10.3e}  {:>12}  {:>14}  {:>8.1}  {:>10.3e}  {}{forked}\n",
+                        r.budget.unwrap_or(0.0),
+                        r.params_non_embedding,
+                        tokens,
+                        tokens as f64 / r.params_non_embedding.max(1) as f64,
+                        flops,
+                        values.join(" ")
+                    ));
+                }
+                out(format_args!(
+                    "  total compute: {total:.3e} FLOPs ({:.2}× the {separate:.3e} of training every cell separately)\n",
+                    total / separate.max(1e-300)
+                ));
+            }
             if s.strategy == Strategy::Tpe {
                 let axes: Vec<String> = s.space.iter().map(|(k, a)| format!("{k} {a}")).collect();
                 out(format_args!(
@@ -787,6 +885,147 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
     Ok(exit_for(&summary))
 }
 
+/// `runner scaling`: the completed runs of the sweeps, grouped, fitted, printed.
+async fn scaling(
+    home: &Path,
+    ids: &[String],
+    group_by: Option<&str>,
+    predict: Option<f64>,
+    resamples: usize,
+    format: Format,
+) -> Result<ExitCode> {
+    use crate::scaling::{fit, Point};
+    let store = open_existing(home).await?;
+    if let Some(c) = predict {
+        if !(c.is_finite() && c > 0.0) {
+            bail!("--predict {c}: give a compute budget in FLOPs, a number above 0 (e.g. 3e15)");
+        }
+    }
+    let mut groups: std::collections::BTreeMap<String, Vec<Point>> = Default::default();
+    let mut skipped = 0;
+    for id in ids {
+        let Id::Sweep(s) = id.parse::<Id>()? else {
+            bail!("{id} is a run: give sweep ids (s3), as `runner ls` shows them");
+        };
+        store.sweep(s).await?;
+        for r in store.runs(Some(s)).await? {
+            let (Some(loss), Some(n), Some(fpt)) =
+                (r.val_loss, r.params_non_embedding, r.flops_per_token)
+            else {
+                continue;
+            };
+            if r.status != RunStatus::Completed || r.tokens <= 0 {
+                skipped += 1;
+                continue;
+            }
+            let d = r.tokens as f64;
+            let group = match group_by {
+                None => "all".to_string(),
+                Some(key) => {
+                    let cfg: toml::Table = r.config.parse().unwrap_or_default();
+                    match cfg.get(key) {
+                        Some(toml::Value::String(v)) => format!("{key}={v}"),
+                        Some(v) => format!("{key}={v}"),
+                        None => bail!(
+                            "--group-by {key}: run {} has no such setting (see `engine keys`)",
+                            r.id
+                        ),
+                    }
+                }
+            };
+            groups.entry(group).or_default().push(Point {
+                n: n as f64,
+                d,
+                c: r.budget.unwrap_or(fpt * d),
+                loss,
+            });
+        }
+    }
+    if groups.is_empty() {
+        bail!("no completed run with a val loss in {}: run the study first (`runner sweep experiments/scaling.toml`)", ids.join(" "));
+    }
+    let fits: Vec<crate::scaling::Fit> = groups
+        .iter()
+        .map(|(name, pts)| fit(name, pts, resamples, predict))
+        .collect();
+    let mut crossovers = Vec::new();
+    let around = predict.unwrap_or_else(|| {
+        fits.iter()
+            .flat_map(|f| f.isoflop.iter().map(|m| m.budget))
+            .fold(0.0, f64::max)
+    });
+    for i in 0..fits.len() {
+        for j in i + 1..fits.len() {
+            if let Some(c) = crate::scaling::crossover(&fits[i], &fits[j], around.max(1.0)) {
+                crossovers.push((fits[i].name.clone(), fits[j].name.clone(), c));
+            }
+        }
+    }
+    match format {
+        Format::Json => {
+            let v = serde_json::json!({
+                "groups": fits,
+                "crossovers": crossovers.iter().map(|(a, b, c)| serde_json::json!({"groups": [a, b], "flops": c})).collect::<Vec<_>>(),
+                "runs_left_out": skipped,
+            });
+            out(format_args!("{}\n", serde_json::to_string_pretty(&v)?));
+        }
+        _ => {
+            for f in &fits {
+                out(format_args!("{} ({} runs)\n", f.name, f.runs));
+                if !f.isoflop.is_empty() {
+                    out(format_args!(
+                        "  approach 2, IsoFLOP minima:\n    {:>10}  {:>12}  {:>14}  {:>8}\n",
+                        "budget", "N_opt", "D_opt", "loss"
+                    ));
+                    for m in &f.isoflop {
+                        out(format_args!(
+                            "    {:>10.3e}  {:>12.4e}  {:>14.4e}  {:>8.4}\n",
+                            m.budget, m.n_opt, m.d_opt, m.loss_opt
+                        ));
+                    }
+                }
+                if let Some(fr) = &f.frontier {
+                    out(format_args!(
+                        "  frontier: N_opt ∝ C^{:.3} [{:.3}, {:.3}], D_opt ∝ C^{:.3} [{:.3}, {:.3}]\n",
+                        fr.a, fr.a_ci[0], fr.a_ci[1], fr.b, fr.b_ci[0], fr.b_ci[1]
+                    ));
+                }
+                if let Some(l) = &f.law {
+                    let ci = |k: &str| {
+                        l.ci.get(k)
+                            .map_or(String::new(), |c| format!(" [{:.4}, {:.4}]", c[0], c[1]))
+                    };
+                    out(format_args!(
+                        "  approach 3: L = E + A/N^α + B/D^β with E = {:.4}{}, A = {:.4}{}, α = {:.4}{}, B = {:.4}{}, β = {:.4}{}\n",
+                        l.E, ci("E"), l.A, ci("A"), l.alpha, ci("alpha"), l.B, ci("B"), l.beta, ci("beta")
+                    ));
+                }
+                if let Some(p) = &f.prediction {
+                    out(format_args!(
+                        "  at {:.3e} FLOPs: N_opt {:.4e}, D_opt {:.4e}, loss {:.4} [{:.4}, {:.4}]\n",
+                        p.budget, p.n_opt, p.d_opt, p.loss, p.loss_ci[0], p.loss_ci[1]
+                    ));
+                }
+                for p in &f.problems {
+                    out(format_args!("  {p}\n"));
+                }
+            }
+            for (a, b, c) in &crossovers {
+                out(format_args!(
+                    "{a} and {b}: their compute-optimal losses cross at {c:.3e} FLOPs\n"
+                ));
+            }
+            if skipped > 0 {
+                out(format_args!(
+                    "({skipped} runs not completed were left out)\n"
+                ));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A run id as typed (`7`); a sweep id is refused where only runs make sense.
 fn run_id(s: &str) -> Result<i64> {
     match s.parse::<Id>()? {
@@ -993,11 +1232,8 @@ async fn bench_ingest(
             let mut p = std::collections::BTreeMap::new();
             p.insert("i".to_string(), toml::Value::Integer(i as i64));
             NewRun {
-                params: p,
-                config: String::new(),
-                param_count: 0,
-                mem_estimate: 0,
                 sampler: None,
+                ..NewRun::refused(p, "")
             }
         })
         .collect();

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod ingest;
 pub mod pack_points;
 pub mod report;
+pub mod scaling;
 pub mod search;
 pub mod spec;
 pub mod store;

@@ -30,6 +30,16 @@ pub struct ReportRow {
     /// Which sampler chose the run's values: `grid`, `random` or `tpe`.
     pub sampler: Option<String>,
     pub param_count: Option<i64>,
+    /// Parameters outside the token embedding, training FLOPs per token (forward + backward) and FLOPs
+    /// spent so far (tokens × FLOPs per token).
+    pub params_non_embedding: Option<i64>,
+    pub flops_per_token: Option<f64>,
+    pub flops: Option<f64>,
+    /// The compute budget of a run of an IsoFLOP study.
+    pub budget: Option<f64>,
+    /// The run it forked from and the step it forked at (IsoFLOP reuse).
+    pub parent_id: Option<i64>,
+    pub fork_step: Option<i64>,
     pub checkpoint: Option<String>,
     pub error: Option<String>,
     /// Whether the run's folder still exists (a deleted one takes its checkpoints and metrics file along).
@@ -66,6 +76,12 @@ impl From<&RunRow> for ReportRow {
             rung: r.rung,
             sampler: r.sampler.clone(),
             param_count: r.param_count,
+            params_non_embedding: r.params_non_embedding,
+            flops_per_token: r.flops_per_token,
+            flops: r.flops_per_token.map(|f| f * r.tokens as f64),
+            budget: r.budget,
+            parent_id: r.parent_id,
+            fork_step: r.fork_step,
             checkpoint: r.checkpoint.clone(),
             error: r.error.clone(),
             run_dir_exists: r.run_dir.is_empty() || std::path::Path::new(&r.run_dir).is_dir(),
@@ -350,6 +366,12 @@ mod tests {
             rung: None,
             sampler: None,
             param_count: Some(5),
+            params_non_embedding: Some(3),
+            flops_per_token: Some(30.0),
+            flops: Some(30.0 * 640.0),
+            budget: None,
+            parent_id: None,
+            fork_step: None,
             checkpoint: Some("a,b".into()),
             error: None,
             run_dir_exists: true,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use engine::train::TrainConfig;
 
+use crate::search::isoflop::{self, IsoFlop, KEYS as ISOFLOP_KEYS};
 pub use crate::search::space::Axis;
 use crate::search::space::{grid, parse_range, sample_combos, sample_points, MAX_GRID_RUNS};
 use figment::providers::{Env, Format, Toml};
@@ -33,6 +34,8 @@ pub enum Strategy {
     Random,
     /// Tree-structured Parzen Estimator: trials are sampled one by one from the results so far.
     Tpe,
+    /// An IsoFLOP study: every (budget, size) cell trained on the tokens its budget buys.
+    IsoFlop,
 }
 
 /// `[resources]`.
@@ -145,6 +148,10 @@ pub struct SweepFile {
 pub struct PlannedRun {
     pub params: BTreeMap<String, toml::Value>,
     pub config: TrainConfig,
+    /// The compute budget (training FLOPs) of an IsoFLOP cell.
+    pub budget: Option<f64>,
+    /// An IsoFLOP cell that forks from the run at this index of `runs`, at this step.
+    pub fork: Option<(usize, u64)>,
 }
 
 /// A parsed, validated sweep.
@@ -161,6 +168,8 @@ pub struct Sweep {
     pub seed: u64,
     /// The vocab of the data dir the runs were planned for.
     pub vocab: usize,
+    /// The budgets of an IsoFLOP study.
+    pub isoflop: Option<IsoFlop>,
 }
 
 /// Keys of `[sweep]` that steer the expansion rather than name a swept setting.
@@ -268,14 +277,31 @@ impl Sweep {
             Some(toml::Value::String(s)) if s == "grid" => Strategy::Grid,
             Some(toml::Value::String(s)) if s == "random" => Strategy::Random,
             Some(toml::Value::String(s)) if s == "tpe" => Strategy::Tpe,
+            Some(toml::Value::String(s)) if s == "isoflop" => Strategy::IsoFlop,
             Some(other) => {
-                bail!("{f}: [sweep] strategy: {other} is not \"grid\", \"random\" or \"tpe\"")
+                bail!("{f}: [sweep] strategy: {other} is not \"grid\", \"random\", \"tpe\" or \"isoflop\"")
             }
         };
+        let isoflop = match strategy {
+            Strategy::IsoFlop => Some(IsoFlop::parse(&f.to_string(), &spec.sweep, &spec.base)?),
+            _ => {
+                if let Some(k) = ISOFLOP_KEYS.iter().find(|k| spec.sweep.contains_key(**k)) {
+                    bail!("{f}: [sweep] {k}: only strategy = \"isoflop\" takes {k}");
+                }
+                None
+            }
+        };
+        if isoflop.is_some() && spec.early_stop.enabled() {
+            bail!(
+                "{f}: strategy = \"isoflop\" trains every cell to its budget: remove [early_stop]"
+            );
+        }
         let mut axes = Vec::new();
         for (key, value) in &spec.sweep {
             // `seed = 3` steers random sampling; `seed = [0, 1, 2]` sweeps the engine's seed.
-            if SWEEP_CONTROL.contains(&key.as_str()) && !value.is_array() {
+            if (SWEEP_CONTROL.contains(&key.as_str()) && !value.is_array())
+                || ISOFLOP_KEYS.contains(&key.as_str())
+            {
                 continue;
             }
             if !known.contains(key) {
@@ -286,8 +312,8 @@ impl Sweep {
             }
             if let toml::Value::Table(t) = value {
                 let axis = parse_range(key, t).map_err(|e| anyhow!("{f}: [sweep] {key}: {e}"))?;
-                if strategy == Strategy::Grid {
-                    bail!("{f}: [sweep] {key}: a range needs strategy = \"random\" or \"tpe\"; for a grid, list the values, e.g. {key} = [a, b, c]");
+                if matches!(strategy, Strategy::Grid | Strategy::IsoFlop) {
+                    bail!("{f}: [sweep] {key}: a range needs strategy = \"random\" or \"tpe\"; for a grid (or an isoflop study), list the values, e.g. {key} = [a, b, c]");
                 }
                 axes.push((key.clone(), axis));
                 continue;
@@ -321,7 +347,8 @@ impl Sweep {
                 .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len())),
             None => None,
         };
-        if strategy == Strategy::Grid {
+        let gridded = matches!(strategy, Strategy::Grid | Strategy::IsoFlop);
+        if gridded {
             for key in ["trials", "seed"] {
                 if spec.sweep.get(key).is_some_and(|v| !v.is_array()) {
                     bail!("{f}: [sweep] {key}: only strategy = \"random\" or \"tpe\" takes {key} (to sweep the engine's seed, give a list: seed = [0, 1, 2])");
@@ -331,12 +358,12 @@ impl Sweep {
                 bail!("{f}: [sweep] the grid has more than {MAX_GRID_RUNS} combinations: use strategy = \"random\" with trials = N, or fewer values");
             }
         }
-        let mut combos = match (&choices, strategy) {
-            (Some(c), Strategy::Grid) => grid(c),
+        let mut combos = match (&choices, gridded) {
+            (Some(c), true) => grid(c),
             _ => Vec::new(),
         };
         let (mut trials, mut seed) = (0, 0);
-        if strategy != Strategy::Grid {
+        if !gridded {
             trials = match spec.sweep.get("trials") {
                 Some(toml::Value::Integer(n)) if *n <= 0 => {
                     bail!("{f}: [sweep] trials = {n}: give the number of runs to try, at least 1")
@@ -440,10 +467,26 @@ impl Sweep {
                     engine::error_line(first)
                 );
             }
+        } else if let Some(iso) = &isoflop {
+            let plan = isoflop::plan(iso, &spec, path, vocab_size, &combos)?;
+            for line in &plan.skipped {
+                eprintln!("{f}: {line}");
+            }
+            runs.extend(plan.cells.into_iter().map(|c| PlannedRun {
+                params: c.params,
+                config: c.config,
+                budget: Some(c.budget),
+                fork: c.fork,
+            }));
         } else {
             for params in combos {
                 let config = plan_config(&spec, path, vocab_size, &params)?;
-                runs.push(PlannedRun { params, config });
+                runs.push(PlannedRun {
+                    params,
+                    config,
+                    budget: None,
+                    fork: None,
+                });
             }
         }
         Ok(Self {
@@ -455,6 +498,7 @@ impl Sweep {
             trials,
             seed,
             vocab: vocab_size,
+            isoflop,
         })
     }
 }

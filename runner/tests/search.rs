@@ -98,6 +98,33 @@ fn straight_run(run_dir: &Path, out: &Path) -> String {
     final_params(out).expect("a straight run ends with done")
 }
 
+/// The first child process of `parent` (scanning `/proc/*/stat` for its parent pid): seen within a
+/// millisecond or so of its fork, before an engine in it has done any set-up.
+fn first_child(parent: u32, limit: Duration) -> i64 {
+    let t0 = Instant::now();
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            if rest.split_whitespace().nth(1) == Some(&parent.to_string()) {
+                return pid;
+            }
+        }
+        assert!(t0.elapsed() < limit, "no child of {parent}");
+    }
+}
+
 /// Fault 3: a runner killed while its engine is still setting up must not leave that engine training on
 /// its own (the parent-death signal was armed only after set-up).
 #[test]
@@ -113,13 +140,10 @@ fn an_engine_whose_runner_dies_during_its_set_up_stops() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let runner_pid = child.id();
     let mut sweep = Reaped(Some(child));
-    let mut pid = None;
-    wait_until("the engine to start", Duration::from_secs(60), || {
-        pid = runs(&home).first().and_then(|r| r.pid);
-        pid.is_some()
-    });
-    let pid = pid.unwrap();
+    // Killed the moment its engine process exists.
+    let pid = first_child(runner_pid, Duration::from_secs(60));
     let mut c = sweep.0.take().unwrap();
     c.kill().unwrap();
     c.wait().unwrap();
@@ -152,9 +176,8 @@ fn ctrl_c_right_after_a_launch_interrupts_the_run() {
         .unwrap();
     let pid = child.id();
     let sweep = Reaped(Some(child));
-    wait_until("the engine to start", Duration::from_secs(60), || {
-        runs(&home).first().is_some_and(|r| r.pid.is_some())
-    });
+    // Ctrl-C the moment the engine process exists (before it can install its handlers).
+    first_child(pid, Duration::from_secs(60));
     signal(pid, SIGINT);
     let out = sweep.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -245,7 +245,7 @@ function runLabel(r, keys) {
   return "run " + r.id + (p.length ? " · " + p.join(" ") : "");
 }
 
-const X_LABEL = { step: "step", tokens: "tokens seen", elapsed_s: "wall time (s)" };
+const X_LABEL = { step: "step", tokens: "tokens seen", flops: "training FLOPs", elapsed_s: "wall time (s)" };
 
 // Tooltip: the run under the cursor (the focused series) and its value.
 function tooltipPlugin(labels) {
@@ -314,7 +314,10 @@ function curveSeries(rows, cache, keys, smooth, log) {
     const xs = [], ys = [];
     const yv = ema(c.value, smooth);
     for (let i = 0; i < c.step.length; i++) {
-      const x = c[S.x === "step" ? "step" : S.x][i];
+      // FLOPs spent: tokens seen × the run's training FLOPs per token (recorded with the run).
+      const x = S.x === "flops"
+        ? (r.flops_per_token && c.tokens[i] != null ? c.tokens[i] * r.flops_per_token : null)
+        : c[S.x][i];
       let y = yv[i];
       if (x === null || x === undefined || y === null || y === undefined) continue;
       if (log && !(y > 0)) y = null;

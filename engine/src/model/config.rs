@@ -372,6 +372,49 @@ impl ModelConfig {
         vocab * d_model + self.n_layers as f64 * block + d_model + head
     }
 
+    /// Parameters outside the token embedding (the head counts, unless it is the embedding itself): the
+    /// N of scaling laws that leave embeddings out (Kaplan et al. 2020).
+    pub fn non_embedding_params(&self) -> usize {
+        self.param_count()
+            .saturating_sub(self.vocab_size.saturating_mul(self.dim))
+    }
+
+    /// Training FLOPs per token at context length `context` — forward and backward, the backward counted
+    /// as twice the forward (Kaplan et al. 2020, Sec. 2.1; Hoffmann et al. 2022, App. F). Forward, per
+    /// token: 2 per weight of every linear (block linears, θ_lr, the head; the embedding is a lookup);
+    /// attention: QKᵀ and AV at the full context, 2·T·D each, as Chinchilla counts them (the causal mask
+    /// halves what a kernel must do; the convention does not); TTT-Linear's dual form per head of size d
+    /// and mini-batch b: K·W, Q·W and the state update Kᵀ·G (2·d² each) and the b×b scores and S·G (2·b·d
+    /// each); causal convolutions (Mamba backbone): 2·k per channel. Norms, activations and softmax are
+    /// left out (under 1% at these shapes).
+    pub fn flops_per_token(&self, context: usize) -> f64 {
+        let (d_model, h, hd) = (self.dim as f64, self.n_heads as f64, self.head_dim() as f64);
+        let hidden = self.mlp_hidden() as f64;
+        // Block linears: SwiGLU (3·D·hidden) and the mixer's projections.
+        let mixer_linears = match self.mixer {
+            MixerKind::Attention => 4.0 * d_model * d_model,
+            MixerKind::Ttt => {
+                // θ_Q, θ_V, θ_O and θ_K or (Mamba) the gate θ_G, plus θ_lr (D → H).
+                4.0 * d_model * d_model + d_model * h
+            }
+        };
+        let sequence = match self.mixer {
+            MixerKind::Attention => 2.0 * 2.0 * context as f64 * d_model,
+            MixerKind::Ttt => {
+                let b = (self.ttt_mini_batch.min(context.max(1))) as f64;
+                h * (3.0 * 2.0 * hd * hd + 2.0 * 2.0 * b * hd)
+            }
+        };
+        let convs = if self.mixer == MixerKind::Ttt && self.mamba() {
+            3.0 * 2.0 * self.ttt_conv_kernel as f64 * d_model
+        } else {
+            0.0
+        };
+        let per_block = 2.0 * (mixer_linears + 3.0 * d_model * hidden) + sequence + convs;
+        let head = 2.0 * d_model * self.vocab_size as f64;
+        3.0 * (self.n_layers as f64 * per_block + head)
+    }
+
     /// Rough peak memory in bytes of one training step at (batch, context, dtype): weights, gradients and
     /// AdamW moments in f32 plus the activations kept for backward. An estimate (within ~2×), meant for
     /// refusing configurations that cannot fit a device, not for accounting.

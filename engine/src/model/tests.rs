@@ -51,6 +51,78 @@ fn param_count_equals_varmap_elements() -> Result<()> {
     Ok(())
 }
 
+/// The FLOPs formula against a count from the built model itself: 6 FLOPs per token for each weight of
+/// every matrix the model multiplies by (read off the VarMap's shapes: 2-D weights other than the
+/// embedding lookup, the head's tied matrix once more), plus the sequence mixing enumerated matmul by
+/// matmul (attention: QKᵀ and AV over the context; TTT's dual form per mini-batch: K·W, Q·W, QKᵀ, S·G and
+/// Kᵀ·G), forward + backward = 3 × forward. Within 2% (the formula leaves out the 1-D weights' work).
+#[test]
+fn flops_per_token_match_a_count_from_the_model() -> Result<()> {
+    for (mixer, backbone, tie) in [
+        (MixerKind::Ttt, crate::model::Backbone::Transformer, false),
+        (MixerKind::Ttt, crate::model::Backbone::Mamba, true),
+        (
+            MixerKind::Attention,
+            crate::model::Backbone::Transformer,
+            false,
+        ),
+    ] {
+        let cfg = ModelConfig {
+            tie_embeddings: tie,
+            ttt_backbone: backbone,
+            ..tiny(mixer, WeightKind::Ternary)
+        };
+        let context = 32usize;
+        let (varmap, _) = build(&cfg, DType::F32)?;
+        let data = varmap.data().lock().expect("varmap").clone();
+        let mut matmul_weights = 0usize;
+        let mut conv_weights = 0usize;
+        for (name, var) in &data {
+            let dims = var.dims().len();
+            if name == "embed.weight" {
+                if tie {
+                    matmul_weights += var.elem_count();
+                }
+            } else if name.contains("conv") && dims == 2 {
+                conv_weights += var.elem_count();
+            } else if dims == 2 && !name.contains("ttt_norm") && !name.contains("offset") {
+                matmul_weights += var.elem_count();
+            }
+        }
+        let (d, h, t, n) = (
+            cfg.dim as f64,
+            cfg.n_heads as f64,
+            context as f64,
+            cfg.n_layers as f64,
+        );
+        let hd = d / h;
+        let b = cfg.ttt_mini_batch as f64;
+        let sequence = match mixer {
+            // QKᵀ (T×hd · hd×T) and AV (T×T · T×hd) per head, per token of T.
+            MixerKind::Attention => h * (2.0 * t * hd + 2.0 * t * hd),
+            // Per mini-batch of b per head: K·W, Q·W (b×hd · hd×hd), QKᵀ (b×hd · hd×b), S·G (b×b · b×hd),
+            // Kᵀ·G (hd×b · b×hd); divided by b tokens.
+            MixerKind::Ttt => {
+                h * (2.0 * b * hd * hd * 2.0
+                    + 2.0 * b * b * hd
+                    + 2.0 * b * b * hd
+                    + 2.0 * hd * b * hd)
+                    / b
+            }
+        };
+        // (The per-head initial state W0, H×hd×hd, is 3-D: no per-token matmul of its own.)
+        let counted =
+            3.0 * (2.0 * matmul_weights as f64 + 2.0 * conv_weights as f64 + n * sequence);
+        let formula = cfg.flops_per_token(context);
+        let rel = (formula - counted).abs() / counted;
+        assert!(
+            rel < 0.02,
+            "{mixer} {backbone:?}: formula {formula} vs counted {counted} ({rel:.4})"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn outputs_are_causal_for_both_mixers() -> Result<()> {
     for mixer in [MixerKind::Ttt, MixerKind::Attention] {

@@ -191,6 +191,51 @@ impl CheckpointDir {
         Ok((dst, bytes))
     }
 
+    /// Start another run from this run's checkpoint of `step` (a fork): its folder is copied into
+    /// `RUN_DIR/checkpoints/` of `into` (files hard-linked where the filesystem allows, copied otherwise;
+    /// checkpoint files are never written in place), verified, renamed into place and made `latest`, as a
+    /// save would. `into`'s `config.toml` is the caller's to write, last: an engine then resumes the fork
+    /// from this step.
+    pub fn fork_into(&self, step: u64, into: &Path) -> Result<PathBuf> {
+        let name = step_name(step);
+        let src = self.root.join(&name);
+        Self::verify(&src).with_context(|| {
+            format!(
+                "the checkpoint of step {step} to fork from ({}) is missing or damaged",
+                src.display()
+            )
+        })?;
+        let dst_root = into.join("checkpoints");
+        fs::create_dir_all(&dst_root)
+            .with_context(|| format!("creating {}", dst_root.display()))?;
+        let dst = dst_root.join(&name);
+        if Self::verify(&dst).is_ok_and(|s| s.step == step) {
+            write_atomic(&dst_root.join("latest"), name.as_bytes())?;
+            return Ok(dst);
+        }
+        let tmp = dst_root.join(format!(".tmp-{name}"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp)?;
+        for entry in fs::read_dir(&src)? {
+            let entry = entry?;
+            let to = tmp.join(entry.file_name());
+            if fs::hard_link(entry.path(), &to).is_err() {
+                fs::copy(entry.path(), &to)
+                    .with_context(|| format!("copying {}", entry.path().display()))?;
+                fs::File::open(&to)?.sync_all()?;
+            }
+        }
+        fsync_path(&tmp)?;
+        Self::verify(&tmp)?;
+        if dst.exists() {
+            fs::remove_dir_all(&dst)?;
+        }
+        fs::rename(&tmp, &dst).with_context(|| format!("renaming {} into place", tmp.display()))?;
+        fsync_path(&dst_root)?;
+        write_atomic(&dst_root.join("latest"), name.as_bytes())?;
+        Ok(dst)
+    }
+
     /// Write the checkpoint files into the fresh folder `tmp`, each fsynced, hashes into `state`.
     fn write_folder(
         tmp: &Path,

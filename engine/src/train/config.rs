@@ -10,6 +10,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Backbone, MixerKind, ModelConfig, QuantEps, TokenEta, WeightKind};
+use crate::train::optim::{Cooldown, LrSchedule, Schedule};
 
 /// Every setting of a training run. Each key has a default except `data_dir`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +59,10 @@ pub struct TrainConfig {
     pub lr: f64,
     pub warmup_steps: u64,
     pub min_lr: f64,
+    pub lr_schedule: LrSchedule,
+    /// WSD: the share of the run its cooldown takes.
+    pub cooldown_fraction: f64,
+    pub cooldown: Cooldown,
     pub weight_decay: f64,
     pub grad_clip: f64,
     pub grad_accum: usize,
@@ -104,6 +109,9 @@ impl Default for TrainConfig {
             lr: 3e-3,
             warmup_steps: 50,
             min_lr: 3e-4,
+            lr_schedule: LrSchedule::Cosine,
+            cooldown_fraction: 0.2,
+            cooldown: Cooldown::Linear,
             weight_decay: 0.1,
             grad_clip: 1.0,
             grad_accum: 1,
@@ -120,7 +128,7 @@ impl Default for TrainConfig {
 }
 
 /// What each key means (`engine keys` prints these with the defaults).
-pub const KEY_DOCS: [(&str, &str); 37] = [
+pub const KEY_DOCS: [(&str, &str); 40] = [
     ("dim", "model width D (a multiple of n_heads)"),
     ("n_layers", "blocks: [RMSNorm → mixer → +x; RMSNorm → SwiGLU → +x]"),
     ("n_heads", "heads of the mixer (TTT or attention)"),
@@ -145,8 +153,11 @@ pub const KEY_DOCS: [(&str, &str); 37] = [
     ("max_tokens", "run length in training tokens"),
     ("max_seconds", "run length in training seconds"),
     ("lr", "peak learning rate (AdamW)"),
-    ("warmup_steps", "linear warm-up steps before the cosine decay"),
-    ("min_lr", "learning rate at the end of the cosine decay"),
+    ("warmup_steps", "linear warm-up steps before the decay (or the stable phase)"),
+    ("min_lr", "learning rate at the end of the decay"),
+    ("lr_schedule", "\"cosine\" (decay over the run) or \"wsd\" (warm-up, stable at lr, cooldown at the end)"),
+    ("cooldown_fraction", "wsd: the share of the run the cooldown takes"),
+    ("cooldown", "wsd: the cooldown's shape, \"linear\" or \"1-sqrt\""),
     ("weight_decay", "AdamW decoupled weight decay"),
     ("grad_clip", "clip the global gradient norm to this (0: off)"),
     ("grad_accum", "micro-batches per step (batch_size is split into them)"),
@@ -352,6 +363,12 @@ impl TrainConfig {
                 self.min_lr
             );
         }
+        if !(0.0..=1.0).contains(&self.cooldown_fraction) {
+            bail!(
+                "cooldown_fraction = {}: give the share of the run the cooldown takes, from 0 to 1 (0.2 is usual)",
+                self.cooldown_fraction
+            );
+        }
         let decay_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
         let clip_ok = (0.0..=f64::INFINITY).contains(&self.grad_clip);
         if !(decay_ok && clip_ok) {
@@ -468,6 +485,19 @@ impl TrainConfig {
             (None, Some(t), _) => Some(t.div_ceil(tokens_per_step)),
             (None, None, Some(_)) => None,
             (None, None, None) => Some(DEFAULT_STEPS),
+        }
+    }
+
+    /// The learning rate by step.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            kind: self.lr_schedule,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup: self.warmup_steps,
+            horizon: self.schedule_horizon(),
+            cooldown_fraction: self.cooldown_fraction,
+            cooldown: self.cooldown,
         }
     }
 

@@ -33,7 +33,7 @@ use checkpoint::{
 pub use config::TrainConfig;
 use data::TokenData;
 use emitter::Emitter;
-use optim::{clip_scale, grad_norm, lr_at, AdamW};
+use optim::{clip_scale, grad_norm, AdamW};
 use process::{die_with_parent, install_sigbus_message, install_signal_handlers, lock_run_dir};
 
 /// Windows per validation batch: fixed, so evals of runs with different batch sizes compare.
@@ -293,6 +293,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
     }
 
     let horizon = cfg.schedule_horizon();
+    let schedule = cfg.schedule();
     if resuming && cfg.finished(step, tokens, 0.0) {
         tracing::warn!(
             "the run is already at step {step}, which its steps/max_tokens reach: nothing to train (raise them with --set to continue)"
@@ -406,7 +407,7 @@ fn train_inner(args: &TrainArgs, emitter: &mut Emitter) -> Result<Outcome> {
         .is_some_and(|p| p.reached(step, tokens, elapsed_before));
     let mut patient = false;
     while !stopped && !paused && !cfg.finished(step, tokens, 0.0) && !timed_out {
-        let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, horizon);
+        let lr = schedule.at(step);
         let starts = data.sample_starts(&mut rng, cfg.batch_size, t);
         let mine = &starts[dist.rank * local..(dist.rank + 1) * local];
         let (mut grads, mut loss_sum) = (None::<GradStore>, 0f64);

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::cpu_f32;
 
@@ -175,6 +176,85 @@ impl AdamW {
     }
 }
 
+/// The learning-rate schedule of a run (`lr_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Warm-up, then a cosine decay to `min_lr` over the whole run.
+    #[default]
+    Cosine,
+    /// Warm-up, stable (constant `lr`), decay: the rate stays at `lr` until the last `cooldown_fraction`
+    /// of the run, then decays to `min_lr` (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    /// Beyond Fixed Training Durations"). The stable phase does not depend on the run's length, so one run
+    /// serves every shorter length from its checkpoint where that length's cooldown begins.
+    Wsd,
+}
+
+/// The shape of a WSD run's cooldown (`cooldown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Cooldown {
+    /// lr − (lr − min_lr)·p over the cooldown's progress p.
+    #[default]
+    #[serde(rename = "linear")]
+    Linear,
+    /// min_lr + (lr − min_lr)·(1 − √p), Hägele et al.'s better-performing shape.
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
+}
+
+/// A run's learning rate by step: the schedule, its rates and lengths.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub kind: LrSchedule,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup: u64,
+    /// Steps of the whole run; `None` for a run bounded by `max_seconds` alone (constant after warm-up).
+    pub horizon: Option<u64>,
+    pub cooldown_fraction: f64,
+    pub cooldown: Cooldown,
+}
+
+impl Schedule {
+    /// The first step of a WSD run's cooldown: `horizon − round(cooldown_fraction · horizon)`, never inside
+    /// the warm-up; `None` for cosine runs and runs without a horizon.
+    pub fn cooldown_start(&self) -> Option<u64> {
+        let h = self.horizon?;
+        if self.kind != LrSchedule::Wsd {
+            return None;
+        }
+        let decay = (self.cooldown_fraction * h as f64).round() as u64;
+        Some(h.saturating_sub(decay).max(self.warmup.min(h)))
+    }
+
+    /// The rate of step `step` (0-based).
+    pub fn at(&self, step: u64) -> f64 {
+        match self.kind {
+            LrSchedule::Cosine => lr_at(step, self.lr, self.min_lr, self.warmup, self.horizon),
+            LrSchedule::Wsd => {
+                if step < self.warmup {
+                    return self.lr * (step + 1) as f64 / self.warmup as f64;
+                }
+                let (Some(h), Some(start)) = (self.horizon, self.cooldown_start()) else {
+                    return self.lr;
+                };
+                if step < start {
+                    return self.lr;
+                }
+                if step >= h {
+                    return self.min_lr;
+                }
+                let p = (step - start) as f64 / (h - start) as f64;
+                let left = match self.cooldown {
+                    Cooldown::Linear => 1.0 - p,
+                    Cooldown::OneMinusSqrt => 1.0 - p.sqrt(),
+                };
+                self.min_lr + (self.lr - self.min_lr) * left
+            }
+        }
+    }
+}
+
 /// Learning rate at `step` (0-based): linear warm-up to `lr`, then cosine to `min_lr` at `horizon`
 /// (constant `lr` after warm-up when the horizon is unknown, i.e. `max_seconds` runs).
 pub fn lr_at(step: u64, lr: f64, min_lr: f64, warmup: u64, horizon: Option<u64>) -> f64 {
@@ -330,6 +410,41 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
     use candle_nn::{Optimizer, ParamsAdamW};
+
+    #[test]
+    fn wsd_is_warm_up_stable_then_cooldown_and_its_stable_phase_ignores_the_length() {
+        let wsd = |horizon: u64, cooldown: Cooldown| Schedule {
+            kind: LrSchedule::Wsd,
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup: 10,
+            horizon: Some(horizon),
+            cooldown_fraction: 0.2,
+            cooldown,
+        };
+        let s = wsd(100, Cooldown::Linear);
+        assert_eq!(s.cooldown_start(), Some(80));
+        assert_eq!(s.at(0), 0.1);
+        assert_eq!(s.at(9), 1.0);
+        assert_eq!(s.at(10), 1.0);
+        assert_eq!(s.at(79), 1.0);
+        assert_eq!(s.at(80), 1.0);
+        assert!((s.at(90) - 0.55).abs() < 1e-12, "{}", s.at(90));
+        assert_eq!(s.at(100), 0.1);
+        let sqrt = wsd(100, Cooldown::OneMinusSqrt);
+        assert!((sqrt.at(90) - (0.1 + 0.9 * (1.0 - 0.5f64.sqrt()))).abs() < 1e-12);
+        // Every step before a shorter run's cooldown has the rate of the longer run: a run of 1,000 steps
+        // serves the run of 100 up to step 80.
+        let long = wsd(1000, Cooldown::Linear);
+        assert!((0..80).all(|t| long.at(t) == s.at(t)));
+        // Cosine is the schedule it was.
+        let cos = Schedule {
+            kind: LrSchedule::Cosine,
+            ..s
+        };
+        assert_eq!(cos.cooldown_start(), None);
+        assert!((0..120).all(|t| cos.at(t) == lr_at(t, 1.0, 0.1, 10, Some(100))));
+    }
 
     #[test]
     fn matches_candle_nn_adamw() -> Result<()> {

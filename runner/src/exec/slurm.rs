@@ -916,6 +916,11 @@ mod tests {
             sampler: None,
             idx: 0,
             pause_rung: None,
+            flops_per_token: None,
+            params_non_embedding: None,
+            budget: None,
+            parent_id: None,
+            fork_step: None,
         };
         let res = Resources {
             gpus_per_run: 8,

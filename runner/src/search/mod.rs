@@ -13,6 +13,7 @@
 //! keys in `spec.rs`'s `[sweep]` parsing; the executors and the store do not change.
 
 pub mod early_stop;
+pub mod isoflop;
 pub mod space;
 pub mod tpe;
 
@@ -29,6 +30,11 @@ use crate::display::Display;
 use crate::ingest::{self, Msg};
 use crate::store::{NewRun, RunRow, RunStatus, RunStore};
 use early_stop::{best_waiting, next_promotion, EarlyStop, Metric};
+
+/// Whether a queued run can start now: not a fork, or a fork whose checkpoint is in place.
+fn ready(run: &RunRow) -> bool {
+    run.parent_id.is_none() || isoflop::forked(run)
+}
 
 /// How a sweep makes its runs: all planned up front (grid, random), or sampled one by one as results
 /// arrive (TPE), with the ranks of one run (for a new trial's memory estimate).
@@ -215,12 +221,25 @@ impl Search {
     /// executor follows no run, so with an empty queue the search would end here.
     pub async fn next(&mut self, idle: bool) -> Result<Option<Next>> {
         if self.due {
+            if let Some(parent) = self.paused_parent().await? {
+                return Ok(Some(self.launch_parent(parent).await?));
+            }
             if let Some(run) = self.promotion(idle && self.queue.is_empty()).await? {
                 return Ok(Some(self.launch(run, true)));
             }
         }
-        if let Some(run) = self.queue.pop_front() {
-            return Ok(Some(self.launch(run, false)));
+        // The first queued run that can start: a fork only once its parent's checkpoint is forked into it.
+        if idle && !self.queue.is_empty() && !self.queue.iter().any(ready) {
+            self.unblock_forks().await?;
+        }
+        if let Some(i) = self.queue.iter().position(ready) {
+            let run = self.queue.remove(i).expect("in the queue");
+            let has_children = self.children(&run).await?.next().is_some();
+            return Ok(Some(if has_children {
+                self.launch_parent(run).await?
+            } else {
+                self.launch(run, false)
+            }));
         }
         if self.due {
             if let Some(next) = self.new_trial().await? {
@@ -229,6 +248,126 @@ impl Search {
         }
         self.due = false;
         Ok(None)
+    }
+
+    /// The runs forking from `parent`.
+    async fn children(&self, parent: &RunRow) -> Result<impl Iterator<Item = RunRow>> {
+        let id = parent.id;
+        Ok(self
+            .store
+            .runs(Some(parent.sweep_id))
+            .await?
+            .into_iter()
+            .filter(move |r| r.parent_id == Some(id)))
+    }
+
+    /// Nothing here runs and every queued run is a fork waiting for its parent: a parent that will not
+    /// get there (it ended, or is past the point) gives what it has — its checkpoint at the fork point when
+    /// it still exists — and otherwise the fork trains from step 0.
+    async fn unblock_forks(&mut self) -> Result<()> {
+        let mut queue = std::mem::take(&mut self.queue);
+        for child in queue.iter_mut().filter(|r| !ready(r)) {
+            let (Some(pid), Some(at)) = (child.parent_id, child.fork_step) else {
+                continue;
+            };
+            let parent = self.store.run(pid).await.ok();
+            let waiting = parent.as_ref().is_some_and(|p| {
+                matches!(
+                    p.status,
+                    RunStatus::Running | RunStatus::Queued | RunStatus::Paused
+                ) && p.step < at
+            });
+            if waiting {
+                continue;
+            }
+            let forked = match &parent {
+                Some(p) => isoflop::fork(p, child, at as u64).map_err(|e| engine::error_line(&e)),
+                None => Err(format!("run {pid} was removed")),
+            };
+            if let Err(why) = forked {
+                let why = format!(
+                    "cannot fork from run {pid} at step {at} ({why}): trained from step 0 instead"
+                );
+                self.store.clear_fork(child.id, &why).await?;
+                child.parent_id = None;
+            }
+        }
+        self.queue = queue;
+        Ok(())
+    }
+
+    /// A run with forks that paused at a fork point (its engine exited) and waits for this runner.
+    async fn paused_parent(&self) -> Result<Option<RunRow>> {
+        for sweep in self.sweeps.keys() {
+            let runs = self.store.runs(Some(*sweep)).await?;
+            let parent = runs.iter().find(|r| {
+                r.status == RunStatus::Paused
+                    && r.pid.is_none()
+                    && r.slurm_job.is_none()
+                    && !self.active.contains(&r.id)
+                    && !self.tried.contains(&r.id)
+                    && runs.iter().any(|c| c.parent_id == Some(r.id))
+            });
+            if let Some(p) = parent {
+                return Ok(Some(p.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Launch a run that others fork from: first every fork whose point it has reached gets its
+    /// checkpoint, then it trains on to the next fork point (a pause there), or to its end.
+    async fn launch_parent(&mut self, parent: RunRow) -> Result<Next> {
+        let children: Vec<RunRow> = self.children(&parent).await?.collect();
+        let step = u64::try_from(parent.step).unwrap_or(0);
+        let mut next_point: Option<u64> = None;
+        for child in &children {
+            let Some(at) = child.fork_step.and_then(|s| u64::try_from(s).ok()) else {
+                continue;
+            };
+            if isoflop::forked(child) {
+                continue;
+            }
+            if at > step {
+                next_point = Some(next_point.map_or(at, |n| n.min(at)));
+                continue;
+            }
+            // Its point is reached: the checkpoint there becomes the fork's start; gone (a run trained past
+            // it outside the search), the fork trains from step 0 like any run.
+            match isoflop::fork(&parent, child, at) {
+                Ok(()) => {
+                    self.store
+                        .note(
+                            child.id,
+                            "runner",
+                            &format!("forked from run {} at step {at}", parent.id),
+                        )
+                        .await?
+                }
+                Err(e) => {
+                    let why = format!(
+                        "cannot fork from run {} at step {at} ({}): trained from step 0 instead",
+                        parent.id,
+                        engine::error_line(&e)
+                    );
+                    self.store.clear_fork(child.id, &why).await?;
+                }
+            }
+        }
+        if parent.config.is_empty() {
+            return Ok(self.launch(parent, false));
+        }
+        Ok(Next::Launch {
+            pause: next_point.map(|s| Pause {
+                rung: 0,
+                at: PauseAt {
+                    unit: engine::train::budget::BudgetUnit::Steps,
+                    value: s as f64,
+                },
+            }),
+            promoted: false,
+            run: parent,
+        })
     }
 
     /// `run` with where it pauses, or refused when its config cannot be read.
@@ -399,7 +538,7 @@ impl Search {
 
     /// The run's config, decoded once.
     fn config(&mut self, run: &RunRow) -> Result<&TrainConfig> {
-        if !self.configs.contains_key(&run.id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.configs.entry(run.id) {
             let table: toml::Table = run.config.parse().map_err(|e: toml::de::Error| {
                 anyhow::anyhow!(
                     "run {}'s stored config does not parse ({}): remove the run (`runner rm {}`) and sweep again",
@@ -408,8 +547,7 @@ impl Search {
                     run.id
                 )
             })?;
-            let cfg = TrainConfig::from_table(&table)?;
-            self.configs.insert(run.id, cfg);
+            slot.insert(TrainConfig::from_table(&table)?);
         }
         Ok(&self.configs[&run.id])
     }

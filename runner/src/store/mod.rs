@@ -119,6 +119,14 @@ pub struct RunRow {
     /// The early-stopping rung its engine was last sent to pause at (`None`: its end), set with its claim.
     #[serde(skip)]
     pub pause_rung: Option<i64>,
+    /// Training FLOPs per token (forward + backward) and parameters outside the token embedding.
+    pub flops_per_token: Option<f64>,
+    pub params_non_embedding: Option<i64>,
+    /// The compute budget (training FLOPs) of a run of an IsoFLOP study.
+    pub budget: Option<f64>,
+    /// The run this one forks from, and the step it starts at (its parent's checkpoint there).
+    pub parent_id: Option<i64>,
+    pub fork_step: Option<i64>,
 }
 
 /// A run of a new sweep, as [`RunStore::add_runs`] records it.
@@ -133,6 +141,13 @@ pub struct NewRun {
     pub mem_estimate: u64,
     /// Which sampler chose the values (`grid`, `random`, `tpe`).
     pub sampler: Option<String>,
+    /// Training FLOPs per token (forward + backward) and parameters outside the token embedding.
+    pub flops_per_token: f64,
+    pub params_non_embedding: u64,
+    /// The compute budget (training FLOPs) of an IsoFLOP cell.
+    pub budget: Option<f64>,
+    /// A fork: the position of its parent among the runs added with it, and the step it forks at.
+    pub fork: Option<(usize, u64)>,
 }
 
 impl NewRun {
@@ -152,6 +167,10 @@ impl NewRun {
             param_count: model.param_count() as u64,
             mem_estimate: config.training_memory_estimate(&model, ranks),
             sampler: Some(sampler.into()),
+            flops_per_token: model.flops_per_token(config.context_len),
+            params_non_embedding: model.non_embedding_params() as u64,
+            budget: None,
+            fork: None,
         })
     }
 
@@ -163,6 +182,10 @@ impl NewRun {
             param_count: 0,
             mem_estimate: 0,
             sampler: Some(sampler.into()),
+            flops_per_token: 0.0,
+            params_non_embedding: 0,
+            budget: None,
+            fork: None,
         }
     }
 }
@@ -177,6 +200,10 @@ impl NewRun {
             param_count: 10,
             mem_estimate: 20,
             sampler: None,
+            flops_per_token: 60.0,
+            params_non_embedding: 8,
+            budget: None,
+            fork: None,
         }
     }
 }
@@ -297,7 +324,7 @@ pub fn this_host() -> String {
         .unwrap_or_default()
 }
 
-const RUN_COLUMNS: &str = "id, sweep_id, idx, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started, rung, sampler, pause_rung";
+const RUN_COLUMNS: &str = "id, sweep_id, idx, status, params, config, run_dir, device, pid, step, total_steps, tokens, loss, val_loss, best_val_loss, val_bpb, tokens_per_s, wall_s, checkpoint, param_count, mem_estimate, error, slurm_job, restarts, runner_pid, runner_host, runner_started, rung, sampler, pause_rung, flops_per_token, params_non_embedding, budget, parent_id, fork_step";
 
 impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for RunRow {
     fn from_row(r: &'r sqlx::sqlite::SqliteRow) -> sqlx::Result<Self> {
@@ -333,6 +360,11 @@ impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for RunRow {
             rung: r.try_get("rung")?,
             sampler: r.try_get("sampler")?,
             pause_rung: r.try_get("pause_rung")?,
+            flops_per_token: r.try_get("flops_per_token")?,
+            params_non_embedding: r.try_get("params_non_embedding")?,
+            budget: r.try_get("budget")?,
+            parent_id: r.try_get("parent_id")?,
+            fork_step: r.try_get("fork_step")?,
         })
     }
 }
@@ -373,11 +405,15 @@ async fn insert_run(
         param_count,
         mem_estimate: mem,
         sampler,
+        flops_per_token,
+        params_non_embedding,
+        budget,
+        fork: _,
     } = run;
     let params_json = serde_json::to_string(params)?;
     let id = sqlx::query(
-        "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at, sampler) \
-         VALUES (?, ?, 'queued', ?, ?, '', ?, ?, ?, ?)",
+        "INSERT INTO runs (sweep_id, idx, status, params, config, run_dir, param_count, mem_estimate, created_at, sampler, \
+         flops_per_token, params_non_embedding, budget) VALUES (?, ?, 'queued', ?, ?, '', ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(sweep_id)
     .bind(trial)
@@ -388,6 +424,10 @@ async fn insert_run(
     .bind(i64::try_from(*mem).unwrap_or(i64::MAX))
     .bind(now())
     .bind(sampler)
+    // A refused trial has no config, so no size.
+    .bind(Some(*flops_per_token).filter(|f| *f > 0.0))
+    .bind((*params_non_embedding > 0).then(|| i64::try_from(*params_non_embedding).unwrap_or(i64::MAX)))
+    .bind(budget)
     .execute(&mut *conn)
     .await?
     .last_insert_rowid();
@@ -620,7 +660,19 @@ impl RunStore {
         let mut ids = Vec::with_capacity(runs.len());
         for run in runs {
             let trial = next_trial(&mut tx, sweep_id).await?;
-            ids.push(insert_run(&mut tx, sweep_id, trial, run, &parent).await?);
+            let id = insert_run(&mut tx, sweep_id, trial, run, &parent).await?;
+            if let Some((of, step)) = run.fork {
+                let Some(parent_id) = ids.get(of) else {
+                    bail!("run {} forks from a run added after it", ids.len());
+                };
+                sqlx::query("UPDATE runs SET parent_id = ?, fork_step = ? WHERE id = ?")
+                    .bind(parent_id)
+                    .bind(step as i64)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            ids.push(id);
         }
         tx.commit().await?;
         Ok(ids)
@@ -810,6 +862,15 @@ impl RunStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// A fork that cannot start from its parent's checkpoint becomes an ordinary run (from step 0).
+    pub async fn clear_fork(&self, id: i64, why: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET parent_id = NULL, fork_step = NULL WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.note(id, "runner", why).await
     }
 
     /// Note something about a run in its event log (no status change).
