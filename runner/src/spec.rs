@@ -172,6 +172,9 @@ pub struct Sweep {
     pub isoflop: Option<IsoFlop>,
 }
 
+/// The `[sweep]` key of settings that vary together.
+const VARIANTS: &str = "variants";
+
 /// Keys of `[sweep]` that steer the expansion rather than name a swept setting.
 const SWEEP_CONTROL: [&str; 3] = ["strategy", "trials", "seed"];
 
@@ -304,6 +307,26 @@ impl Sweep {
             {
                 continue;
             }
+            // `variants = [{ mixer = "ttt", weights = "ternary" }, { mixer = "attention", weights = "float" }]`:
+            // settings that go together, one axis of the grid (a variant's keys are set as one).
+            if key == VARIANTS {
+                let variants = value
+                    .as_array()
+                    .filter(|v| !v.is_empty() && v.iter().all(|x| x.is_table()))
+                    .ok_or_else(|| anyhow!("{f}: [sweep] variants: give a list of tables of settings, e.g. variants = [{{ mixer = \"ttt\", weights = \"ternary\" }}, {{ mixer = \"attention\", weights = \"float\" }}]"))?;
+                for v in variants {
+                    for (k, _) in v.as_table().expect("checked") {
+                        if !known.contains(k) {
+                            bail!("{f}: [sweep] variants: {k}: unknown key ({})", unknown(k));
+                        }
+                        if spec.sweep.contains_key(k) {
+                            bail!("{f}: [sweep] variants: {k} is also swept on its own: set it in one place");
+                        }
+                    }
+                }
+                axes.push((key.clone(), Axis::Choice(variants.clone())));
+                continue;
+            }
             if !known.contains(key) {
                 bail!("{f}: [sweep] {key}: unknown key ({})", unknown(key));
             }
@@ -362,6 +385,14 @@ impl Sweep {
             (Some(c), true) => grid(c),
             _ => Vec::new(),
         };
+        // A variant's settings become the run's own values.
+        let flatten = |mut combo: BTreeMap<String, toml::Value>| {
+            if let Some(toml::Value::Table(t)) = combo.remove(VARIANTS) {
+                combo.extend(t);
+            }
+            combo
+        };
+        combos = combos.into_iter().map(flatten).collect();
         let (mut trials, mut seed) = (0, 0);
         if !gridded {
             trials = match spec.sweep.get("trials") {
@@ -386,7 +417,10 @@ impl Sweep {
                 // TPE: the first points come from the prior and are checked here; the trials themselves
                 // are sampled as results arrive.
                 _ => sample_points(&axes, trials.min(16), seed),
-            };
+            }
+            .into_iter()
+            .map(flatten)
+            .collect();
             if total.is_some_and(|n| trials > n) && strategy == Strategy::Random {
                 tracing::warn!(
                     "{f}: trials = {trials} but the space has only {} combinations: all of them run",
@@ -517,7 +551,13 @@ pub fn plan_config(
     let data_dir = std::path::absolute(&spec.data.dir).unwrap_or_else(|_| spec.data.dir.clone());
     let mut table = spec.base.clone();
     for (k, v) in params {
-        table.insert(k.clone(), v.clone());
+        match (k.as_str(), v) {
+            // A TPE point carries its variant as one value.
+            (VARIANTS, toml::Value::Table(t)) => table.extend(t.clone()),
+            _ => {
+                table.insert(k.clone(), v.clone());
+            }
+        }
     }
     table.insert(
         "data_dir".into(),
@@ -643,6 +683,33 @@ mod tests {
         let distinct: std::collections::HashSet<_> =
             s.runs.iter().map(|r| format!("{:?}", r.params)).collect();
         assert_eq!(distinct.len(), 8);
+    }
+
+    #[test]
+    fn variants_set_their_keys_together() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "name = \"t\"\n[data]\ndir = \"d\"\n[base]\ndim = 32\nn_heads = 2\nsteps = 5\n[sweep]\nn_layers = [1, 2]\n\
+                    variants = [{ mixer = \"ttt\", weights = \"ternary\" }, { mixer = \"attention\", weights = \"float\" }]\n";
+        let s = Sweep::from_file(&write(d.path(), text), 100).unwrap();
+        assert_eq!(s.runs.len(), 4);
+        let pairs: std::collections::BTreeSet<String> = s
+            .runs
+            .iter()
+            .map(|r| format!("{} {}", r.config.mixer, r.config.weights))
+            .collect();
+        assert_eq!(
+            pairs.into_iter().collect::<Vec<_>>(),
+            vec!["attention float", "ttt ternary"]
+        );
+        assert!(s
+            .runs
+            .iter()
+            .all(|r| !r.params.contains_key("variants") && r.params.contains_key("mixer")));
+        let bad = text.replace("weights = \"float\"", "wieghts = \"float\"");
+        let e = Sweep::from_file(&write(d.path(), &bad), 100)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("variants: wieghts: unknown key"), "{e}");
     }
 
     #[test]

@@ -176,3 +176,83 @@ fn forks_reuse_the_stable_phase_and_end_bit_identical_to_straight_runs() {
     };
     assert_eq!(done(&run_dir), done(&straight));
 }
+
+/// A runner killed in the middle of a study: `runner resume` forks what is due from the checkpoints and
+/// continues the stable phase from its last checkpoint, never from step 0.
+#[test]
+fn a_killed_study_resumes_without_retraining_its_stable_phase() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let file = study(
+        dir.path(),
+        "iso",
+        "[16]",
+        &[500, 1000, 2000],
+        "lr_schedule = \"wsd\"\n",
+    );
+    let mut child = runner(&home)
+        .arg("sweep")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let parent_step = || -> i64 {
+        if !home.join("runs.db").exists() {
+            return 0;
+        }
+        rt.block_on(async {
+            let store = runner::store::RunStore::open(&home).await.unwrap();
+            store
+                .runs(Some(1))
+                .await
+                .unwrap()
+                .iter()
+                .filter(|r| r.parent_id.is_none())
+                .map(|r| r.step)
+                .max()
+                .unwrap_or(0)
+        })
+    };
+    let t0 = Instant::now();
+    // Past the first fork point (step ~400), before the end (~2,000).
+    while parent_step() < 900 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the parent never got past step 900"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the study ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    ok(&runner(&home).args(["resume", "s1"]).output().unwrap());
+    let rows = report_json(&home, "s1");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["status"], "completed", "{r}");
+    }
+    let parent = rows.iter().find(|r| r["parent_id"].is_null()).unwrap();
+    let forks = rows
+        .iter()
+        .filter(|r| r["parent_id"] == parent["id"])
+        .count();
+    assert_eq!(forks, 2, "{rows:?}");
+    // The parent's engine starts: from 0, then (after the kill) from a checkpoint past the first fork
+    // point, never from 0 again.
+    let starts: Vec<i64> =
+        std::fs::read_to_string(home.join(format!("run-{}/metrics.jsonl", parent["id"])))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "start")
+            .map(|v| v["step"].as_i64().unwrap())
+            .collect();
+    assert_eq!(starts[0], 0, "{starts:?}");
+    assert!(starts[1..].iter().all(|s| *s > 0), "{starts:?}");
+}

@@ -377,4 +377,55 @@ fn a_sweep_runs_on_slurm_and_a_cancelled_job_is_resubmitted() {
             "the promoted job runs to the end:\n{script}"
         );
     });
+
+    // Sweep s5 (runs 9–10): an IsoFLOP study with WSD on Slurm — the longer run's job pauses at the fork
+    // point, the shorter run forks from its checkpoint there and trains only its cooldown.
+    let fpt = engine::train::TrainConfig {
+        dim: 16,
+        n_heads: 2,
+        ttt_mini_batch: 4,
+        context_len: 16,
+        ..Default::default()
+    }
+    .model_config(300)
+    .flops_per_token(16);
+    let file5 = sweep_file("isoflop-on-slurm", 1);
+    let text = std::fs::read_to_string(&file5)
+        .unwrap()
+        .replace("steps = 1\n", "lr_schedule = \"wsd\"\n")
+        .replace(
+            "n_layers = [1, 2]",
+            &format!(
+                "strategy = \"isoflop\"\nbudgets = [{:e}, {:e}]\nmin_tokens_per_param = 0\ndim = [16]",
+                20.0 * 64.0 * fpt,
+                40.0 * 64.0 * fpt
+            ),
+        );
+    std::fs::write(&file5, text).unwrap();
+    let mut fifth = runner(&["sweep", file5.to_str().unwrap()], "s5.log");
+    let out = fifth.0.take().unwrap().wait_with_output().unwrap();
+    let log5 = std::fs::read_to_string(dir.path().join("s5.log")).unwrap_or_default();
+    assert!(out.status.success(), "{log5}");
+    rt.block_on(async {
+        let store = runner::store::RunStore::open(&home).await.unwrap();
+        let runs = store.runs(Some(5)).await.unwrap();
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert!(
+            runs.iter().all(|r| r.status.as_str() == "completed"),
+            "{runs:?}\n{log5}"
+        );
+        let fork = runs.iter().find(|r| r.parent_id.is_some()).expect("a fork");
+        let first_start = std::fs::read_to_string(Path::new(&fork.run_dir).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "start")
+            .unwrap();
+        assert_eq!(
+            first_start["step"].as_i64(),
+            fork.fork_step,
+            "{first_start}"
+        );
+        assert!(fork.fork_step.is_some_and(|s| s > 0));
+    });
 }
