@@ -894,84 +894,34 @@ async fn scaling(
     resamples: usize,
     format: Format,
 ) -> Result<ExitCode> {
-    use crate::scaling::{fit, Point};
     let store = open_existing(home).await?;
     if let Some(c) = predict {
         if !(c.is_finite() && c > 0.0) {
             bail!("--predict {c}: give a compute budget in FLOPs, a number above 0 (e.g. 3e15)");
         }
     }
-    let mut groups: std::collections::BTreeMap<String, Vec<Point>> = Default::default();
-    let mut skipped = 0;
+    let mut sweeps = Vec::new();
     for id in ids {
         let Id::Sweep(s) = id.parse::<Id>()? else {
             bail!("{id} is a run: give sweep ids (s3), as `runner ls` shows them");
         };
         store.sweep(s).await?;
-        for r in store.runs(Some(s)).await? {
-            let (Some(loss), Some(n), Some(fpt)) =
-                (r.val_loss, r.params_non_embedding, r.flops_per_token)
-            else {
-                continue;
-            };
-            if r.status != RunStatus::Completed || r.tokens <= 0 {
-                skipped += 1;
-                continue;
-            }
-            let d = r.tokens as f64;
-            let group = match group_by {
-                None => "all".to_string(),
-                Some(key) => {
-                    let cfg: toml::Table = r.config.parse().unwrap_or_default();
-                    match cfg.get(key) {
-                        Some(toml::Value::String(v)) => format!("{key}={v}"),
-                        Some(v) => format!("{key}={v}"),
-                        None => bail!(
-                            "--group-by {key}: run {} has no such setting (see `engine keys`)",
-                            r.id
-                        ),
-                    }
-                }
-            };
-            groups.entry(group).or_default().push(Point {
-                n: n as f64,
-                d,
-                c: r.budget.unwrap_or(fpt * d),
-                loss,
-            });
-        }
+        sweeps.push(s);
     }
+    let (groups, skipped) = crate::scaling::collect(&store, &sweeps, group_by).await?;
     if groups.is_empty() {
         bail!("no completed run with a val loss in {}: run the study first (`runner sweep experiments/scaling.toml`)", ids.join(" "));
     }
-    let fits: Vec<crate::scaling::Fit> = groups
-        .iter()
-        .map(|(name, pts)| fit(name, pts, resamples, predict))
-        .collect();
-    let mut crossovers = Vec::new();
-    let around = predict.unwrap_or_else(|| {
-        fits.iter()
-            .flat_map(|f| f.isoflop.iter().map(|m| m.budget))
-            .fold(0.0, f64::max)
-    });
-    for i in 0..fits.len() {
-        for j in i + 1..fits.len() {
-            if let Some(c) = crate::scaling::crossover(&fits[i], &fits[j], around.max(1.0)) {
-                crossovers.push((fits[i].name.clone(), fits[j].name.clone(), c));
-            }
-        }
-    }
+    let fitted = crate::scaling::fit_groups(&groups, resamples, predict);
+    let fits = &fitted.groups;
     match format {
         Format::Json => {
-            let v = serde_json::json!({
-                "groups": fits,
-                "crossovers": crossovers.iter().map(|(a, b, c)| serde_json::json!({"groups": [a, b], "flops": c})).collect::<Vec<_>>(),
-                "runs_left_out": skipped,
-            });
+            let mut v = serde_json::to_value(&fitted)?;
+            v["runs_left_out"] = serde_json::json!(skipped);
             out(format_args!("{}\n", serde_json::to_string_pretty(&v)?));
         }
         _ => {
-            for f in &fits {
+            for f in fits {
                 out(format_args!("{} ({} runs)\n", f.name, f.runs));
                 if !f.isoflop.is_empty() {
                     out(format_args!(
@@ -1011,9 +961,10 @@ async fn scaling(
                     out(format_args!("  {p}\n"));
                 }
             }
-            for (a, b, c) in &crossovers {
+            for c in &fitted.crossovers {
                 out(format_args!(
-                    "{a} and {b}: their compute-optimal losses cross at {c:.3e} FLOPs\n"
+                    "{} and {}: their compute-optimal losses cross at {:.3e} FLOPs\n",
+                    c.groups[0], c.groups[1], c.flops
                 ));
             }
             if skipped > 0 {
@@ -1171,6 +1122,19 @@ async fn show(home: &Path, id: &str) -> Result<ExitCode> {
             }
             if let Some(k) = run.rung {
                 println!("early-stopping rung reached: {k}");
+            }
+            if let (Some(p), Some(s)) = (run.parent_id, run.fork_step) {
+                println!("forked from run {p} at step {s} (its stable phase; this run trained from there)");
+            }
+            if let Some(f) = run.flops_per_token {
+                let budget = run
+                    .budget
+                    .map_or(String::new(), |b| format!(", budget {b:.3e}"));
+                println!(
+                    "training FLOPs: {:.3e} so far ({f:.4e} a token{budget}); N without the embedding: {}",
+                    f * run.tokens as f64,
+                    run.params_non_embedding.unwrap_or(0)
+                );
             }
             if run.restarts > 0 {
                 println!("resubmitted {} time(s) by the Slurm backend", run.restarts);

@@ -41,6 +41,8 @@ pub struct IsoflopMin {
     pub n_opt: f64,
     pub d_opt: f64,
     pub loss_opt: f64,
+    /// The fitted profile: loss = p0 + p1·ln N + p2·(ln N)².
+    pub parabola: [f64; 3],
 }
 
 /// N_opt ∝ C^a, D_opt ∝ C^b (approach 2), with bootstrap intervals.
@@ -50,10 +52,8 @@ pub struct Frontier {
     pub a_ci: [f64; 2],
     pub b: f64,
     pub b_ci: [f64; 2],
-    /// log N_opt = a·log C + ka; log D_opt = b·log C + kb.
-    #[serde(skip)]
+    /// ln N_opt = a·ln C + ka; ln D_opt = b·ln C + kb.
     pub ka: f64,
-    #[serde(skip)]
     pub kb: f64,
 }
 
@@ -180,6 +180,7 @@ pub fn isoflop_minima(points: &[Point]) -> Result<Vec<IsoflopMin>> {
             n_opt: xmin.exp(),
             d_opt: budget / fpt.exp(),
             loss_opt: c0 + c1 * xmin + c2 * xmin * xmin,
+            parabola: [c0, c1, c2],
         });
     }
     Ok(out)
@@ -477,6 +478,125 @@ pub fn fit(name: &str, points: &[Point], resamples: usize, predict: Option<f64>)
         law,
         problems,
         prediction,
+    }
+}
+
+/// The completed runs of `sweeps` with a val loss, grouped by the value of `group_by` in each run's
+/// config ("all" without it), as (run id, point); and how many runs were left out (not completed).
+pub async fn collect(
+    store: &crate::store::RunStore,
+    sweeps: &[i64],
+    group_by: Option<&str>,
+) -> Result<(std::collections::BTreeMap<String, Vec<(i64, Point)>>, usize)> {
+    let mut groups: std::collections::BTreeMap<String, Vec<(i64, Point)>> = Default::default();
+    let mut left_out = 0;
+    for &s in sweeps {
+        for r in store.runs(Some(s)).await? {
+            let (Some(loss), Some(n), Some(fpt)) =
+                (r.val_loss, r.params_non_embedding, r.flops_per_token)
+            else {
+                continue;
+            };
+            if r.status != crate::store::RunStatus::Completed || r.tokens <= 0 {
+                left_out += 1;
+                continue;
+            }
+            let group = match group_by {
+                None => "all".to_string(),
+                Some(key) => {
+                    let cfg: toml::Table = r.config.parse().unwrap_or_default();
+                    match cfg.get(key) {
+                        Some(toml::Value::String(v)) => format!("{key}={v}"),
+                        Some(v) => format!("{key}={v}"),
+                        None => bail!(
+                            "--group-by {key}: run {} has no such setting (see `engine keys`)",
+                            r.id
+                        ),
+                    }
+                }
+            };
+            let d = r.tokens as f64;
+            groups.entry(group).or_default().push((
+                r.id,
+                Point {
+                    n: n as f64,
+                    d,
+                    c: r.budget.unwrap_or(fpt * d),
+                    loss,
+                },
+            ));
+        }
+    }
+    Ok((groups, left_out))
+}
+
+/// Where two groups' compute-optimal losses cross.
+#[derive(Debug, Clone, Serialize)]
+pub struct Crossover {
+    pub groups: [String; 2],
+    pub flops: f64,
+}
+
+/// A run as the pictures draw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PointRow {
+    pub group: String,
+    pub run: i64,
+    #[serde(flatten)]
+    pub point: Point,
+}
+
+/// Every group fitted, where their optima cross, and the points (for pictures).
+#[derive(Debug, Clone, Serialize)]
+pub struct Fitted {
+    pub groups: Vec<Fit>,
+    pub crossovers: Vec<Crossover>,
+    pub points: Vec<PointRow>,
+}
+
+/// Fit every group of `groups` (see [`fit`]).
+pub fn fit_groups(
+    groups: &std::collections::BTreeMap<String, Vec<(i64, Point)>>,
+    resamples: usize,
+    predict: Option<f64>,
+) -> Fitted {
+    let fits: Vec<Fit> = groups
+        .iter()
+        .map(|(name, pts)| {
+            let pts: Vec<Point> = pts.iter().map(|p| p.1).collect();
+            fit(name, &pts, resamples, predict)
+        })
+        .collect();
+    let around = predict.unwrap_or_else(|| {
+        fits.iter()
+            .flat_map(|f| f.isoflop.iter().map(|m| m.budget))
+            .fold(1.0, f64::max)
+    });
+    let mut crossovers = Vec::new();
+    for i in 0..fits.len() {
+        for j in i + 1..fits.len() {
+            if let Some(c) = crossover(&fits[i], &fits[j], around) {
+                crossovers.push(Crossover {
+                    groups: [fits[i].name.clone(), fits[j].name.clone()],
+                    flops: c,
+                });
+            }
+        }
+    }
+    let points = groups
+        .iter()
+        .flat_map(|(g, pts)| {
+            pts.iter().map(move |(run, p)| PointRow {
+                group: g.clone(),
+                run: *run,
+                point: *p,
+            })
+        })
+        .collect();
+    Fitted {
+        groups: fits,
+        crossovers,
+        points,
     }
 }
 

@@ -453,3 +453,68 @@ fn the_dashboard_takes_a_host_name_and_answers_bad_queries_in_json() {
     );
     drop(ui);
 }
+
+/// The scaling view of an IsoFLOP study (3 sizes × 2 budgets, WSD with forks): its fits over HTTP, and
+/// both pictures drawn in Chromium, live and in the offline `report --html` page, without a script error.
+#[test]
+fn the_scaling_view_draws_an_isoflop_study() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let fpt = engine::train::TrainConfig {
+        dim: 16,
+        n_heads: 2,
+        ttt_mini_batch: 4,
+        context_len: 16,
+        ..Default::default()
+    }
+    .model_config(300)
+    .flops_per_token(16);
+    let file = common::search_file(
+        dir.path(),
+        "iso",
+        1,
+        &format!(
+            "strategy = \"isoflop\"\nbudgets = [{:e}, {:e}]\nmin_tokens_per_param = 0\ndim = [16, 24, 32]",
+            30.0 * 64.0 * fpt,
+            60.0 * 64.0 * fpt
+        ),
+        &[("steps = 1\n", "lr_schedule = \"wsd\"\n")],
+        "",
+    );
+    ok(&runner(&home).arg("sweep").arg(&file).output().unwrap());
+    let (_ui, addr) = start_ui(&home);
+    let fit = get_json(&addr, "/api/scaling?sweep=s1&group_by=dim");
+    assert_eq!(fit["points"].as_array().map(Vec::len), Some(6), "{fit}");
+    assert_eq!(fit["groups"].as_array().map(Vec::len), Some(3), "{fit}");
+    let (code, _) = get(&addr, "/api/scaling?sweep=7");
+    assert_eq!(code, 400);
+    let Some(chrome) = chromium() else { return };
+    let body = browser_body(
+        &chrome,
+        &format!("http://{addr}/?sweep=s1"),
+        &dir.path().join("profile"),
+    );
+    assert_eq!(attr(&body, "data-errors").as_deref(), Some("0"), "{body}");
+    assert_eq!(
+        attr(&body, "data-scaling-points").as_deref(),
+        Some("6"),
+        "{body}"
+    );
+    let page = dir.path().join("report.html");
+    ok(&runner(&home)
+        .args(["report", "s1", "--html"])
+        .arg(&page)
+        .output()
+        .unwrap());
+    let body = browser_body(
+        &chrome,
+        &format!("file://{}", page.display()),
+        &dir.path().join("profile2"),
+    );
+    assert_eq!(attr(&body, "data-errors").as_deref(), Some("0"), "{body}");
+    assert_eq!(
+        attr(&body, "data-scaling-points").as_deref(),
+        Some("6"),
+        "{body}"
+    );
+}

@@ -50,6 +50,12 @@ function inlineApi(path, params) {
     }
     return out;
   }
+  if (path === "scaling") {
+    const by = (d.scaling || {})[params.sweep];
+    const v = by && by[params.group_by || ""];
+    if (!v) throw new Error("no scaling fit of " + params.sweep + " by " + (params.group_by || "nothing") + " in this report");
+    return v;
+  }
   const m = path.match(/^runs\/(\d+)$/);
   if (m) {
     const r = d.details[m[1]];
@@ -327,6 +333,132 @@ function curveSeries(rows, cache, keys, smooth, log) {
     out.push({ id: r.id, label: runLabel(r, keys), color: color(r.id), x: xs, y: ys });
   }
   return out;
+}
+
+// ---------- scaling: IsoFLOP profiles and the compute-optimal frontier ----------
+
+// A tick's label: log axes get minor ticks without a value (no label) and wide ranges (exponents).
+function tickLabel(t) {
+  if (t === null || t === undefined) return "";
+  const a = Math.abs(t);
+  return a !== 0 && (a < 1e-2 || a >= 1e4) ? t.toExponential(0) : fmt(t, 3);
+}
+
+// One chart of point and line series with their own x values (log axes where asked).
+function xyChart(el, title, xLabel, yLabel, series, logx, logy) {
+  const width = Math.max(320, el.clientWidth || 600);
+  const data = align(series.map((s) => ({ x: s.x, y: s.y })), 2000);
+  const u = new uPlot({
+    title, width, height: 300,
+    legend: { live: false },
+    scales: { x: { time: false, distr: logx ? 3 : 1 }, y: { distr: logy ? 3 : 1 } },
+    axes: [{ label: xLabel, values: (u2, ticks) => ticks.map(tickLabel) },
+      { label: yLabel, size: 60, values: (u2, ticks) => ticks.map(tickLabel) }],
+    series: [{ label: xLabel }, ...series.map((s) => ({
+      label: s.label,
+      stroke: s.color,
+      width: s.points ? 0 : 1.4,
+      dash: s.dash,
+      spanGaps: true,
+      paths: s.points ? () => null : undefined,
+      points: s.points ? { show: true, size: s.size || 7, fill: s.color, stroke: s.color } : { show: false },
+    }))],
+  }, data, el);
+  S.charts.push(u);
+  return u;
+}
+
+// Budgets of a group's points, by value (an IsoFLOP cell's budget is exact).
+function byBudget(points) {
+  const out = new Map();
+  for (const p of points) {
+    const k = p.c.toPrecision(6);
+    if (!out.has(k)) out.set(k, []);
+    out.get(k).push(p);
+  }
+  return [...out.values()].sort((a, b) => a[0].c - b[0].c);
+}
+
+async function scalingCard(main, rows, keys) {
+  const studied = [...new Set(rows.filter((r) => r.budget !== null && r.budget !== undefined).map((r) => r.sweep_id))];
+  if (studied.length !== 1) return;
+  const sweep = studied[0];
+  const groupSel = h("select", { id: "scale-group", onchange: (e) => { S.scaleGroup = e.target.value; render(); } },
+    [["", "none"], ...keys.filter((k) => k !== "max_tokens").map((k) => [k, k])].map(([v, l]) => {
+      const o = h("option", { value: v }, l); if (v === (S.scaleGroup || "")) o.selected = true; return o;
+    }));
+  const card = h("div", { class: "card", id: "scaling" },
+    h("div", { class: "toolbar" }, h("h2", {}, "Scaling: IsoFLOP profiles and the compute-optimal frontier"), h("label", {}, "group by", groupSel)));
+  main.append(card);
+  let fit;
+  try {
+    fit = await api("scaling", { sweep, group_by: S.scaleGroup || "" });
+  } catch (e) {
+    card.append(h("p", { class: "muted" }, "No fit: " + e.message));
+    return;
+  }
+  const profiles = h("div", { class: "chart", id: "isoflop-profiles" });
+  const frontier = h("div", { class: "chart", id: "frontier" });
+  card.append(h("div", { class: "grid2" }, profiles, frontier));
+  const palette = (i) => `hsl(${(i * 67) % 360}, 60%, 42%)`;
+  const prof = [], fr = [];
+  let ci = 0, minima = 0;
+  for (const g of fit.groups) {
+    const pts = fit.points.filter((p) => p.group === g.name);
+    const budgets = byBudget(pts);
+    const gx = [], gy = [];
+    budgets.forEach((bp, bi) => {
+      const col = palette(ci++);
+      const sorted = bp.slice().sort((a, b) => a.n - b.n);
+      const name = (fit.groups.length > 1 ? g.name + " · " : "") + "C = " + sorted[0].c.toExponential(1);
+      prof.push({ label: name, color: col, points: true, x: sorted.map((p) => p.n), y: sorted.map((p) => p.loss) });
+      const m = g.isoflop.find((q) => Math.abs(q.budget / sorted[0].c - 1) <= 0.01);
+      if (m) {
+        minima++;
+        const lo = Math.log(sorted[0].n), hi = Math.log(sorted[sorted.length - 1].n);
+        const xs = [], ys = [];
+        for (let i = 0; i <= 40; i++) {
+          const x = lo + (hi - lo) * i / 40;
+          xs.push(Math.exp(x)); ys.push(m.parabola[0] + m.parabola[1] * x + m.parabola[2] * x * x);
+        }
+        prof.push({ label: name + " fit", color: col, dash: [6, 4], x: xs, y: ys });
+        prof.push({ label: name + " minimum", color: col, points: true, size: 12, x: [m.n_opt], y: [m.loss_opt] });
+        gx.push(m.budget); gy.push(m.n_opt);
+      }
+    });
+    const col = palette(ci++);
+    if (gx.length) fr.push({ label: g.name + " N_opt", color: col, points: true, x: gx, y: gy });
+    const f = g.frontier;
+    if (f && gx.length >= 2) {
+      const lo = Math.log(Math.min(...gx) / 3), hi = Math.log(Math.max(...gx) * 3);
+      const mc = gx.reduce((a, c) => a + Math.log(c), 0) / gx.length;
+      const line = (a) => {
+        const xs = [], ys = [];
+        for (let i = 0; i <= 20; i++) {
+          const x = lo + (hi - lo) * i / 20;
+          xs.push(Math.exp(x)); ys.push(Math.exp(f.ka + f.a * mc + a * (x - mc)));
+        }
+        return { xs, ys };
+      };
+      const mid = line(f.a), a0 = line(f.a_ci[0]), a1 = line(f.a_ci[1]);
+      fr.push({ label: g.name + ": N_opt ∝ C^" + f.a.toFixed(3), color: col, x: mid.xs, y: mid.ys });
+      fr.push({ label: "95% band (a " + f.a_ci[0].toFixed(3) + "…" + f.a_ci[1].toFixed(3) + ")", color: col, dash: [3, 3], x: a0.xs, y: a0.ys });
+      fr.push({ label: " ", color: col, dash: [3, 3], x: a1.xs, y: a1.ys });
+    }
+  }
+  xyChart(profiles, "Final val loss against model size, per budget", "N (parameters outside the embedding)", "val loss", prof, true, false);
+  if (fr.length) xyChart(frontier, "Compute-optimal model size", "C (training FLOPs)", "N_opt", fr, true, true);
+  else frontier.append(h("p", { class: "muted" }, "The frontier needs an IsoFLOP minimum (an interior optimum over at least 3 sizes) at 2 or more budgets."));
+  const notes = [];
+  for (const g of fit.groups) {
+    for (const p of g.problems || []) notes.push(g.name + ": " + p);
+    if (g.law) notes.push(g.name + ": L(N, D) = " + fmt(g.law.E, 3) + " + " + fmt(g.law.A, 3) + "/N^" + fmt(g.law.alpha, 3) + " + " + fmt(g.law.B, 3) + "/D^" + fmt(g.law.beta, 3));
+  }
+  for (const c of fit.crossovers || []) notes.push(c.groups[0] + " and " + c.groups[1] + " cross at " + c.flops.toExponential(2) + " FLOPs");
+  notes.push("Loss against FLOPs for every run: choose x = training FLOPs above. `runner scaling " + sweep + "` prints the fits with their intervals.");
+  card.append(h("ul", { class: "muted" }, notes.map((t) => h("li", {}, t))));
+  document.body.dataset.scalingPoints = String(fit.points.length);
+  document.body.dataset.scalingMinima = String(minima);
 }
 
 // ---------- parallel coordinates, scatter, importance ----------
@@ -646,6 +778,9 @@ async function renderOverview() {
   document.body.dataset.series = String(series.length);
   document.body.dataset.runsShown = String(shown.filter((r) => cache[r.id] && cache[r.id].step.length).length);
 
+  await scalingCard(main, rows, keys);
+  if (seq !== renderSeq) return;
+
   // The sweep's analysis: parallel coordinates, importance, each parameter against the objective.
   const scored = rows.filter((r) => Number.isFinite(r[S.objective])).length;
   if (keys.length && rows.length >= 2 && scored < 2 && S.objective === "best_val_loss") {
@@ -704,6 +839,8 @@ async function renderRun(id) {
       keys.map((k) => [h("dt", {}, k), h("dd", {}, paramStr(r.params[k]))]),
       h("dt", {}, "step"), h("dd", {}, r.step + (r.total_steps ? " / " + r.total_steps : "")),
       h("dt", {}, "tokens"), h("dd", {}, String(r.tokens)),
+      r.flops ? [h("dt", {}, "training FLOPs"), h("dd", {}, fmt(r.flops) + (r.budget ? " (budget " + fmt(r.budget) + ")" : ""))] : [],
+      r.parent_id ? [h("dt", {}, "forked from"), h("dd", {}, h("a", { href: "#/run/" + r.parent_id }, "run " + r.parent_id), " at step " + r.fork_step)] : [],
       h("dt", {}, "best val loss"), h("dd", {}, fmt(r.best_val_loss)),
       h("dt", {}, "val bits/byte"), h("dd", {}, fmt(r.val_bpb)),
       h("dt", {}, "tokens/s (avg)"), h("dd", {}, r.tokens_per_s ? String(Math.round(r.tokens_per_s)) : "–"),

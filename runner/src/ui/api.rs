@@ -164,6 +164,15 @@ fn linear_clock(r: &RunRow, s: i64) -> Option<f64> {
     (r.step > 0 && r.wall_s > 0.0).then(|| r.wall_s * s as f64 / r.step as f64)
 }
 
+/// The fits and points of `sweep`'s scaling study (its completed runs), grouped by `group_by`; bootstrap
+/// intervals from 200 resamples.
+pub async fn scaling(store: &RunStore, sweep: i64, group_by: Option<&str>) -> Result<Value> {
+    let (groups, left_out) = crate::scaling::collect(store, &[sweep], group_by).await?;
+    let mut v = serde_json::to_value(crate::scaling::fit_groups(&groups, 200, None))?;
+    v["runs_left_out"] = json!(left_out);
+    Ok(v)
+}
+
 /// Everything the page shows, for the offline report: the same answers the server gives, inlined.
 pub async fn snapshot(store: &RunStore, rows: Vec<ReportRow>, title: &str) -> Result<Value> {
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
@@ -187,6 +196,34 @@ pub async fn snapshot(store: &RunStore, rows: Vec<ReportRow>, title: &str) -> Re
         .filter(|s| listed.contains(s["id"].as_str().unwrap_or_default()))
         .cloned()
         .collect();
+    // The scaling view of each IsoFLOP study in the report, by each swept key or none.
+    let mut scaling = serde_json::Map::new();
+    for s in listed
+        .iter()
+        .filter_map(|s| s.strip_prefix('s')?.parse::<i64>().ok())
+    {
+        let studied = rows
+            .iter()
+            .filter(|r| r.sweep_id == format!("s{s}"))
+            .any(|r| r.budget.is_some());
+        if !studied {
+            continue;
+        }
+        let mut keys: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for r in rows.iter().filter(|r| r.sweep_id == format!("s{s}")) {
+            if let Some(p) = r.params.as_object() {
+                keys.extend(p.keys().filter(|k| k.as_str() != "max_tokens").cloned());
+            }
+        }
+        let mut by = serde_json::Map::new();
+        by.insert(String::new(), self::scaling(store, s, None).await?);
+        for k in keys {
+            if let Ok(v) = self::scaling(store, s, Some(&k)).await {
+                by.insert(k, v);
+            }
+        }
+        scaling.insert(format!("s{s}"), Value::Object(by));
+    }
     Ok(json!({
         "title": title,
         "generated": crate::store::now(),
@@ -195,6 +232,7 @@ pub async fn snapshot(store: &RunStore, rows: Vec<ReportRow>, title: &str) -> Re
         "details": details,
         "metric_names": names,
         "metrics": metrics,
+        "scaling": scaling,
     }))
 }
 

@@ -8,7 +8,7 @@
 //! `/` the page · `/assets/NAME` an embedded file · `/api/state` a change token · `/api/sweeps` ·
 //! `/api/runs[?sweep=s1][&tag=T]` the rows of `report --format json` · `/api/runs/ID` one run's page ·
 //! `/api/runs/ID/metrics?name=val_loss[&after=STEP]` · `/api/metrics?name=loss&runs=ID[:AFTER],…` ·
-//! `/api/metric-names?runs=ID,…`.
+//! `/api/metric-names?runs=ID,…` · `/api/scaling?sweep=s1[&group_by=KEY]` the scaling fits of a study.
 
 pub mod api;
 pub mod assets;
@@ -91,6 +91,28 @@ async fn state(State(store): State<RunStore>) -> ApiResult {
 
 async fn sweeps(State(store): State<RunStore>) -> ApiResult {
     Ok(Json(api::sweeps(&store).await?))
+}
+
+#[derive(Deserialize)]
+struct ScalingQuery {
+    sweep: String,
+    group_by: Option<String>,
+}
+
+/// The scaling fits of one sweep's completed runs (`runner scaling SWEEP --format json`), with the points.
+async fn scaling(State(store): State<RunStore>, Query(q): Query<ScalingQuery>) -> ApiResult {
+    let Ok(Id::Sweep(sweep)) = q.sweep.parse::<Id>() else {
+        return Err(bad(format!("sweep={}: give a sweep id like s1", q.sweep)));
+    };
+    store.sweep(sweep).await?;
+    Ok(Json(
+        api::scaling(
+            &store,
+            sweep,
+            q.group_by.as_deref().filter(|g| !g.is_empty()),
+        )
+        .await?,
+    ))
 }
 
 async fn runs(State(store): State<RunStore>, Query(q): Query<RunsQuery>) -> ApiResult {
@@ -250,6 +272,7 @@ pub fn router(store: RunStore, allowed_hosts: Vec<String>) -> Router {
         .route("/api/runs/{id}/metrics", get(run_metrics))
         .route("/api/metrics", get(metrics))
         .route("/api/metric-names", get(metric_names))
+        .route("/api/scaling", get(scaling))
         .fallback(|| async { not_found() })
         .with_state(store)
         .layer(middleware::from_fn_with_state(allowed_hosts, guard))
