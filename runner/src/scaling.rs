@@ -140,10 +140,22 @@ fn budgets(points: &[Point]) -> Vec<f64> {
     out
 }
 
-/// Approach 2's minima, one per budget; an error names the first budget without a usable profile.
-pub fn isoflop_minima(points: &[Point]) -> Result<Vec<IsoflopMin>> {
-    let mut out = Vec::new();
+/// Approach 2's minima, one per budget with a usable profile, and a line naming each budget without one
+/// (fewer than 3 sizes, no interior minimum): the frontier is fitted to the others.
+pub fn isoflop_minima(points: &[Point]) -> (Vec<IsoflopMin>, Vec<String>) {
+    let (mut out, mut problems) = (Vec::new(), Vec::new());
     for budget in budgets(points) {
+        match isoflop_min(points, budget) {
+            Ok(m) => out.push(m),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    (out, problems)
+}
+
+/// The minimum of the IsoFLOP profile of `budget`.
+fn isoflop_min(points: &[Point], budget: f64) -> Result<IsoflopMin> {
+    {
         let at: Vec<&Point> = points
             .iter()
             .filter(|p| (p.c / budget - 1.0).abs() <= 0.01)
@@ -175,15 +187,14 @@ pub fn isoflop_minima(points: &[Point]) -> Result<Vec<IsoflopMin>> {
         let lx: Vec<f64> = at.iter().map(|p| p.n.ln()).collect();
         let lf: Vec<f64> = at.iter().map(|p| (p.c / p.d).ln()).collect();
         let fpt = line(&lx, &lf).map_or((budget / at[0].d).ln(), |(k, s)| k + s * xmin);
-        out.push(IsoflopMin {
+        Ok(IsoflopMin {
             budget,
             n_opt: xmin.exp(),
             d_opt: budget / fpt.exp(),
             loss_opt: c0 + c1 * xmin + c2 * xmin * xmin,
             parabola: [c0, c1, c2],
-        });
+        })
     }
-    Ok(out)
 }
 
 /// The frontier's exponents from the minima (no intervals).
@@ -380,10 +391,8 @@ fn percentiles(mut v: Vec<f64>) -> [f64; 2] {
 /// `predict` FLOPs when given.
 pub fn fit(name: &str, points: &[Point], resamples: usize, predict: Option<f64>) -> Fit {
     let mut problems = Vec::new();
-    let minima = isoflop_minima(points).unwrap_or_else(|e| {
-        problems.push(format!("approach 2: {e}"));
-        Vec::new()
-    });
+    let (minima, skipped) = isoflop_minima(points);
+    problems.extend(skipped.into_iter().map(|p| format!("approach 2: {p}")));
     let mut frontier = match frontier_of(&minima) {
         Ok((a, ka, b, kb)) => Some(Frontier {
             a,
@@ -422,7 +431,7 @@ pub fn fit(name: &str, points: &[Point], resamples: usize, predict: Option<f64>)
             .map(|_| points[rng.gen_range(0..points.len())])
             .collect();
         if frontier.is_some() {
-            if let Ok((a, _, b, _)) = isoflop_minima(&sample).and_then(|m| frontier_of(&m)) {
+            if let Ok((a, _, b, _)) = frontier_of(&isoflop_minima(&sample).0) {
                 fa.push(a);
                 fb.push(b);
             }
@@ -708,20 +717,30 @@ mod tests {
             .take(2)
             .copied()
             .collect();
-        let e = isoflop_minima(&two_sizes).unwrap_err().to_string();
+        let (minima, problems) = isoflop_minima(&two_sizes);
+        assert!(minima.is_empty());
         assert!(
-            e.contains("at least 3 sizes") && e.contains("1.000e15"),
-            "{e}"
+            problems[0].contains("at least 3 sizes") && problems[0].contains("1.000e15"),
+            "{problems:?}"
         );
-        // Only the smaller half of the sizes: the loss falls all the way, no interior minimum.
-        let small: Vec<Point> = pts
+        // Only the smaller half of the sizes: the loss falls all the way, no interior minimum; the other
+        // budgets keep their minima and the frontier.
+        let mut some: Vec<Point> = pts
             .iter()
             .filter(|p| p.c == 1e15)
             .take(3)
             .copied()
             .collect();
-        let e = isoflop_minima(&small).unwrap_err().to_string();
-        assert!(e.contains("no interior minimum"), "{e}");
+        let (_, problems) = isoflop_minima(&some);
+        assert!(problems[0].contains("no interior minimum"), "{problems:?}");
+        some.extend(pts.iter().filter(|p| p.c > 1e15).copied());
+        let f = fit("some", &some, 0, None);
+        assert_eq!(f.isoflop.len(), 3, "{:?}", f.problems);
+        assert!(
+            f.frontier.is_some() && f.problems.len() == 1,
+            "{:?}",
+            f.problems
+        );
         let one: Vec<Point> = pts.iter().filter(|p| p.c == 1e15).copied().collect();
         let f = fit("one", &one, 0, None);
         assert!(f.frontier.is_none());

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{ok, report_json, runner, search_file};
+use common::{ok, quiet, report_json, runner, search_file};
 
 /// Training FLOPs per token of the tiny test model at `dim` (vocab 300, context 16), as the engine counts.
 fn flops_per_token(dim: usize) -> f64 {
@@ -191,13 +191,7 @@ fn a_killed_study_resumes_without_retraining_its_stable_phase() {
         &[500, 1000, 2000],
         "lr_schedule = \"wsd\"\n",
     );
-    let mut child = runner(&home)
-        .arg("sweep")
-        .arg(&file)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = quiet(runner(&home).arg("sweep").arg(&file));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let parent_step = || -> i64 {
         if !home.join("runs.db").exists() {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{ok, report_json, runner, search_file, Reaped};
+use common::{ok, quiet, report_json, runner, search_file, Reaped};
 use runner::store::{RunRow, RunStatus, RunStore};
 
 extern "C" {
@@ -132,14 +132,12 @@ fn an_engine_whose_runner_dies_during_its_set_up_stops() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     let file = search_file(dir.path(), "long", 100_000, "lr = [0.001]", &[], "");
-    let child = runner(&home)
-        .arg("sweep")
-        .arg(&file)
-        .env("BITLLAMA_TEST_SETUP_DELAY_MS", "1500")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = quiet(
+        runner(&home)
+            .arg("sweep")
+            .arg(&file)
+            .env("BITLLAMA_TEST_SETUP_DELAY_MS", "1500"),
+    );
     let runner_pid = child.id();
     let mut sweep = Reaped(Some(child));
     // Killed the moment its engine process exists.
@@ -204,13 +202,7 @@ fn a_resume_takes_in_a_rung_reached_after_the_runner_died() {
         &[("max_parallel = 2", "max_parallel = 1")],
         "[early_stop]\nmethod = \"asha\"\nbudget = \"steps\"\nmin_budget = 9\n",
     );
-    let child = runner(&home)
-        .arg("sweep")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = quiet(runner(&home).arg("sweep").arg(&file));
     let pid = child.id();
     let mut sweep = Reaped(Some(child));
     // The promoted run: running again after its rung-0 result.
@@ -415,13 +407,7 @@ fn rm_refuses_a_queued_run_of_a_live_sweep() {
         &[("max_parallel = 2", "max_parallel = 1")],
         "",
     );
-    let child = runner(&home)
-        .arg("sweep")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = quiet(runner(&home).arg("sweep").arg(&file));
     let pid = child.id();
     let sweep = Reaped(Some(child));
     wait_until("the first run", Duration::from_secs(60), || {

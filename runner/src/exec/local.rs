@@ -670,7 +670,7 @@ async fn follow(
         (
             RunStatus::Paused,
             format!(
-                "paused at {} (step {step}, val loss {val_loss:.4}): waiting for the early-stopping rule",
+                "at {} (step {step}, val loss {val_loss:.4}): waiting for the search (the early-stopping rule, or forks to start from here)",
                 pause_at.map_or("its rung".to_string(), |p| p.to_string())
             ),
         )

@@ -781,7 +781,7 @@ async fn poll_jobs(
             Verdict::Completed if j.paused_seen => (
                 RunStatus::Paused,
                 format!(
-                    "paused at {}: waiting for the early-stopping rule",
+                    "at {}: waiting for the search (the early-stopping rule, or forks to start from here)",
                     j.pause_at.map_or("its rung".to_string(), |p| p.to_string())
                 ),
             ),

@@ -32,6 +32,14 @@ impl Drop for Reaped {
     }
 }
 
+/// Start `cmd` with its output discarded (a runner left to run while the test acts on it).
+pub fn quiet(cmd: &mut Command) -> Child {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A command's stdout, after asserting it succeeded (its output in the failure message).
 pub fn ok(out: &Output) -> String {
     assert!(
