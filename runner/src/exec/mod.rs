@@ -298,6 +298,10 @@ async fn drive<E: Executor>(
     writer: &mpsc::UnboundedSender<Msg>,
     display: &mut Display,
 ) -> Result<Summary> {
+    // Ctrl-C and SIGTERM are caught from here on, before anything launches: a signal right after a launch
+    // stops the engines through `interrupt`, never kills the runner with its engines unrecorded.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut summary = Summary::default();
     for s in search.reconcile(writer).await? {
         display.finished(s.run, s.status, &s.why);
@@ -312,7 +316,6 @@ async fn drive<E: Executor>(
     search.adopted(rest);
     let (mut stopping, mut detach) = (false, false);
     let mut busy = false;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         while !stopping && exec.has_room() {
             let Some(next) = search.next(exec.active() == 0).await? else {
@@ -391,7 +394,7 @@ async fn drive<E: Executor>(
         }
         let signal = tokio::select! {
             () = exec.wait() => None,
-            _ = tokio::signal::ctrl_c() => Some(true),
+            _ = sigint.recv() => Some(true),
             _ = sigterm.recv() => Some(false),
         };
         if let Some(terminal) = signal {
