@@ -79,6 +79,7 @@ if [ "${SKIP:-0}" = 1 ]; then
 else
   "${R[@]}" sweep "$FILE" "${SETS[@]}" --set "sweep.budgets=[$BUDGET]" --set "sweep.dim=[$DIM]" \
     --set sweep.min_tokens_per_param=0 --set 'sweep.variants=[{ mixer = "ttt", weights = "ternary" }]' \
+    --set resources.max_parallel=1 \
     > "$BENCH_HOME/predict.txt" 2>&1
   "${R[@]}" report s3 --format json > "$BENCH_HOME/s3.json"
   python3 - "$BENCH_HOME" "$BUDGET" "$N" "$FPT" "$E" "$A" "$ALPHA" "$B" "$BETA" "$N_OPT" <<'PY'

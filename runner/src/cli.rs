@@ -885,6 +885,16 @@ async fn resume(home: &Path, id: &str) -> Result<ExitCode> {
     Ok(exit_for(&summary))
 }
 
+/// A fitted number for the scaling table: 4 significant digits, in exponent form when large or small.
+fn num(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-3..1e4).contains(&a) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 /// `runner scaling`: the completed runs of the sweeps, grouped, fitted, printed.
 async fn scaling(
     home: &Path,
@@ -944,11 +954,11 @@ async fn scaling(
                 if let Some(l) = &f.law {
                     let ci = |k: &str| {
                         l.ci.get(k)
-                            .map_or(String::new(), |c| format!(" [{:.4}, {:.4}]", c[0], c[1]))
+                            .map_or(String::new(), |c| format!(" [{}, {}]", num(c[0]), num(c[1])))
                     };
                     out(format_args!(
-                        "  approach 3: L = E + A/N^α + B/D^β with E = {:.4}{}, A = {:.4}{}, α = {:.4}{}, B = {:.4}{}, β = {:.4}{}\n",
-                        l.E, ci("E"), l.A, ci("A"), l.alpha, ci("alpha"), l.B, ci("B"), l.beta, ci("beta")
+                        "  approach 3: L = E + A/N^α + B/D^β with E = {}{}, A = {}{}, α = {}{}, B = {}{}, β = {}{}\n",
+                        num(l.E), ci("E"), num(l.A), ci("A"), num(l.alpha), ci("alpha"), num(l.B), ci("B"), num(l.beta), ci("beta")
                     ));
                 }
                 if let Some(p) = &f.prediction {
