@@ -953,8 +953,9 @@ async fn scaling(
                 }
                 if let Some(l) = &f.law {
                     let ci = |k: &str| {
-                        l.ci.get(k)
-                            .map_or(String::new(), |c| format!(" [{}, {}]", num(c[0]), num(c[1])))
+                        l.ci.get(k).map_or(String::new(), |c| {
+                            format!(" [{}, {}]", num(c[0]), num(c[1]))
+                        })
                     };
                     out(format_args!(
                         "  approach 3: L = E + A/N^α + B/D^β with E = {}{}, A = {}{}, α = {}{}, B = {}{}, β = {}{}\n",
