@@ -5,23 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{ok, quiet, report_json, runner, search_file};
-
-/// Training FLOPs per token of the tiny test model at `dim` (vocab 300, context 16), as the engine counts.
-fn flops_per_token(dim: usize) -> f64 {
-    let cfg = engine::train::TrainConfig {
-        dim,
-        n_heads: 2,
-        ttt_mini_batch: 4,
-        context_len: 16,
-        ..Default::default()
-    };
-    cfg.model_config(300).flops_per_token(16)
-}
+use common::{ok, quiet, report_json, runner, search_file, tiny_flops_per_token};
 
 /// An IsoFLOP study of the tiny model: `budgets` in steps of the dim-16 model (64 tokens a step).
 fn study(dir: &Path, name: &str, dims: &str, budget_steps: &[u64], extra_base: &str) -> PathBuf {
-    let fpt = flops_per_token(16);
+    let fpt = tiny_flops_per_token(16);
     let budgets: Vec<String> = budget_steps
         .iter()
         .map(|s| format!("{:e}", (*s as f64) * 64.0 * fpt))

@@ -380,15 +380,7 @@ fn a_sweep_runs_on_slurm_and_a_cancelled_job_is_resubmitted() {
 
     // Sweep s5 (runs 9–10): an IsoFLOP study with WSD on Slurm — the longer run's job pauses at the fork
     // point, the shorter run forks from its checkpoint there and trains only its cooldown.
-    let fpt = engine::train::TrainConfig {
-        dim: 16,
-        n_heads: 2,
-        ttt_mini_batch: 4,
-        context_len: 16,
-        ..Default::default()
-    }
-    .model_config(300)
-    .flops_per_token(16);
+    let fpt = common::tiny_flops_per_token(16);
     let file5 = sweep_file("isoflop-on-slurm", 1);
     let text = std::fs::read_to_string(&file5)
         .unwrap()

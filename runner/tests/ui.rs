@@ -460,15 +460,7 @@ fn the_dashboard_takes_a_host_name_and_answers_bad_queries_in_json() {
 fn the_scaling_view_draws_an_isoflop_study() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
-    let fpt = engine::train::TrainConfig {
-        dim: 16,
-        n_heads: 2,
-        ttt_mini_batch: 4,
-        context_len: 16,
-        ..Default::default()
-    }
-    .model_config(300)
-    .flops_per_token(16);
+    let fpt = common::tiny_flops_per_token(16);
     let file = common::search_file(
         dir.path(),
         "iso",

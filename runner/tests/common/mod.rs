@@ -93,3 +93,17 @@ pub fn search_file(
     std::fs::write(&file, text + extra).unwrap();
     file
 }
+
+/// Training FLOPs per token of the tests' tiny model (dim `dim`, 2 heads, mini-batch 4, context 16, the
+/// synthetic data's vocab of 300), as the engine counts them: budgets in steps of it make IsoFLOP tests.
+pub fn tiny_flops_per_token(dim: usize) -> f64 {
+    engine::train::TrainConfig {
+        dim,
+        n_heads: 2,
+        ttt_mini_batch: 4,
+        context_len: 16,
+        ..Default::default()
+    }
+    .model_config(300)
+    .flops_per_token(16)
+}
