@@ -346,7 +346,10 @@ function tickLabel(t) {
 
 // One chart of point and line series with their own x values (log axes where asked).
 function xyChart(el, title, xLabel, yLabel, series, logx, logy) {
-  const width = Math.max(320, el.clientWidth || 600);
+  // The box's own width (a phone's column too), not a fixed minimum that would overflow it.
+  const cs = getComputedStyle(el);
+  const inner = el.clientWidth - parseFloat(cs.paddingLeft || 0) - parseFloat(cs.paddingRight || 0);
+  const width = Math.max(200, inner || 600);
   const data = align(series.map((s) => ({ x: s.x, y: s.y })), 2000);
   const u = new uPlot({
     title, width, height: 300,
