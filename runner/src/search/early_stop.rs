@@ -129,15 +129,18 @@ impl EarlyStop {
         }
     }
 
-    /// Where a run of `cfg` that has passed `rung` rungs (`None`: none yet) pauses next; `None` when its
-    /// next stop is the end of the run.
-    pub fn pause_at(&self, cfg: &TrainConfig, rung: Option<i64>) -> Option<PauseAt> {
+    /// Where a run of `cfg` that has passed `rung` rungs (`None`: none yet) pauses next: its next rung;
+    /// `None` when its next stop is the end of the run. An error when the run's length is not set in the
+    /// budget's unit (never a launch without its rung).
+    pub fn pause_at(&self, cfg: &TrainConfig, rung: Option<i64>) -> Result<Option<Pause>> {
         let next = rung.map_or(0, |r| r as usize + 1);
-        let rungs = self.rungs_of(cfg).ok()?;
-        rungs.get(next).map(|&value| PauseAt {
-            unit: self.budget,
-            value,
-        })
+        Ok(self.rungs_of(cfg)?.get(next).map(|&value| Pause {
+            rung: next,
+            at: PauseAt {
+                unit: self.budget,
+                value,
+            },
+        }))
     }
 
     /// A one-line description for listings.
@@ -172,6 +175,13 @@ fn collapse_to_steps(rungs: &[f64], per_step: f64) -> Vec<f64> {
         }
     }
     out
+}
+
+/// Where a launched run stops next: rung `rung` (of its early-stopping rule, or a fork point), at `at`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pause {
+    pub rung: usize,
+    pub at: PauseAt,
 }
 
 /// A run's result at a rung.
@@ -346,9 +356,9 @@ mod tests {
             context_len: 9,
             ..TrainConfig::default()
         };
-        assert_eq!(es.pause_at(&cfg, None).unwrap().value, 100.0);
-        assert_eq!(es.pause_at(&cfg, Some(1)).unwrap().value, 900.0);
-        assert_eq!(es.pause_at(&cfg, Some(2)), None);
+        assert_eq!(es.pause_at(&cfg, None).unwrap().unwrap().at.value, 100.0);
+        assert_eq!(es.pause_at(&cfg, Some(1)).unwrap().unwrap().at.value, 900.0);
+        assert_eq!(es.pause_at(&cfg, Some(2)).unwrap(), None);
         assert!(es.validate("f").is_ok());
         // A first rung far below one step: the rungs a run reaches at one step are one rung.
         let tiny = EarlyStop {

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::display::Display;
 use crate::ingest::{self, Msg};
 use crate::store::{NewRun, RunRow, RunStatus, RunStore};
+pub use early_stop::Pause;
 use early_stop::{best_waiting, next_promotion, EarlyStop, Metric};
 
 /// Whether a queued run can start now: not a fork, or a fork whose checkpoint is in place.
@@ -51,13 +52,6 @@ pub enum Sampler {
 pub struct SweepSearch {
     pub sampler: Sampler,
     pub early: Option<EarlyStop>,
-}
-
-/// Where a launched run stops next: rung `rung` of its early-stopping rule, at `at`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Pause {
-    pub rung: usize,
-    pub at: PauseAt,
 }
 
 /// What to do next.
@@ -119,11 +113,6 @@ impl Search {
         ids.sort_unstable();
         ids.dedup();
         self.store.join_sweeps(&ids).await
-    }
-
-    /// Runs planned for this runner (the queue), with new trials yet to come.
-    pub fn planned(&self) -> usize {
-        self.queue.len()
     }
 
     /// Before anything launches: take in what each queued run's engine wrote while no runner followed it
@@ -234,7 +223,8 @@ impl Search {
         }
         if let Some(i) = self.queue.iter().position(ready) {
             let run = self.queue.remove(i).expect("in the queue");
-            let has_children = self.children(&run).await?.next().is_some();
+            // Only a run of an IsoFLOP study (it has a budget) can have forks: no read for the others.
+            let has_children = run.budget.is_some() && self.children(&run).await?.next().is_some();
             return Ok(Some(if has_children {
                 self.launch_parent(run).await?
             } else {
@@ -298,7 +288,12 @@ impl Search {
 
     /// A run with forks that paused at a fork point (its engine exited) and waits for this runner.
     async fn paused_parent(&self) -> Result<Option<RunRow>> {
-        for sweep in self.sweeps.keys() {
+        // Forks exist only in IsoFLOP studies: planned, without early stopping.
+        let studies = self
+            .sweeps
+            .iter()
+            .filter(|(_, s)| matches!(s.sampler, Sampler::Planned) && s.early.is_none());
+        for (sweep, _) in studies {
             let runs = self.store.runs(Some(*sweep)).await?;
             let parent = runs.iter().find(|r| {
                 r.status == RunStatus::Paused
@@ -566,15 +561,7 @@ impl Search {
                     .unwrap_or_else(|| "its values were refused when it was planned".into())
             );
         }
-        let rungs = es.rungs_of(self.config(run)?)?;
-        let next = run.rung.map_or(0, |r| r as usize + 1);
-        Ok(rungs.get(next).map(|&value| Pause {
-            rung: next,
-            at: PauseAt {
-                unit: es.budget,
-                value,
-            },
-        }))
+        es.pause_at(self.config(run)?, run.rung)
     }
 
     /// The paused run the rule promotes next, over every searching sweep: only runs whose engine has
